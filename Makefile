@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make iterate N=3` and `make test` (both create .venv on first use).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+CONFIG ?= configs/tiny.yaml
+RUN ?= tiny
+RUN_DIR := runs/$(RUN)
+N ?= 1
+OVERRIDES ?=
+ITER ?=
+ROW ?=
+
+# DeepSpeed compiles C++ ops on first use; keep them between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv iterate test test-slow inspect mlflow-ui tiny-assets tiny-eval clean-runs
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(STAMP)
+
+iterate: $(STAMP)  ## make iterate N=3 [CONFIG=configs/tiny.yaml] [RUN=tiny] [OVERRIDES="train.lr=1e-3 ..."] [FORCE=1]
+	$(PY) -m orchestrator iterate --run $(RUN_DIR) --config $(CONFIG) -n $(N) \
+		$(foreach o,$(OVERRIDES),-o $(o)) $(if $(FORCE),--force)
+
+test: $(STAMP)  ## the fast suite (CI runs this)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+inspect: $(STAMP)  ## make inspect RUN=tiny [ITER=3] [ROW=0]
+	$(PY) -m orchestrator inspect --run $(RUN_DIR) $(if $(ITER),--iter $(ITER)) $(if $(ROW),--row $(ROW))
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000
+
+tiny-assets: $(STAMP)  ## rebuild assets/tiny from scratch (task, tokenizer, teacher, student)
+	$(PY) -m tiny_world.build --out assets/tiny
+
+tiny-eval: $(STAMP)  ## one line: teacher/student accuracy, greedy and sampled, on the eval split
+	$(PY) -m tiny_world.evaluate --assets assets/tiny
+
+clean-runs:
+	rm -rf runs

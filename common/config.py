@@ -1,0 +1,192 @@
+"""The run configuration: YAML -> validated dataclasses, `key.sub=value` overrides, a stable hash.
+
+Every knob of the pipeline is declared here, once, with its type and default. Loading rejects
+unknown keys and wrong types with one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    student: str = "assets/tiny/student"   # HF folder (or hub id) of the initial policy
+    teacher: str = "assets/tiny/teacher"
+
+
+@dataclass
+class DataConfig:
+    train: str = "assets/tiny/data/train.parquet"   # DAPO-Math schema
+    eval: str = "assets/tiny/data/eval.parquet"
+    max_prompt_tokens: int = 1024
+    enable_thinking: bool = False   # passed to the chat template
+
+
+@dataclass
+class GenerateConfig:
+    engine: str = "hf"
+    prompts_per_iteration: int = 64
+    n: int = 4                      # responses per prompt
+    max_response_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 256           # sequences per engine call
+
+
+@dataclass
+class ScoreConfig:
+    engine: str = "hf"
+    batch_size: int = 64            # sequences per teacher forward
+    logit_chunk_tokens: int = 4096  # rows of the LM head materialised at once
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "k1"
+    policy_gradient: bool = True    # k1 is only meaningful in policy-gradient form
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    mini_batch_prompts: int = 16    # prompts per optimizer step (x n responses)
+    micro_batch_size: int = 64      # sequences per forward/backward
+    zero_stage: int = 1
+    kl_clamp: float = 10.0
+    clip_ratio: float = 0.2
+    dual_clip: float = 3.0
+    logit_chunk_tokens: int = 4096
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5                  # iterations; 0 disables
+    prompts: int = 500              # first N prompts of data.eval
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_response_tokens: int = 64
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""          # empty: sqlite:///<runs root>/mlflow.db
+    experiment: str = "opd"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    threads: int = 0                # torch intra-op threads per stage process; 0 = torch default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(known))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key, value, kind = prefix + f.name, raw[f.name], hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = _build(kind, value, key + ".")
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[f.name] = float(value)
+        elif kind is float and isinstance(value, str):
+            try:
+                values[f.name] = float(value)  # YAML reads 1e-6 (no dot) as a string
+            except ValueError:
+                raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"config key '{key}': expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        else:
+            values[f.name] = value
+    return cls(**values)
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key.sub=value")
+    dotted, text = override.split("=", 1)
+    node = raw
+    *parents, leaf = dotted.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def validate(config: Config) -> Config:
+    """Cross-field rules that types alone cannot express."""
+    g, t = config.generate, config.train
+    rules = [
+        (g.engine in ("hf",), "generate.engine", f"'{g.engine}' is not available (choose: hf)"),
+        (config.score.engine in ("hf",), "score.engine", f"'{config.score.engine}' is not available (choose: hf)"),
+        (t.loss == "k1", "train.loss", f"'{t.loss}' is not implemented yet (choose: k1)"),
+        (t.loss != "k1" or t.policy_gradient, "train.policy_gradient",
+         "k1 without the policy-gradient form has no gradient from the teacher; set it to true"),
+        (g.n >= 1, "generate.n", "must be at least 1"),
+        (g.prompts_per_iteration >= 1, "generate.prompts_per_iteration", "must be at least 1"),
+        (t.mini_batch_prompts <= g.prompts_per_iteration, "train.mini_batch_prompts",
+         f"{t.mini_batch_prompts} is larger than generate.prompts_per_iteration={g.prompts_per_iteration}"),
+        (t.mini_batch_prompts >= 1 and g.prompts_per_iteration % t.mini_batch_prompts == 0, "train.mini_batch_prompts",
+         f"{t.mini_batch_prompts} does not divide generate.prompts_per_iteration={g.prompts_per_iteration}"),
+        (t.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1"),
+        (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3"),
+        (t.lr > 0, "train.lr", "must be positive"),
+        (0 < g.temperature, "generate.temperature", "must be positive for on-policy sampling"),
+        (config.eval.every >= 0, "eval.every", "must be >= 0"),
+    ]
+    for ok, key, message in rules:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {message}")
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate(_build(Config, raw, ""))
+
+
+def config_from_dict(raw: dict) -> Config:
+    return validate(_build(Config, raw, ""))
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

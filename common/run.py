@@ -1,0 +1,44 @@
+"""What every stage process does first: parse `--run DIR --iter I`, load the frozen run config."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from common.config import Config, ConfigError, load_config
+
+RUN_CONFIG = "run.yaml"
+
+
+def stage_arguments(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", type=Path, required=True, help="run folder (holds run.yaml)")
+    parser.add_argument("--iter", type=int, required=True, dest="iteration", help="iteration number")
+    return parser
+
+
+def load_run_config(run: Path) -> Config:
+    path = Path(run) / RUN_CONFIG
+    if not path.exists():
+        raise ConfigError(f"{path} not found: start the run with `make iterate RUN={Path(run).name}`")
+    return load_config(path)
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def set_threads(config: Config) -> None:
+    import torch
+
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,160 @@
+"""The contract between stages: run layout, Parquet schemas, atomic writes, manifests, readers.
+
+A stage's output folder is complete only when its `_MANIFEST.json` exists; the manifest lists every
+file with its row count and sha256, the config hash, timings and the stage's metrics. Everything is
+written to a temporary name and renamed, so a crash leaves either nothing or a whole file.
+
+Layout of a run folder:
+    run.yaml                    resolved config, frozen at the first start
+    checkpoints/v0003/          HF safetensors + tokenizer + DONE (policy version v0003-<hash>)
+    iter=0003/rollouts/         part-00000.parquet ... _MANIFEST.json
+    iter=0003/scored/           rollouts + teacher log-probs + rewards
+    iter=0003/train/            _MANIFEST.json (metrics, produced checkpoint)
+    iter=0003/eval/             graded samples of the eval split (every eval.every iterations)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from common.modeling import file_sha256
+
+MANIFEST = "_MANIFEST.json"
+DONE = "DONE"
+ROW_GROUP_ROWS = 256
+
+ROLLOUT_FIELDS = [
+    pa.field("prompt_id", pa.string()),
+    pa.field("sample_idx", pa.int16()),
+    pa.field("iteration", pa.int32()),
+    pa.field("policy_version", pa.string()),
+    pa.field("data_source", pa.string()),
+    pa.field("ground_truth", pa.string()),
+    pa.field("prompt_ids", pa.list_(pa.int32())),
+    pa.field("response_ids", pa.list_(pa.int32())),
+    pa.field("response_text", pa.string()),
+    pa.field("rollout_logprobs", pa.list_(pa.float32())),
+    pa.field("finish_reason", pa.string()),
+]
+GRADE_FIELDS = [
+    pa.field("reward", pa.float32()),
+    pa.field("correct", pa.bool_()),
+    pa.field("extracted_answer", pa.string()),
+    pa.field("verifier_status", pa.string()),
+]
+ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
+SCORED_SCHEMA = pa.schema(ROLLOUT_FIELDS + [pa.field("teacher_logprobs", pa.list_(pa.float32())),
+                                            pa.field("teacher_version", pa.string())] + GRADE_FIELDS)
+EVAL_SCHEMA = pa.schema(ROLLOUT_FIELDS + GRADE_FIELDS)
+SCHEMAS = {"rollouts": ROLLOUT_SCHEMA, "scored": SCORED_SCHEMA, "eval": EVAL_SCHEMA}
+
+
+class ContractError(RuntimeError):
+    """A stage input or output breaks the contract (missing, altered, stale or malformed)."""
+
+
+# ---- layout -------------------------------------------------------------------------------
+
+def iteration_dir(run: Path, iteration: int) -> Path:
+    return Path(run) / f"iter={iteration:04d}"
+
+
+def stage_dir(run: Path, iteration: int, stage: str) -> Path:
+    return iteration_dir(run, iteration) / stage
+
+
+def checkpoint_dir(run: Path, version: int) -> Path:
+    return Path(run) / "checkpoints" / f"v{version:04d}"
+
+
+def checkpoint_ready(path: Path) -> bool:
+    return (path / DONE).exists()
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(table: pa.Table, out_dir: Path, index: int) -> Path:
+    """Write one shard atomically: zstd, row groups of a few hundred rows, no dictionary on lists."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"part-{index:05d}.parquet"
+    tmp = out_dir / f".{path.name}.tmp-{os.getpid()}"
+    plain_columns = [f.name for f in table.schema if not pa.types.is_list(f.type)]
+    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS, use_dictionary=plain_columns)
+    os.replace(tmp, path)
+    return path
+
+
+def write_manifest(out_dir: Path, stage: str, iteration: int, config_hash: str, started: float,
+                   metrics: dict | None = None, extra: dict | None = None) -> dict:
+    """Seal a stage's output folder: list its shards with rows and sha256, then write the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [{"name": p.name, "rows": pq.ParquetFile(p).metadata.num_rows, "bytes": p.stat().st_size,
+              "sha256": file_sha256(p)} for p in sorted(out_dir.glob("part-*.parquet"))]
+    manifest = {
+        "stage": stage,
+        "iteration": iteration,
+        "config_hash": config_hash,
+        "files": files,
+        "rows": sum(f["rows"] for f in files),
+        "started_at": started,
+        "finished_at": time.time(),
+        "seconds": round(time.time() - started, 3),
+        "metrics": metrics or {},
+        **(extra or {}),
+    }
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def reset_stage(out_dir: Path) -> None:
+    """Remove a stage's partial output so it can be redone from scratch."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+def read_manifest(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def verify_stage(out_dir: Path) -> dict:
+    """The manifest of a complete stage output whose files all exist and match their sha256."""
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise ContractError(f"{out_dir} has no {MANIFEST}: the stage did not finish")
+    for entry in manifest["files"]:
+        path = Path(out_dir) / entry["name"]
+        if not path.exists():
+            raise ContractError(f"{path} is named in the manifest but missing")
+        if file_sha256(path) != entry["sha256"]:
+            raise ContractError(f"{path} does not match its manifest sha256 (altered or truncated)")
+    return manifest
+
+
+def read_stage(out_dir: Path, stage: str) -> pa.Table:
+    """All rows of a verified stage output, checked against the stage's schema."""
+    manifest = verify_stage(out_dir)
+    tables = [pq.read_table(Path(out_dir) / entry["name"]) for entry in manifest["files"]]
+    schema = SCHEMAS[stage]
+    for table in tables:
+        missing = [f.name for f in schema if f.name not in table.schema.names]
+        if missing:
+            raise ContractError(f"{out_dir}: shard lacks required column(s) {missing}")
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()

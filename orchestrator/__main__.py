@@ -1,0 +1,54 @@
+"""Orchestrator command line.
+
+    python -m orchestrator iterate --run runs/tiny --config configs/tiny.yaml -n 3 [-o train.lr=1e-3] [--force]
+    python -m orchestrator inspect --run runs/tiny [--iter 3] [--row 0]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.config import ConfigError, load_config
+from common.run import quiet_libraries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    it = commands.add_parser("iterate", help="run N more iterations of generate -> score -> train")
+    it.add_argument("--run", type=Path, required=True)
+    it.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
+    it.add_argument("-n", "--iterations", type=int, default=1)
+    it.add_argument("-o", "--override", action="append", default=[], help="key.sub=value (repeatable)")
+    it.add_argument("--force", action="store_true", help="continue an existing run under a changed config")
+    ins = commands.add_parser("inspect", help="summarise an iteration's shards")
+    ins.add_argument("--run", type=Path, required=True)
+    ins.add_argument("--iter", type=int, default=None, dest="iteration", help="default: the latest scored one")
+    ins.add_argument("--row", type=int, default=None, help="show one response token by token")
+    args = parser.parse_args()
+    quiet_libraries()
+    try:
+        if args.command == "iterate":
+            from orchestrator.loop import StageFailed, iterate
+
+            config = load_config(args.config, args.override)
+            print(f"config {args.config} (hash {config.hash()})" + (f", overrides: {' '.join(args.override)}"
+                                                                    if args.override else ""), flush=True)
+            try:
+                iterate(args.run, config, args.iterations, args.force)
+            except StageFailed as error:
+                print(f"error: {error}", file=sys.stderr)
+                raise SystemExit(1)
+        else:
+            from orchestrator.inspect import inspect
+
+            inspect(args.run, args.iteration, args.row)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

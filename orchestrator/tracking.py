@@ -1,0 +1,60 @@
+"""MLflow logging, from the orchestrator only (sqlite locks under many writers).
+
+One MLflow run per pipeline run; its id lives in the run folder so a resumed run keeps logging to
+it. Each stage's metrics are logged once per iteration: a `_LOGGED` marker beside the manifest
+records that they went out.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from common.config import Config
+
+RUN_ID_FILE = "mlflow_run_id"
+LOGGED = "_LOGGED"
+
+
+def tracking_uri(config: Config, run: Path) -> str:
+    if config.mlflow.tracking_uri:
+        return config.mlflow.tracking_uri
+    return f"sqlite:///{Path(run).resolve().parent / 'mlflow.db'}"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Tracker:
+    def __init__(self, config: Config, run: Path):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        import mlflow
+
+        self.mlflow = mlflow
+        self.run = Path(run)
+        mlflow.set_tracking_uri(tracking_uri(config, run))
+        mlflow.set_experiment(config.mlflow.experiment)
+        id_file = self.run / RUN_ID_FILE
+        if id_file.exists():
+            self.active = mlflow.start_run(run_id=id_file.read_text().strip())
+        else:
+            self.active = mlflow.start_run(run_name=self.run.name)
+            id_file.write_text(self.active.info.run_id + "\n")
+            mlflow.log_params(_flatten(config.to_dict()))
+
+    def log_stage(self, stage_dir: Path, metrics: dict, step: int) -> None:
+        marker = Path(stage_dir) / LOGGED
+        if marker.exists():
+            return
+        numeric = {k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.mlflow.log_metrics(numeric, step=step)
+        marker.write_text("")
+
+    def close(self) -> None:
+        self.mlflow.end_run()

@@ -1,0 +1,91 @@
+"""Sampling with Hugging Face transformers: the engine that runs everywhere (the CPU default).
+
+Returns, for every sampled response, its token ids (EOS included when sampled), the log-prob of
+each sampled token under the sampling distribution, and why it stopped. With temperature 1,
+top_p 1 and top_k 0 those log-probs are the policy's own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+
+@dataclass
+class Sampled:
+    prompt_index: int
+    sample_idx: int
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # stop | length
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 256  # sequences per generate call
+
+
+def _generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+    greedy = params.temperature == 0
+    return GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else params.temperature,
+        top_p=None if greedy else params.top_p,
+        top_k=None if greedy else 0,  # transformers defaults to top_k=50: turn it off
+        max_new_tokens=params.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    eos_ids: list[int],
+    pad_id: int,
+    progress=None,
+) -> list[Sampled]:
+    """n samples for each prompt (token ids); `progress(k)` is called after each batch of k sequences."""
+    config = _generation_config(params, eos_ids, pad_id)
+    device = next(model.parameters()).device
+    jobs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
+    results: list[Sampled] = []
+    generator_seed = params.seed
+    for start in range(0, len(jobs), params.batch_size):
+        batch = jobs[start : start + params.batch_size]
+        width = max(len(prompts[p]) for p, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, (p, _) in enumerate(batch):
+            input_ids[row, width - len(prompts[p]) :] = torch.tensor(prompts[p])
+            attention_mask[row, width - len(prompts[p]) :] = 1
+        # One seed per batch, derived from the run seed, keeps a rerun byte-identical.
+        torch.manual_seed(generator_seed + start)
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+        )
+        new_tokens = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).float()
+        if params.temperature not in (0, 1):
+            logits = logits / params.temperature
+        token_logprobs = (logits.gather(-1, new_tokens[:, :, None].to(logits.device)).squeeze(-1)
+                          - torch.logsumexp(logits, dim=-1)).cpu()
+        for row, (p, s) in enumerate(batch):
+            ids = new_tokens[row].tolist()
+            stop = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+            length = len(ids) if stop is None else stop + 1
+            results.append(Sampled(p, s, ids[:length], token_logprobs[row, :length].tolist(),
+                                   "length" if stop is None else "stop"))
+        if progress is not None:
+            progress(len(batch))
+    return results

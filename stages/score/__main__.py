@@ -1,0 +1,102 @@
+"""Score stage: teacher log-prob of every sampled token, plus the rule reward -> scored shards.
+
+    python -m stages.score --run runs/tiny --iter 3
+
+Reads iter=i/rollouts/, runs the teacher over prompt + response (LM head and log-softmax applied in
+chunks), grades each response, and writes iter=i/scored/ with the rollout columns kept as they are.
+"""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from common import shards
+from common.config import ConfigError
+from common.modeling import load_model, load_tokenizer, policy_version, sequence_logprobs
+from common.reward import grade
+from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
+
+SHARD_ROWS = 1024
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
+    """Distillation compares log-probs of the same token ids: the vocabularies must be identical."""
+    if len(student_tokenizer) != len(teacher_tokenizer):
+        raise ConfigError(f"model.teacher: vocabulary size {len(teacher_tokenizer)} != student's {len(student_tokenizer)}")
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    for token, index in sorted(student_vocab.items(), key=lambda item: item[1]):
+        if teacher_vocab.get(token) != index:
+            raise ConfigError(f"model.teacher: token {token!r} has id {teacher_vocab.get(token)} in the teacher, "
+                              f"{index} in the student")
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, prompts, responses, pad_id: int, batch_size: int, chunk_tokens: int) -> list[list[float]]:
+    # Sorting by length keeps padding low inside each batch; results go back to row order.
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]) + len(responses[k]))
+    result: list[list[float]] = [[] for _ in prompts]
+    with tqdm(total=len(order), desc="score", unit="seq", disable=None, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            scores = sequence_logprobs(teacher, [prompts[k] for k in batch], [responses[k] for k in batch],
+                                       pad_id, chunk_tokens)
+            for k, values in zip(batch, scores):
+                result[k] = values.tolist()
+            bar.update(len(batch))
+    return result
+
+
+def main() -> None:
+    args = stage_arguments(__doc__).parse_args()
+    quiet_libraries()
+    try:
+        config = load_run_config(args.run)
+        out_dir = shards.stage_dir(args.run, args.iteration, "scored")
+        if shards.read_manifest(out_dir) is not None:
+            return
+        rollouts = shards.read_stage(shards.stage_dir(args.run, args.iteration, "rollouts"), "rollouts")
+        set_threads(config)
+        shards.reset_stage(out_dir)
+        started = time.time()
+        teacher_tokenizer = load_tokenizer(config.model.teacher)
+        check_same_vocabulary(load_tokenizer(shards.checkpoint_dir(args.run, args.iteration)), teacher_tokenizer)
+        teacher = load_model(config.model.teacher)
+    except (ConfigError, shards.ContractError) as error:
+        fail(str(error))
+    columns = rollouts.to_pydict()
+    forward_started = time.time()
+    scores = teacher_logprobs(teacher, columns["prompt_ids"], columns["response_ids"], teacher_tokenizer.pad_token_id,
+                              config.score.batch_size, config.score.logit_chunk_tokens)
+    forward_seconds = time.time() - forward_started
+    grades = [grade(text, gold) for text, gold in zip(columns["response_text"], columns["ground_truth"])]
+    scored = rollouts.append_column("teacher_logprobs", pa.array(scores, pa.list_(pa.float32())))
+    scored = scored.append_column("teacher_version", pa.array([policy_version(config.model.teacher)] * len(grades)))
+    scored = scored.append_column("reward", pa.array([g.reward for g in grades], pa.float32()))
+    scored = scored.append_column("correct", pa.array([g.correct for g in grades]))
+    scored = scored.append_column("extracted_answer", pa.array([g.extracted_answer for g in grades], pa.string()))
+    scored = scored.append_column("verifier_status", pa.array([g.status for g in grades]))
+    for index, start in enumerate(range(0, max(scored.num_rows, 1), SHARD_ROWS)):
+        shards.write_shard(scored.slice(start, SHARD_ROWS).cast(shards.SCORED_SCHEMA), out_dir, index)
+
+    tokens = sum(len(s) for s in scores)
+    reverse_kl = sum(r - t for rl, sl in zip(columns["rollout_logprobs"], scores) for r, t in zip(rl, sl))
+    metrics = {
+        "score/tokens_per_s": (tokens + sum(map(len, columns["prompt_ids"]))) / max(forward_seconds, 1e-9),
+        "rollout/reverse_kl": reverse_kl / max(tokens, 1),
+        "rollout/reward_mean": sum(g.reward for g in grades) / len(grades),
+        "rollout/accuracy": sum(g.correct for g in grades) / len(grades),
+        "rollout/boxed_fraction": sum(g.status != "no_answer" for g in grades) / len(grades),
+        "rollout/teacher_logprob_mean": sum(map(sum, scores)) / max(tokens, 1),
+    }
+    manifest = shards.write_manifest(out_dir, "scored", args.iteration, config.hash(), started, metrics,
+                                     {"teacher_version": policy_version(config.model.teacher)})
+    print(f"score iter {args.iteration}: {manifest['rows']} rows, accuracy {metrics['rollout/accuracy']:.3f}, "
+          f"reverse KL {metrics['rollout/reverse_kl']:.4f}, {metrics['score/tokens_per_s']:.0f} tok/s, "
+          f"{manifest['seconds']:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Config loading: defaults, overrides, and one-line errors that name the key."""
+import pytest
+
+from common.config import ConfigError, load_config
+
+
+def test_tiny_config_loads_and_overrides_apply():
+    config = load_config("configs/tiny.yaml", ["train.lr=2e-3", "generate.n=2"])
+    assert config.train.lr == 2e-3 and config.generate.n == 2
+    assert config.hash() != load_config("configs/tiny.yaml").hash()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrr=1", "train.lrr"),
+    ("generate.n=four", "generate.n"),
+    ("train.mini_batch_prompts=48", "train.mini_batch_prompts"),
+    ("train.mini_batch_prompts=128", "train.mini_batch_prompts"),
+    ("train.policy_gradient=false", "train.policy_gradient"),
+    ("train.zero_stage=5", "train.zero_stage"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/tiny.yaml", [override])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

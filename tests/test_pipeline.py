@@ -1,0 +1,82 @@
+"""End to end on the tiny world: two iterations through real stage processes, DeepSpeed and MLflow."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from common import shards
+from common.config import load_config
+from common.modeling import policy_version
+
+OVERRIDES = ["generate.prompts_per_iteration=8", "generate.n=2", "train.mini_batch_prompts=4",
+             "train.micro_batch_size=8", "eval.every=1", "eval.prompts=16", "train.lr=1e-4"]
+
+
+def orchestrate(run: Path, iterations: int, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "orchestrator", "iterate", "--run", str(run), "--config", "configs/tiny.yaml",
+               "-n", str(iterations), *[a for o in OVERRIDES for a in ("-o", o)], *extra]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "e2e"
+    first = orchestrate(run, 1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = orchestrate(run, 1)  # a second call continues the run
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 iteration(s) done" in second.stdout
+    return run
+
+
+def test_shards_rows_and_versions(run):
+    for iteration in range(2):
+        version = policy_version(shards.checkpoint_dir(run, iteration))
+        scored = pl.read_parquet(shards.stage_dir(run, iteration, "scored") / "*.parquet")
+        assert scored.height == 8 * 2
+        assert scored.select(pl.struct("prompt_id", "sample_idx").n_unique()).item() == 16
+        assert scored["policy_version"].unique().to_list() == [version]
+        assert (scored["response_ids"].list.len() == scored["teacher_logprobs"].list.len()).all()
+        assert (scored["response_ids"].list.len() == scored["rollout_logprobs"].list.len()).all()
+        train = shards.read_manifest(shards.stage_dir(run, iteration, "train"))
+        assert train["policy_version"] == version
+        assert train["produced_version"] == policy_version(shards.checkpoint_dir(run, iteration + 1))
+    assert shards.checkpoint_ready(shards.checkpoint_dir(run, 2))
+    assert policy_version(shards.checkpoint_dir(run, 2)) != policy_version(shards.checkpoint_dir(run, 1))
+
+
+def test_mlflow_has_one_point_per_iteration(run):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{run.parent / 'mlflow.db'}")
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient()
+    for metric in ("rollout.reverse_kl", "rollout.reward_mean", "train.loss", "train.grad_norm",
+                   "train.clip_fraction", "generate.mean_response_length", "time.train_stage_s"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, metric))
+        assert steps == [0, 1], metric
+    assert sorted(m.step for m in client.get_metric_history(run_id, "eval.accuracy")) == [0, 1, 2]
+    assert client.get_run(run_id).data.params["train.loss"] == "k1"
+
+
+def test_trainer_refuses_a_stale_shard(run, tmp_path):
+    stale_run = tmp_path / "stale"
+    shutil.copytree(run, stale_run)
+    # Iteration 1 must train v0001; hand it iteration 0's rows (sampled by v0000).
+    shutil.rmtree(shards.stage_dir(stale_run, 1, "scored"))
+    shutil.rmtree(shards.stage_dir(stale_run, 1, "train"))
+    shutil.copytree(shards.stage_dir(stale_run, 0, "scored"), shards.stage_dir(stale_run, 1, "scored"))
+    result = subprocess.run([sys.executable, "-m", "stages.train", "--run", str(stale_run), "--iter", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "refusing to train" in result.stderr and "v0000" in result.stderr
+
+
+def test_changed_config_is_refused_unless_forced(run):
+    result = orchestrate(run, 0, "-o", "train.lr=5e-4")
+    assert result.returncode == 2 and "train.lr" in result.stderr
+    frozen = load_config(run / "run.yaml")
+    assert frozen.train.lr == 1e-4

@@ -1,0 +1,60 @@
+"""The shard contract: round-trip, manifests, checksums, schema checks."""
+import json
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from common import shards
+
+
+def rollout_rows(n, version="v0000-abc"):
+    return [{
+        "prompt_id": f"p{k // 2}", "sample_idx": k % 2, "iteration": 3, "policy_version": version,
+        "data_source": "tiny_arith", "ground_truth": str(k), "prompt_ids": [1, 2, 3], "response_ids": [4, 5, k],
+        "response_text": f"\\boxed{{{k}}}", "rollout_logprobs": [-0.5, -0.25, -1.0], "finish_reason": "stop",
+    } for k in range(n)]
+
+
+def test_round_trip_and_manifest(tmp_path):
+    out = shards.stage_dir(tmp_path, 3, "rollouts")
+    rows = rollout_rows(10)
+    shards.write_shard(pa.Table.from_pylist(rows[:6], schema=shards.ROLLOUT_SCHEMA), out, 0)
+    shards.write_shard(pa.Table.from_pylist(rows[6:], schema=shards.ROLLOUT_SCHEMA), out, 1)
+    manifest = shards.write_manifest(out, "rollouts", 3, "cfg", started=0.0, metrics={"m": 1.0})
+    assert manifest["rows"] == 10 and [f["rows"] for f in manifest["files"]] == [6, 4]
+    assert json.loads((out / shards.MANIFEST).read_text())["config_hash"] == "cfg"
+    table = shards.read_stage(out, "rollouts")
+    assert table.schema == shards.ROLLOUT_SCHEMA
+    assert table.to_pylist() == [{**r, "rollout_logprobs": r["rollout_logprobs"]} for r in rows]
+    # What a user types: one stage at a time with polars.
+    frame = pl.scan_parquet(out / "*.parquet").collect()
+    assert frame.height == 10 and frame["response_ids"].list.len().sum() == 30
+    assert not list(out.glob(".*tmp*")), "temporary files must be renamed away"
+
+
+def test_unfinished_stage_is_rejected(tmp_path):
+    out = shards.stage_dir(tmp_path, 0, "rollouts")
+    shards.write_shard(pa.Table.from_pylist(rollout_rows(2), schema=shards.ROLLOUT_SCHEMA), out, 0)
+    with pytest.raises(shards.ContractError, match="did not finish"):
+        shards.read_stage(out, "rollouts")
+
+
+def test_altered_or_missing_shard_is_rejected(tmp_path):
+    out = shards.stage_dir(tmp_path, 0, "rollouts")
+    path = shards.write_shard(pa.Table.from_pylist(rollout_rows(4), schema=shards.ROLLOUT_SCHEMA), out, 0)
+    shards.write_manifest(out, "rollouts", 0, "cfg", started=0.0)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(shards.ContractError, match="sha256"):
+        shards.read_stage(out, "rollouts")
+    path.unlink()
+    with pytest.raises(shards.ContractError, match="missing"):
+        shards.read_stage(out, "rollouts")
+
+
+def test_missing_column_is_rejected(tmp_path):
+    out = shards.stage_dir(tmp_path, 0, "scored")
+    shards.write_shard(pa.Table.from_pylist(rollout_rows(2), schema=shards.ROLLOUT_SCHEMA), out, 0)
+    shards.write_manifest(out, "scored", 0, "cfg", started=0.0)
+    with pytest.raises(shards.ContractError, match="teacher_logprobs"):
+        shards.read_stage(out, "scored")
