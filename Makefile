@@ -16,7 +16,7 @@ ROW ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv iterate test test-slow inspect mlflow-ui tiny-assets tiny-eval clean-runs
+.PHONY: venv iterate test test-slow inspect mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,6 @@ tiny-eval: $(STAMP)  ## one line: teacher/student accuracy, greedy and sampled, 
 
 clean-runs:
 	rm -rf runs
+
+tiny-sft-check: $(STAMP)  ## a separate supervised run from the student: shows the task is learnable by it
+	$(PY) -m tiny_world.sft_check --assets assets/tiny

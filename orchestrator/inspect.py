@@ -31,15 +31,22 @@ def summary(stage_path: Path) -> pl.DataFrame:
     return frame.group_by("data_source").agg(aggregates).collect()
 
 
-def show_row(scored: Path, row: int) -> None:
-    record = pl.read_parquet(scored / "*.parquet").row(row, named=True)
+def show_row(run: Path, iteration: int, row: int) -> None:
+    from common.modeling import load_tokenizer
+
+    scored = shards.stage_dir(run, iteration, "scored")
+    frame = pl.read_parquet(scored / "*.parquet")
+    if not 0 <= row < frame.height:
+        raise SystemExit(f"error: ROW must be in 0..{frame.height - 1}")
+    record = frame.row(row, named=True)
+    tokenizer = load_tokenizer(shards.checkpoint_dir(run, iteration))
     print(f"\nrow {row}: prompt {record['prompt_id']} sample {record['sample_idx']}, gold {record['ground_truth']}, "
           f"extracted {record['extracted_answer']!r}, correct {record['correct']}")
     print(record["response_text"])
-    print(f"\n{'pos':>4} {'token id':>8} {'student lp':>10} {'teacher lp':>10} {'lp - lq':>8}")
+    print(f"\n{'pos':>4} {'token':>12} {'student lp':>10} {'teacher lp':>10} {'lp - lq':>8}")
     for pos, (token, lp, lq) in enumerate(zip(record["response_ids"], record["rollout_logprobs"],
                                               record["teacher_logprobs"])):
-        print(f"{pos:>4} {token:>8} {lp:>10.4f} {lq:>10.4f} {lp - lq:>8.4f}")
+        print(f"{pos:>4} {tokenizer.decode([token])!r:>12} {lp:>10.4f} {lq:>10.4f} {lp - lq:>8.4f}")
 
 
 def inspect(run: Path, iteration: int | None, row: int | None) -> None:
@@ -58,4 +65,4 @@ def inspect(run: Path, iteration: int | None, row: int | None) -> None:
             for key, value in train["metrics"].items():
                 print(f"  {key:<28} {value:.6g}")
         if row is not None:
-            show_row(shards.stage_dir(run, iteration, "scored"), row)
+            show_row(run, iteration, row)
