@@ -41,9 +41,12 @@ class Tracker:
         mlflow.set_tracking_uri(tracking_uri(config, run))
         mlflow.set_experiment(config.mlflow.experiment)
         id_file = self.run / RUN_ID_FILE
-        if id_file.exists():
+        known = id_file.exists() and mlflow.MlflowClient().search_runs(
+            [mlflow.get_experiment_by_name(config.mlflow.experiment).experiment_id],
+            filter_string=f"attributes.run_id = '{id_file.read_text().strip()}'")
+        if known:
             self.active = mlflow.start_run(run_id=id_file.read_text().strip())
-        else:
+        else:  # a new run, or a run folder moved away from its tracking store
             self.active = mlflow.start_run(run_name=self.run.name)
             id_file.write_text(self.active.info.run_id + "\n")
             mlflow.log_params(_flatten(config.to_dict()))

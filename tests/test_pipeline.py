@@ -80,3 +80,20 @@ def test_changed_config_is_refused_unless_forced(run):
     assert result.returncode == 2 and "train.lr" in result.stderr
     frozen = load_config(run / "run.yaml")
     assert frozen.train.lr == 1e-4
+
+
+def test_interrupted_iteration_resumes_at_the_missing_stage(run, tmp_path):
+    """Lose the end of iteration 1 (train manifest and checkpoint v0002): the next call redoes only
+    the train stage, and, being deterministic, produces the very same v0002."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    before = policy_version(shards.checkpoint_dir(run, 2))
+    rollouts_sha = shards.read_manifest(shards.stage_dir(run, 1, "rollouts"))["files"][0]["sha256"]
+    shutil.rmtree(shards.checkpoint_dir(resumed, 2))
+    (shards.stage_dir(resumed, 1, "train") / shards.MANIFEST).unlink()
+    result = orchestrate(resumed, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 iteration(s) done" in result.stdout
+    assert "generate iter 1" not in result.stdout and "train iter 1" in result.stdout
+    assert shards.read_manifest(shards.stage_dir(resumed, 1, "rollouts"))["files"][0]["sha256"] == rollouts_sha
+    assert policy_version(shards.checkpoint_dir(resumed, 2)) == before

@@ -144,10 +144,10 @@ def save_checkpoint(engine, tokenizer, target: Path) -> None:
     os.replace(staging, target)
 
 
-def prune_optimizer_states(run: Path, keep: Path) -> None:
-    """Optimizer states are only needed to continue training: keep the newest one."""
+def prune_optimizer_states(run: Path, keep: tuple[Path, ...]) -> None:
+    """Optimizer states are only needed to continue or redo training: keep the last two."""
     for state in Path(run, "checkpoints").glob(f"v*/{OPTIMIZER_STATE}"):
-        if state.parent != keep:
+        if state.parent not in keep:
             shutil.rmtree(state, ignore_errors=True)
 
 
@@ -185,11 +185,11 @@ def main() -> None:
     metrics["train/tokens_per_s"] = metrics["train/response_tokens"] / max(time.time() - train_started, 1e-9)
     metrics["train/setup_seconds"] = setup_seconds
     save_checkpoint(engine, tokenizer, target)
-    prune_optimizer_states(run, target)
     produced = policy_version(target)
     manifest = shards.write_manifest(out_dir, "train", iteration, config.hash(), started, metrics,
                                      {"policy_version": version, "produced_checkpoint": str(target),
                                       "produced_version": produced})
+    prune_optimizer_states(run, keep=(source, target))
     print(f"train iter {iteration}: {metrics['train/optimizer_steps']} steps, loss {metrics['train/loss']:.4f}, "
           f"grad norm {metrics['train/grad_norm']:.3f}, {metrics['train/tokens_per_s']:.0f} tok/s, "
           f"{manifest['seconds']:.1f}s -> {produced}", flush=True)
