@@ -39,6 +39,10 @@ class Tracker:
         self.mlflow = mlflow
         self.run = Path(run)
         mlflow.set_tracking_uri(tracking_uri(config, run))
+        if mlflow.get_experiment_by_name(config.mlflow.experiment) is None:
+            # Artifacts beside the database, inside runs/, not in the current directory.
+            artifacts = (self.run.resolve().parent / "mlartifacts").as_uri()
+            mlflow.create_experiment(config.mlflow.experiment, artifact_location=artifacts)
         mlflow.set_experiment(config.mlflow.experiment)
         id_file = self.run / RUN_ID_FILE
         known = id_file.exists() and mlflow.MlflowClient().search_runs(

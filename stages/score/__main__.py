@@ -64,6 +64,7 @@ def main() -> None:
         teacher_tokenizer = load_tokenizer(config.model.teacher)
         check_same_vocabulary(load_tokenizer(shards.checkpoint_dir(args.run, args.iteration)), teacher_tokenizer)
         teacher = load_model(config.model.teacher)
+        teacher_version = policy_version(config.model.teacher)
     except (ConfigError, shards.ContractError) as error:
         fail(str(error))
     columns = rollouts.to_pydict()
@@ -73,7 +74,7 @@ def main() -> None:
     forward_seconds = time.time() - forward_started
     grades = [grade(text, gold) for text, gold in zip(columns["response_text"], columns["ground_truth"])]
     scored = rollouts.append_column("teacher_logprobs", pa.array(scores, pa.list_(pa.float32())))
-    scored = scored.append_column("teacher_version", pa.array([policy_version(config.model.teacher)] * len(grades)))
+    scored = scored.append_column("teacher_version", pa.array([teacher_version] * len(grades)))
     scored = scored.append_column("reward", pa.array([g.reward for g in grades], pa.float32()))
     scored = scored.append_column("correct", pa.array([g.correct for g in grades]))
     scored = scored.append_column("extracted_answer", pa.array([g.extracted_answer for g in grades], pa.string()))
@@ -92,7 +93,7 @@ def main() -> None:
         "rollout/teacher_logprob_mean": sum(map(sum, scores)) / max(tokens, 1),
     }
     manifest = shards.write_manifest(out_dir, "scored", args.iteration, config.hash(), started, metrics,
-                                     {"teacher_version": policy_version(config.model.teacher)})
+                                     {"teacher_version": teacher_version})
     print(f"score iter {args.iteration}: {manifest['rows']} rows, accuracy {metrics['rollout/accuracy']:.3f}, "
           f"reverse KL {metrics['rollout/reverse_kl']:.4f}, {metrics['score/tokens_per_s']:.0f} tok/s, "
           f"{manifest['seconds']:.1f}s", flush=True)
