@@ -116,8 +116,11 @@ def train_iteration(config: Config, engine, columns: dict, pad_id: int, seed: in
             stats["loss"] += out.loss.item()
             stats["clipped"] += out.clipped_tokens
             stats["reverse_kl"] += out.reverse_kl_sum
+        # ZeRO stages 1-3 report the pre-clip norm after step(); stage 0 does not, so measure it here.
+        stage0_norm = None if t.zero_stage else torch.nn.utils.get_total_norm(
+            [p.grad for p in engine.module.parameters() if p.grad is not None])
         engine.step()
-        stats["grad_norm"] += float(engine.get_global_grad_norm() or 0.0)
+        stats["grad_norm"] += float(engine.get_global_grad_norm() if stage0_norm is None else stage0_norm)
         stats["tokens"] += minibatch_tokens
     return {
         "train/loss": stats["loss"] / len(steps),
