@@ -133,8 +133,9 @@ def train(config: BuildConfig, model, tokenizer, examples, probe_prompts, probe_
             sampled, boxed = accuracy(model, tokenizer, probe_prompts, probe_golds, 1.0, config.seed)
             probe = {"step": step, "loss": round(loss.item(), 4), "sampled": sampled, "boxed": boxed,
                      "seconds": round(time.time() - started, 1)}
-            history.append(probe)
             print(json.dumps(probe), flush=True)
+            del probe["seconds"]  # build.json stays byte-identical across rebuilds
+            history.append(probe)
             if sampled <= config.student_max_sampled and boxed >= config.student_min_boxed:
                 student, student_probe = copy.deepcopy(model), probe
     return model, student, student_probe, history
