@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from common import shards
 from common.config import Config, ConfigError
-from common.data import Prompt, iteration_prompts, load_prompts
+from common.data import Prompt, iteration_prompts, prepared_prompts
 from common.modeling import load_model, load_tokenizer, policy_version
 from common.reward import grade
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
@@ -54,7 +54,8 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
     out_dir = shards.stage_dir(run, iteration, "rollouts")
     shards.reset_stage(out_dir)
     started = time.time()
-    prompt_set = load_prompts(config.data.train, tokenizer, config.data.max_prompt_tokens, config.data.enable_thinking)
+    prompt_set = prepared_prompts(run, "train", config.data.train, tokenizer, config.data.max_prompt_tokens,
+                                  config.data.enable_thinking)
     if not prompt_set.prompts:
         raise ConfigError(f"data.train: no usable prompts in {config.data.train}")
     prompts = iteration_prompts(prompt_set.prompts, iteration, config.generate.prompts_per_iteration, config.seed)
@@ -85,7 +86,8 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
     out_dir = shards.stage_dir(run, iteration, "eval")
     shards.reset_stage(out_dir)
     started = time.time()
-    prompt_set = load_prompts(config.data.eval, tokenizer, config.data.max_prompt_tokens, config.data.enable_thinking)
+    prompt_set = prepared_prompts(run, "eval", config.data.eval, tokenizer, config.data.max_prompt_tokens,
+                                  config.data.enable_thinking)
     prompts = prompt_set.prompts[: config.eval.prompts]
     e = config.eval
     params = SamplingParams(n=1, max_new_tokens=e.max_response_tokens, temperature=e.temperature, top_p=e.top_p,
