@@ -6,6 +6,7 @@ written to a temporary name and renamed, so a crash leaves either nothing or a w
 
 Layout of a run folder:
     run.yaml                    resolved config, frozen at the first start
+    prompts/train.parquet       the prompt set rendered with the chat template, once per run
     checkpoints/v0003/          HF safetensors + tokenizer + DONE (policy version v0003-<hash>)
     iter=0003/rollouts/         part-00000.parquet ... _MANIFEST.json
     iter=0003/scored/           rollouts + teacher log-probs + rewards
