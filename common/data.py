@@ -63,9 +63,10 @@ def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer, max_prom
     key = {"source": str(path), "max_prompt_tokens": max_prompt_tokens, "enable_thinking": enable_thinking}
     # The metadata is written last, so its presence means the table is complete; a run continued
     # under changed data settings (FORCE=1) renders again.
-    if meta_path.exists() and json.loads(meta_path.read_text())["key"] == key:
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if meta is not None and meta["key"] == key:
         rows = pq.read_table(table_path).to_pylist()
-        return PromptSet([Prompt(**row) for row in rows], json.loads(meta_path.read_text())["dropped_too_long"])
+        return PromptSet([Prompt(**row) for row in rows], meta["dropped_too_long"])
     prompt_set = load_prompts(path, tokenizer, max_prompt_tokens, enable_thinking)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.parquet.tmp"

@@ -43,13 +43,13 @@ class Tracker:
             # Artifacts beside the database, inside runs/, not in the current directory.
             artifacts = (self.run.resolve().parent / "mlartifacts").as_uri()
             mlflow.create_experiment(config.mlflow.experiment, artifact_location=artifacts)
-        mlflow.set_experiment(config.mlflow.experiment)
+        experiment = mlflow.set_experiment(config.mlflow.experiment)
         id_file = self.run / RUN_ID_FILE
-        known = id_file.exists() and mlflow.MlflowClient().search_runs(
-            [mlflow.get_experiment_by_name(config.mlflow.experiment).experiment_id],
-            filter_string=f"attributes.run_id = '{id_file.read_text().strip()}'")
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        known = run_id is not None and mlflow.MlflowClient().search_runs(
+            [experiment.experiment_id], filter_string=f"attributes.run_id = '{run_id}'")
         if known:
-            self.active = mlflow.start_run(run_id=id_file.read_text().strip())
+            self.active = mlflow.start_run(run_id=run_id)
         else:  # a new run, or a run folder moved away from its tracking store
             self.active = mlflow.start_run(run_name=self.run.name)
             id_file.write_text(self.active.info.run_id + "\n")
