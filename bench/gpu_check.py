@@ -20,9 +20,9 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.modeling import sequence_logprobs  # noqa: E402
+from common.modeling import response_logprobs  # noqa: E402
 from stages.generate.hf_engine import SamplingParams, sample  # noqa: E402
-from stages.train.loss import k1_policy_gradient_loss  # noqa: E402
+from stages.train.loss import TokenBatch, distillation_loss  # noqa: E402
 
 VOCAB = 151_936
 SHAPES = {
@@ -75,7 +75,7 @@ def main() -> None:
     responses = [torch.randint(0, VOCAB, (3584,), generator=g).tolist() for _ in range(8)]
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        times = timed(lambda: sequence_logprobs(teacher, prompts, responses, pad_id=0, chunk_tokens=4096), 4)[1:]
+        times = timed(lambda: response_logprobs(teacher, prompts, responses, pad_id=0, chunk_tokens=4096, packed=False), 4)[1:]
     tokens = 8 * 4096
     results["score_4B_8x4096"] = {
         "tokens_per_s": round(tokens / statistics.median(times)), "params": n_teacher,
@@ -98,8 +98,9 @@ def main() -> None:
 
     def step():
         for half in (slice(0, 4), slice(4, 8)):
-            lp = torch.cat(sequence_logprobs(student, prompts[half], responses[half], pad_id=0, chunk_tokens=4096))
-            out = k1_policy_gradient_loss(lp, lp.detach(), teacher_lp, minibatch_tokens=8192)
+            lp = torch.cat(response_logprobs(student, prompts[half], responses[half], pad_id=0, chunk_tokens=4096,
+                                             packed=False).sampled)
+            out = distillation_loss(TokenBatch(lp, lp.detach(), teacher_lp), normaliser=8192)
             out.loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import yaml
 
+# Loss modes, each defined in stages/train/loss.py.
+LOSSES = ("k1", "k2", "k3", "abs", "forward_kl_topk", "reverse_kl_topk")
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
@@ -42,6 +45,7 @@ class GenerateConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 256           # sequences per engine call
+    student_topk: int = 0           # also store the student's top-k ids and log-probs per token
 
 
 @dataclass
@@ -49,20 +53,32 @@ class ScoreConfig:
     engine: str = "hf"
     batch_size: int = 64            # sequences per teacher forward
     logit_chunk_tokens: int = 4096  # rows of the LM head materialised at once
+    teacher_topk: int = 0           # also store the teacher's own top-k ids and log-probs per token
 
 
 @dataclass
 class TrainConfig:
-    loss: str = "k1"
-    policy_gradient: bool = True    # k1 is only meaningful in policy-gradient form
+    loss: str = "k1"                # k1 | k2 | k3 | abs | forward_kl_topk | reverse_kl_topk (stages/train/loss.py)
+    policy_gradient: bool = True    # k1 only: k1 is only meaningful in policy-gradient form
+    use_task_rewards: bool = False  # add a PPO term on the GRPO advantage of the rule reward
+    distill_coef: float = 1.0       # with task rewards: loss = ppo(task) + distill_coef * distillation
+    tis: bool = False               # truncated importance sampling on the sampler/trainer gap
+    tis_cap: float = 2.0
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
+    warmup_steps: int = 0           # linear warmup, then constant
     grad_clip: float = 1.0
     mini_batch_prompts: int = 16    # prompts per optimizer step (x n responses)
-    micro_batch_size: int = 64      # sequences per forward/backward
+    micro_batch_size: int = 64      # at most this many sequences per forward/backward
+    max_tokens_per_micro_batch: int = 8192  # dynamic micro-batches: at most this many tokens each
+    packing: bool = True            # padding removal: sequences packed back to back in one row
+    gradient_checkpointing: bool = False
+    bf16: bool = True               # on GPU; CPU training is always fp32
     zero_stage: int = 1
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU
+    offload_params: bool = False     # ZeRO 3: parameters on the CPU between uses
+    processes: int = 1              # data-parallel ranks on this machine (DeepSpeed launcher)
     kl_clamp: float = 10.0
     clip_ratio: float = 0.2
     dual_clip: float = 3.0
@@ -151,7 +167,17 @@ def validate(config: Config) -> Config:
     rules = [
         (g.engine in ("hf",), "generate.engine", f"'{g.engine}' is not available (choose: hf)"),
         (config.score.engine in ("hf",), "score.engine", f"'{config.score.engine}' is not available (choose: hf)"),
-        (t.loss == "k1", "train.loss", f"'{t.loss}' is not implemented yet (choose: k1)"),
+        (t.loss in LOSSES, "train.loss", f"'{t.loss}' is not a loss (choose: {', '.join(LOSSES)})"),
+        (t.loss != "forward_kl_topk" or config.score.teacher_topk > 0, "score.teacher_topk",
+         "forward_kl_topk needs the teacher's top-k: set it > 0"),
+        (t.loss != "reverse_kl_topk" or g.student_topk > 0, "generate.student_topk",
+         "reverse_kl_topk needs the student's top-k: set it > 0"),
+        (t.max_tokens_per_micro_batch >= 1, "train.max_tokens_per_micro_batch", "must be at least 1"),
+        (t.processes >= 1, "train.processes", "must be at least 1"),
+        (t.tis_cap >= 1.0, "train.tis_cap", "must be >= 1"),
+        (not t.offload_optimizer or t.zero_stage >= 1, "train.offload_optimizer", "needs train.zero_stage >= 1"),
+        (not t.offload_params or t.zero_stage == 3, "train.offload_params", "needs train.zero_stage = 3"),
+        (g.student_topk >= 0 and config.score.teacher_topk >= 0, "generate.student_topk", "must be >= 0"),
         (t.loss != "k1" or t.policy_gradient, "train.policy_gradient",
          "k1 without the policy-gradient form has no gradient from the teacher; set it to true"),
         (g.n >= 1, "generate.n", "must be at least 1"),

@@ -3,6 +3,7 @@ chunked log-prob gather that never materialises a [tokens x vocab] tensor at onc
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,50 +54,111 @@ def policy_version(checkpoint_dir: str | Path) -> str:
     return f"{checkpoint_dir.name}-{digest[:12]}"
 
 
+@dataclass
+class ResponseLogprobs:
+    """Per-row log-probs over the response positions (one tensor per row, row order kept)."""
+    sampled: list[torch.Tensor]                 # [len_r]: log p(sampled token)
+    at_ids: list[torch.Tensor] | None = None    # [len_r, k]: log p at caller-given ids (e.g. the student's top-k)
+    topk_ids: list[torch.Tensor] | None = None  # [len_r, k]: this model's own top-k ids
+    topk_logprobs: list[torch.Tensor] | None = None
+
+
 def gather_logprobs(
-    hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int = 4096
-) -> torch.Tensor:
-    """log softmax(lm_head(hidden))[target] for each position, `chunk_tokens` rows at a time.
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    targets: torch.Tensor,
+    chunk_tokens: int = 4096,
+    at_ids: torch.Tensor | None = None,
+    topk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """log softmax(lm_head(hidden)) at `targets` (and at `at_ids`, and its top-k), chunk by chunk.
 
-    hidden: [T, H] (already flattened), targets: [T]. The log-softmax runs in fp32 per chunk so the
-    peak extra memory is chunk_tokens x vocab floats, whatever T is.
+    hidden: [T, H] (already flattened), targets: [T], at_ids: [T, k]. The log-softmax runs in fp32
+    per chunk so the peak extra memory is chunk_tokens x vocab floats, whatever T is.
+    Returns (sampled [T], at_ids [T, k] | None, topk ids [T, topk] | None, topk log-probs | None).
     """
-    pieces = []
+    sampled, at, top_ids, top_values = [], [], [], []
     for start in range(0, hidden.shape[0], chunk_tokens):
-        logits = lm_head(hidden[start : start + chunk_tokens]).float()
-        chosen = targets[start : start + chunk_tokens]
-        pieces.append(logits.gather(-1, chosen[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        piece = slice(start, start + chunk_tokens)
+        logits = lm_head(hidden[piece]).float()
+        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+        sampled.append((logits.gather(-1, targets[piece, None]) - normaliser).squeeze(-1))
+        if at_ids is not None:
+            at.append(logits.gather(-1, at_ids[piece]) - normaliser)
+        if topk:
+            values, ids = logits.detach().topk(topk, dim=-1)
+            top_ids.append(ids)
+            top_values.append(values - normaliser.detach())
+    if not sampled:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, None if at_ids is None else empty.reshape(0, at_ids.shape[-1]), None, None
+    return (torch.cat(sampled), torch.cat(at) if at else None,
+            torch.cat(top_ids) if top_ids else None, torch.cat(top_values) if top_values else None)
 
 
-def sequence_logprobs(
+def _packed_inputs(prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row holding every sequence back to back; position ids restart at 0 for each sequence.
+
+    With no attention mask, transformers reads the restarts as sequence boundaries and builds a
+    block-diagonal causal mask (varlen kernels on GPU), so no token attends across sequences and no
+    compute is spent on padding.
+    """
+    ids, positions = [], []
+    for prompt, response in zip(prompts, responses):
+        ids += prompt + response
+        positions += range(len(prompt) + len(response))
+    return torch.tensor([ids]), torch.tensor([positions])
+
+
+def response_logprobs(
     model: torch.nn.Module,
     prompts: list[list[int]],
     responses: list[list[int]],
     pad_id: int,
     chunk_tokens: int = 4096,
-) -> list[torch.Tensor]:
+    packed: bool = True,
+    at_ids: list[list[list[int]]] | None = None,
+    topk: int = 0,
+) -> ResponseLogprobs:
     """Log-prob of every response token given prompt + earlier response tokens, one tensor per row.
 
-    Rows are right-padded into one batch; only the response positions go through the LM head.
-    Gradients flow when called outside `torch.no_grad()`.
+    `packed` concatenates the rows into one sequence (no padding); otherwise rows are right-padded
+    into a batch. Only response positions go through the LM head. Gradients flow when called
+    outside `torch.no_grad()`. `at_ids[r][k]` lists ids whose log-probs are wanted at response
+    position k of row r; `topk` also returns the model's own top-k at each position.
     """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(lengths)
     device = next(model.parameters()).device
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        input_ids[row, : lengths[row]] = torch.tensor(prompt + response)
-        attention_mask[row, : lengths[row]] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    # Position j predicts token j+1: response token k of row r sits at len(prompt)+k and is
-    # predicted from position len(prompt)+k-1.
-    rows, cols = [], []
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        rows += [row] * len(response)
-        cols += range(len(prompt) - 1, len(prompt) - 1 + len(response))
-    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    flat = gather_logprobs(hidden[rows_t, cols_t], model.lm_head, input_ids[rows_t, cols_t + 1], chunk_tokens)
-    return list(flat.split([len(r) for r in responses]))
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    if packed:
+        input_ids, position_ids = _packed_inputs(prompts, responses)
+        offsets = [sum(lengths[:row]) for row in range(len(lengths))]
+        forward = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device))
+        flat_ids = input_ids[0]
+    else:
+        width = max(lengths)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, (prompt, response) in enumerate(zip(prompts, responses)):
+            input_ids[row, : lengths[row]] = torch.tensor(prompt + response)
+            attention_mask[row, : lengths[row]] = 1
+        offsets = [row * width for row in range(len(lengths))]
+        forward = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        flat_ids = input_ids.reshape(-1)
+    # use_cache=False: with a KV cache present transformers skips its packed-sequence detection.
+    hidden = model.model(**forward, use_cache=False).last_hidden_state.reshape(-1, model.config.hidden_size)
+    # Position j predicts token j+1: response token k of row r sits at offset+len(prompt)+k and is
+    # predicted from the position before it.
+    positions = torch.tensor([offset + len(prompt) - 1 + k for offset, prompt, response in
+                              zip(offsets, prompts, responses) for k in range(len(response))], dtype=torch.long)
+    targets = flat_ids[positions + 1]
+    extra = None
+    if at_ids is not None:
+        extra = torch.tensor([ids for row in at_ids for ids in row], dtype=torch.long).to(device)
+    sampled, at, top_ids, top_values = gather_logprobs(hidden[positions.to(device)], model.lm_head,
+                                                       targets.to(device), chunk_tokens, extra, topk)
+    sizes = [len(r) for r in responses]
+
+    def split(values: torch.Tensor | None) -> list[torch.Tensor] | None:
+        return None if values is None else list(values.split(sizes))
+
+    return ResponseLogprobs(split(sampled), split(at), split(top_ids), split(top_values))

@@ -55,6 +55,27 @@ SCORED_SCHEMA = pa.schema(ROLLOUT_FIELDS + [pa.field("teacher_logprobs", pa.list
 EVAL_SCHEMA = pa.schema(ROLLOUT_FIELDS + GRADE_FIELDS)
 SCHEMAS = {"rollouts": ROLLOUT_SCHEMA, "scored": SCORED_SCHEMA, "eval": EVAL_SCHEMA}
 
+# Optional top-k columns ([tokens][k] per row), present only when the config asks for them.
+_TOPK_IDS, _TOPK_LOGPROBS = pa.list_(pa.list_(pa.int32())), pa.list_(pa.list_(pa.float32()))
+STUDENT_TOPK_FIELDS = [pa.field("student_topk_ids", _TOPK_IDS), pa.field("student_topk_logprobs", _TOPK_LOGPROBS)]
+TEACHER_TOPK_FIELDS = [
+    pa.field("teacher_topk_ids", _TOPK_IDS),                     # the teacher's own top-k
+    pa.field("teacher_topk_logprobs", _TOPK_LOGPROBS),
+    pa.field("teacher_student_topk_logprobs", _TOPK_LOGPROBS),   # the teacher at the student's top-k ids
+]
+OPTIONAL_FIELDS = {"rollouts": STUDENT_TOPK_FIELDS, "scored": STUDENT_TOPK_FIELDS + TEACHER_TOPK_FIELDS, "eval": []}
+
+
+def schema_with_optional(stage: str, names: list[str]) -> pa.Schema:
+    """The stage's required schema plus whichever optional columns `names` contains."""
+    return pa.schema(list(SCHEMAS[stage]) + [f for f in OPTIONAL_FIELDS[stage] if f.name in names])
+
+
+def conform(table: pa.Table, stage: str) -> pa.Table:
+    """`table` in the contract's column order and types (required + present optional columns)."""
+    schema = schema_with_optional(stage, table.schema.names)
+    return table.select(schema.names).cast(schema)
+
 
 class ContractError(RuntimeError):
     """A stage input or output breaks the contract (missing, altered, stale or malformed)."""
@@ -153,9 +174,10 @@ def read_stage(out_dir: Path, stage: str) -> pa.Table:
     """All rows of a verified stage output, checked against the stage's schema."""
     manifest = verify_stage(out_dir)
     tables = [pq.read_table(Path(out_dir) / entry["name"]) for entry in manifest["files"]]
-    schema = SCHEMAS[stage]
     for table in tables:
-        missing = [f.name for f in schema if f.name not in table.schema.names]
+        missing = [f.name for f in SCHEMAS[stage] if f.name not in table.schema.names]
         if missing:
             raise ContractError(f"{out_dir}: shard lacks required column(s) {missing}")
-    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
+    if not tables:
+        return SCHEMAS[stage].empty_table()
+    return pa.concat_tables([conform(t, stage) for t in tables])

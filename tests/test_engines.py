@@ -2,7 +2,7 @@
 import torch
 
 from common.data import load_prompts
-from common.modeling import load_model, load_tokenizer, sequence_logprobs
+from common.modeling import load_model, load_tokenizer, response_logprobs
 from stages.generate.hf_engine import SamplingParams, sample
 
 STUDENT = "assets/tiny/student"
@@ -19,8 +19,9 @@ def test_sampled_logprobs_match_a_recomputation():
         assert (s.finish_reason == "stop") == (s.response_ids[-1] == tokenizer.eos_token_id)
     with torch.no_grad():
         # A small chunk forces several LM-head chunks through the gather.
-        recomputed = sequence_logprobs(model, [prompts[s.prompt_index].prompt_ids for s in samples],
-                                       [s.response_ids for s in samples], tokenizer.pad_token_id, chunk_tokens=37)
+        recomputed = response_logprobs(model, [prompts[s.prompt_index].prompt_ids for s in samples],
+                                       [s.response_ids for s in samples], tokenizer.pad_token_id,
+                                       chunk_tokens=37).sampled
     gap = max((torch.tensor(s.logprobs) - r).abs().max().item() for s, r in zip(samples, recomputed))
     assert gap < 1e-4
 

@@ -36,10 +36,13 @@ def rollout_rows(prompts: list[Prompt], samples, tokenizer, iteration: int, vers
             "response_text": tokenizer.decode(s.response_ids, skip_special_tokens=True),
             "rollout_logprobs": s.logprobs, "finish_reason": s.finish_reason,
         })
+        if s.topk_ids is not None:
+            rows[-1].update(student_topk_ids=s.topk_ids, student_topk_logprobs=s.topk_logprobs)
     return rows
 
 
-def write_rows(rows: list[dict], schema: pa.Schema, out_dir: Path) -> None:
+def write_rows(rows: list[dict], stage: str, out_dir: Path) -> None:
+    schema = shards.schema_with_optional(stage, list(rows[0]) if rows else [])
     for index, start in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
         shards.write_shard(pa.Table.from_pylist(rows[start : start + SHARD_ROWS], schema=schema), out_dir, index)
 
@@ -61,12 +64,13 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
     prompts = iteration_prompts(prompt_set.prompts, iteration, config.generate.prompts_per_iteration, config.seed)
     g = config.generate
     params = SamplingParams(n=g.n, max_new_tokens=g.max_response_tokens, temperature=g.temperature,
-                            top_p=g.top_p, seed=config.seed * 100_003 + iteration, batch_size=g.batch_size)
+                            top_p=g.top_p, seed=config.seed * 100_003 + iteration, batch_size=g.batch_size,
+                            topk=g.student_topk)
     sample_started = time.time()
     samples = run_sampling(model, tokenizer, prompts, params, f"generate iter {iteration}")
     sample_seconds = time.time() - sample_started
     rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
-    write_rows(rows, shards.ROLLOUT_SCHEMA, out_dir)
+    write_rows(rows, "rollouts", out_dir)
     tokens = sum(len(r["response_ids"]) for r in rows)
     metrics = {
         "generate/response_tokens": tokens,
@@ -98,7 +102,7 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
         verdict = grade(row["response_text"], row["ground_truth"])
         row.update(reward=verdict.reward, correct=verdict.correct, extracted_answer=verdict.extracted_answer,
                    verifier_status=verdict.status)
-    write_rows(rows, shards.EVAL_SCHEMA, out_dir)
+    write_rows(rows, "eval", out_dir)
     metrics = {"eval/accuracy": sum(r["correct"] for r in rows) / len(rows),
                "eval/boxed_fraction": sum(r["verifier_status"] != "no_answer" for r in rows) / len(rows),
                "eval/mean_response_length": sum(len(r["response_ids"]) for r in rows) / len(rows)}

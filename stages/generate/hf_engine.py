@@ -19,6 +19,8 @@ class Sampled:
     response_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # stop | length
+    topk_ids: list[list[int]] | None = None  # [tokens][k] the policy's top-k at each step (student_topk)
+    topk_logprobs: list[list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 256  # sequences per generate call
+    topk: int = 0          # also record the top-k ids and log-probs at each step
 
 
 def _generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> GenerationConfig:
@@ -54,10 +57,12 @@ class SampledTokenLogprobs(LogitsProcessor):
     Custom processors run before the sampling warpers, so `scores` are the raw logits.
     """
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, topk: int = 0):
         self.temperature = temperature if temperature > 0 else 1.0
+        self.topk = topk
         self.previous: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
+        self.topk_steps: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _log_softmax(self, scores: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(scores.float() / self.temperature, dim=-1)
@@ -66,12 +71,20 @@ class SampledTokenLogprobs(LogitsProcessor):
         if self.previous is not None:
             self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
         self.previous = self._log_softmax(scores)
+        if self.topk:
+            values, ids = self.previous.topk(self.topk, dim=-1)
+            self.topk_steps.append((ids, values))
         return scores
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
         """[batch, new tokens] log-probs, once generation has returned `sequences`."""
         self.steps.append(self.previous.gather(-1, sequences[:, -1:]).squeeze(-1))
         return torch.stack(self.steps, dim=1)
+
+    def topk_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, new tokens, k] ids and log-probs."""
+        return (torch.stack([ids for ids, _ in self.topk_steps], dim=1),
+                torch.stack([values for _, values in self.topk_steps], dim=1))
 
 
 @torch.no_grad()
@@ -99,17 +112,20 @@ def sample(
             attention_mask[row, width - len(prompts[p]) :] = 1
         # One seed per batch, derived from the run seed, keeps a rerun byte-identical.
         torch.manual_seed(generator_seed + start)
-        recorder = SampledTokenLogprobs(params.temperature)
+        recorder = SampledTokenLogprobs(params.temperature, params.topk)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              generation_config=config, logits_processor=LogitsProcessorList([recorder]))
         new_tokens = out.sequences[:, width:].cpu()
         token_logprobs = recorder.finish(out.sequences).cpu()
+        topk_ids, topk_logprobs = [t.cpu() for t in recorder.topk_tensors()] if params.topk else (None, None)
         for row, (p, s) in enumerate(batch):
             ids = new_tokens[row].tolist()
             stop = next((k for k, t in enumerate(ids) if t in eos_ids), None)
             length = len(ids) if stop is None else stop + 1
             results.append(Sampled(p, s, ids[:length], token_logprobs[row, :length].tolist(),
-                                   "length" if stop is None else "stop"))
+                                   "length" if stop is None else "stop",
+                                   None if topk_ids is None else topk_ids[row, :length].tolist(),
+                                   None if topk_logprobs is None else topk_logprobs[row, :length].tolist()))
         if progress is not None:
             progress(len(batch))
     return results

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from common import shards
 from common.config import ConfigError
-from common.modeling import load_model, load_tokenizer, policy_version, sequence_logprobs
+from common.modeling import load_model, load_tokenizer, policy_version, response_logprobs
 from common.reward import grade
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 
@@ -34,17 +34,35 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
 
 
 @torch.no_grad()
-def teacher_logprobs(teacher, prompts, responses, pad_id: int, batch_size: int, chunk_tokens: int) -> list[list[float]]:
-    # Sorting by length keeps padding low inside each batch; results go back to row order.
+def teacher_logprobs(teacher, columns: dict, pad_id: int, batch_size: int, chunk_tokens: int,
+                     topk: int = 0) -> dict[str, list]:
+    """Teacher log-probs of every sampled token (+ top-k columns when asked), in row order.
+
+    Returns {"teacher_logprobs": [...]} and, when the rollouts carry the student's top-k, the
+    teacher's log-probs at those ids; with `topk`, the teacher's own top-k ids and log-probs.
+    """
+    prompts, responses = columns["prompt_ids"], columns["response_ids"]
+    student_topk = columns.get("student_topk_ids")
+    # Sorting by length keeps micro-batches homogeneous; results go back to row order.
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]) + len(responses[k]))
-    result: list[list[float]] = [[] for _ in prompts]
+    result: dict[str, list] = {"teacher_logprobs": [None] * len(prompts)}
+    if student_topk is not None:
+        result["teacher_student_topk_logprobs"] = [None] * len(prompts)
+    if topk:
+        result["teacher_topk_ids"], result["teacher_topk_logprobs"] = [None] * len(prompts), [None] * len(prompts)
     with tqdm(total=len(order), desc="score", unit="seq", disable=None, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            scores = sequence_logprobs(teacher, [prompts[k] for k in batch], [responses[k] for k in batch],
-                                       pad_id, chunk_tokens)
-            for k, values in zip(batch, scores):
-                result[k] = values.tolist()
+            out = response_logprobs(teacher, [prompts[k] for k in batch], [responses[k] for k in batch], pad_id,
+                                    chunk_tokens, at_ids=None if student_topk is None else
+                                    [student_topk[k] for k in batch], topk=topk)
+            for position, k in enumerate(batch):
+                result["teacher_logprobs"][k] = out.sampled[position].tolist()
+                if student_topk is not None:
+                    result["teacher_student_topk_logprobs"][k] = out.at_ids[position].tolist()
+                if topk:
+                    result["teacher_topk_ids"][k] = out.topk_ids[position].tolist()
+                    result["teacher_topk_logprobs"][k] = out.topk_logprobs[position].tolist()
             bar.update(len(batch))
     return result
 
@@ -69,18 +87,21 @@ def main() -> None:
         fail(str(error))
     columns = rollouts.to_pydict()
     forward_started = time.time()
-    scores = teacher_logprobs(teacher, columns["prompt_ids"], columns["response_ids"], teacher_tokenizer.pad_token_id,
-                              config.score.batch_size, config.score.logit_chunk_tokens)
+    teacher_columns = teacher_logprobs(teacher, columns, teacher_tokenizer.pad_token_id, config.score.batch_size,
+                                       config.score.logit_chunk_tokens, config.score.teacher_topk)
+    scores = teacher_columns["teacher_logprobs"]
     forward_seconds = time.time() - forward_started
     grades = [grade(text, gold) for text, gold in zip(columns["response_text"], columns["ground_truth"])]
-    scored = rollouts.append_column("teacher_logprobs", pa.array(scores, pa.list_(pa.float32())))
+    scored = rollouts
+    for name, values in teacher_columns.items():
+        scored = scored.append_column(name, pa.array(values))  # `conform` casts to the contract's types
     scored = scored.append_column("teacher_version", pa.array([teacher_version] * len(grades)))
     scored = scored.append_column("reward", pa.array([g.reward for g in grades], pa.float32()))
     scored = scored.append_column("correct", pa.array([g.correct for g in grades]))
     scored = scored.append_column("extracted_answer", pa.array([g.extracted_answer for g in grades], pa.string()))
     scored = scored.append_column("verifier_status", pa.array([g.status for g in grades]))
     for index, start in enumerate(range(0, max(scored.num_rows, 1), SHARD_ROWS)):
-        shards.write_shard(scored.slice(start, SHARD_ROWS).cast(shards.SCORED_SCHEMA), out_dir, index)
+        shards.write_shard(shards.conform(scored.slice(start, SHARD_ROWS), "scored"), out_dir, index)
 
     tokens = sum(len(s) for s in scores)
     reverse_kl = sum(r - t for rl, sl in zip(columns["rollout_logprobs"], scores) for r, t in zip(rl, sl))

@@ -1,12 +1,20 @@
-"""The distillation loss, in one place (DESIGN §4).
+"""Every training loss, in one place (DESIGN §4).
 
-The card's loss is k1 in policy-gradient form: the per-token advantage is the negative, clamped,
+The card's loss is `k1` in policy-gradient form: the per-token advantage is the negative, clamped,
 detached log-ratio between student and teacher on the student's own sampled token, fed to a PPO
 surrogate with clip 0.2 and dual clip 3. Its gradient is the reverse-KL gradient.
 
-Aggregation is the token mean over the whole mini-batch: callers pass `minibatch_tokens`, the number
-of response tokens in the global mini-batch, and sum the returned micro-batch losses. Normalising
-per micro-batch instead inflates the loss by the number of micro-batches (a known peer bug).
+The other modes are direct (supervised) losses on the same tokens:
+    k2               0.5 (lp - lq)^2
+    k3               exp(lq - lp) - (lq - lp) - 1       (log-ratio clamped at +-kl_clamp against overflow)
+    abs              |lp - lq|
+    forward_kl_topk  KL(teacher || student) over the teacher's top-k ids, both renormalised on that set
+    reverse_kl_topk  KL(student || teacher) over the student's top-k ids (from sampling), both renormalised
+
+Aggregation is the token mean over the whole mini-batch: callers pass `normaliser`, the number of
+response tokens in the global mini-batch (divided by the data-parallel world size, since DeepSpeed
+averages gradients over ranks), and sum the returned micro-batch losses. Normalising per
+micro-batch instead inflates the loss by the number of micro-batches (a known peer bug).
 """
 from __future__ import annotations
 
@@ -14,24 +22,50 @@ from dataclasses import dataclass
 
 import torch
 
+from common.config import LOSSES
+
 
 @dataclass(frozen=True)
 class LossConfig:
-    kl_clamp: float = 10.0   # |lp - lq| bound before it becomes an advantage
-    clip_ratio: float = 0.2  # PPO clip: r in [1 - c, 1 + c]
-    dual_clip: float = 3.0   # where A < 0 the loss is capped at -dual_clip * A
+    mode: str = "k1"
+    kl_clamp: float = 10.0          # |lp - lq| bound before it becomes an advantage
+    clip_ratio: float = 0.2         # PPO clip: r in [1 - c, 1 + c]
+    dual_clip: float = 3.0          # where A < 0 the loss is capped at -dual_clip * A
     log_ratio_clamp: float = 20.0
+    use_task_rewards: bool = False  # add a PPO term on the GRPO advantage of the rule reward
+    distill_coef: float = 1.0       # with task rewards: loss = ppo(task) + distill_coef * distill
 
 
-def k1_advantage(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, kl_clamp: float) -> torch.Tensor:
+@dataclass
+class TokenBatch:
+    """A micro-batch's response tokens, flattened to [tokens] (top-k tensors: [tokens, k])."""
+    logprobs: torch.Tensor                    # student, current forward (carries the gradient)
+    old_logprobs: torch.Tensor                # lp_old: the trainer's log-probs before this iteration's updates
+    teacher_logprobs: torch.Tensor
+    weights: torch.Tensor | None = None       # truncated importance-sampling weights (detached)
+    task_advantages: torch.Tensor | None = None
+    # Top-k modes: both models' log-probs at the same k ids per token (the teacher's top-k for
+    # forward_kl_topk, the student's sampling-time top-k for reverse_kl_topk).
+    student_at_ids: torch.Tensor | None = None            # current forward: carries the gradient
+    teacher_at_ids: torch.Tensor | None = None
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor        # this micro-batch's share of the mini-batch token mean (backward this)
+    clipped_tokens: float     # tokens where a PPO clip was active
+    reverse_kl_sum: float     # sum over tokens of lp - lq, for logging
+
+
+def k1_advantage(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, kl_clamp: float) -> torch.Tensor:
     """A_t = -clamp(lp_t - lq_t): immediate, per token; no reward-to-go, discount or normalisation."""
-    return -(student_logprobs.detach() - teacher_logprobs).clamp(-kl_clamp, kl_clamp)
+    return -(logprobs.detach() - teacher_logprobs).clamp(-kl_clamp, kl_clamp)
 
 
 def ppo_dual_clip(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, config: LossConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO surrogate with dual clip; returns (loss_t, clipped_t as float)."""
+    """Per-token PPO surrogate with dual clip; returns (loss_t, clipped_t as bool)."""
     log_ratio = (logprobs - old_logprobs).clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -40,28 +74,75 @@ def ppo_dual_clip(
     capped = torch.minimum(loss, -advantages * config.dual_clip)
     loss = torch.where(advantages < 0, capped, loss)
     was_clipped = (clipped > unclipped) | ((advantages < 0) & (capped < torch.maximum(unclipped, clipped)))
-    return loss, was_clipped.float()
+    return loss, was_clipped
 
 
-@dataclass
-class LossOutput:
-    loss: torch.Tensor        # this micro-batch's share of the mini-batch token mean (backward this)
-    clipped_tokens: float     # tokens where a clip was active
-    reverse_kl_sum: float     # sum over tokens of lp - lq, for logging
+def _renormalised_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row after renormalising both over the row's k ids: [tokens, k] -> [tokens]."""
+    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def k1_policy_gradient_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    minibatch_tokens: int,
-    config: LossConfig = LossConfig(),
-) -> LossOutput:
-    """All tensors are flat [tokens] over the micro-batch's response tokens (no padding)."""
-    advantages = k1_advantage(logprobs, teacher_logprobs, config.kl_clamp)
-    per_token, clipped = ppo_dual_clip(logprobs, old_logprobs, advantages, config)
+def _required(value: torch.Tensor | None, mode: str, column: str) -> torch.Tensor:
+    if value is None:
+        raise ValueError(f"loss '{mode}' needs {column}, which this batch lacks")
+    return value
+
+
+def distillation_per_token(batch: TokenBatch, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_t, clipped_t) of the distillation term alone."""
+    lp, lq = batch.logprobs, batch.teacher_logprobs
+    no_clip = torch.zeros_like(lp, dtype=torch.bool)
+    mode = config.mode
+    if mode == "k1":
+        return ppo_dual_clip(lp, batch.old_logprobs, k1_advantage(lp, lq, config.kl_clamp), config)
+    if mode == "k2":
+        return 0.5 * (lp - lq) ** 2, no_clip
+    if mode == "k3":
+        log_ratio = (lq - lp).clamp(-config.kl_clamp, config.kl_clamp)
+        return torch.exp(log_ratio) - log_ratio - 1.0, no_clip
+    if mode == "abs":
+        return (lp - lq).abs(), no_clip
+    if mode in ("forward_kl_topk", "reverse_kl_topk"):
+        student = _required(batch.student_at_ids, mode, "the student's log-probs at the top-k ids")
+        teacher = _required(batch.teacher_at_ids, mode, "the teacher's log-probs at the top-k ids")
+        if mode == "forward_kl_topk":
+            return _renormalised_kl(teacher, student), no_clip
+        return _renormalised_kl(student, teacher), no_clip
+    raise ValueError(f"unknown loss '{mode}' (choose: {', '.join(LOSSES)})")
+
+
+def distillation_loss(batch: TokenBatch, normaliser: float, config: LossConfig = LossConfig()) -> LossOutput:
+    """The micro-batch's contribution to the mini-batch loss: sum of per-token losses / normaliser."""
+    per_token, clipped = distillation_per_token(batch, config)
+    if config.use_task_rewards:
+        task = _required(batch.task_advantages, "use_task_rewards", "task advantages")
+        task_loss, task_clipped = ppo_dual_clip(batch.logprobs, batch.old_logprobs, task, config)
+        per_token, clipped = task_loss + config.distill_coef * per_token, clipped | task_clipped
+    if batch.weights is not None:
+        per_token = per_token * batch.weights
     return LossOutput(
-        loss=per_token.sum() / minibatch_tokens,
+        loss=per_token.sum() / normaliser,
         clipped_tokens=clipped.sum().item(),
-        reverse_kl_sum=(logprobs.detach() - teacher_logprobs).sum().item(),
+        reverse_kl_sum=(batch.logprobs.detach() - batch.teacher_logprobs).sum().item(),
     )
+
+
+def grpo_advantages(rewards: list[float], groups: list[str]) -> list[float]:
+    """(R - mean) / (std + 1e-6) over the responses of each prompt; std is the unbiased one, 0 for n = 1."""
+    members: dict[str, list[int]] = {}
+    for row, group in enumerate(groups):
+        members.setdefault(group, []).append(row)
+    advantages = [0.0] * len(rewards)
+    for rows in members.values():
+        values = torch.tensor([rewards[r] for r in rows], dtype=torch.float64)
+        std = values.std().item() if len(rows) > 1 else 0.0
+        for r, value in zip(rows, values.tolist()):
+            advantages[r] = (value - values.mean().item()) / (std + 1e-6)
+    return advantages
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(exp(lp_old - lp_rollout), cap): corrects for sampler/trainer numeric gaps, bounded variance."""
+    return torch.exp(old_logprobs - rollout_logprobs).clamp(max=cap).detach()

@@ -1,0 +1,191 @@
+"""The training stage against references: micro-batch and rank splits change nothing, packing
+changes nothing, resume continues the same optimizer trajectory, and bad numbers stop the stage.
+
+Most tests train on a synthetic scored shard (random responses, random teacher log-probs) written
+through the shard contract, so they exercise the real stage process without the other stages."""
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import shards
+from common.config import load_config
+from common.modeling import load_model, policy_version, response_logprobs
+from orchestrator.loop import prepare_run
+from stages.train.__main__ import IterationData, minibatch_backward
+from stages.train.loss import LossConfig
+
+BASE = ["generate.prompts_per_iteration=8", "generate.n=2", "train.mini_batch_prompts=4", "train.lr=1e-3",
+        "train.micro_batch_size=8", "eval.every=0"]
+STUDENT = "assets/tiny/student"
+
+
+def random_rows(seed: int, count: int) -> tuple[list[list[int]], list[list[int]]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, 300) for _ in range(rng.randint(4, 24))] for _ in range(count)]
+    responses = [[rng.randrange(10, 300) for _ in range(rng.randint(1, 30))] for _ in range(count)]
+    return prompts, responses
+
+
+def write_scored(run: Path, iteration: int, seed: int, nan_row: int | None = None) -> None:
+    """A scored shard for iteration i sampled (nominally) by v_i: 8 prompts x 2 responses."""
+    version = policy_version(shards.checkpoint_dir(run, iteration))
+    prompts, responses = random_rows(seed * 100 + iteration, 16)
+    rng = random.Random(seed)
+    rows = []
+    for k, response in enumerate(responses):  # rows 2j and 2j+1 are two responses to prompt j
+        teacher = [rng.uniform(-4.0, -0.05) for _ in response]
+        if k == nan_row:
+            teacher[0] = float("nan")
+        rows.append({
+            "prompt_id": f"p{k // 2}", "sample_idx": k % 2, "iteration": iteration, "policy_version": version,
+            "data_source": "synthetic", "ground_truth": "0", "prompt_ids": prompts[k // 2],
+            "response_ids": response, "response_text": "", "rollout_logprobs": [rng.uniform(-6, -1) for _ in response],
+            "finish_reason": "length", "teacher_logprobs": teacher, "teacher_version": "synthetic",
+            "reward": 0.0, "correct": False, "extracted_answer": None, "verifier_status": "no_answer",
+        })
+    out_dir = shards.stage_dir(run, iteration, "scored")
+    shards.write_shard(pa.Table.from_pylist(rows, schema=shards.SCORED_SCHEMA), out_dir, 0)
+    shards.write_manifest(out_dir, "scored", iteration, "synthetic", 0.0)
+
+
+def new_run(tmp_path: Path, name: str, *overrides: str) -> Path:
+    run = tmp_path / name
+    prepare_run(run, load_config("configs/tiny.yaml", BASE + list(overrides)), force=False)
+    return run
+
+
+def train(run: Path, iteration: int, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    command = [*launcher, "-m", "stages.train"] if launcher else [sys.executable, "-m", "stages.train"]
+    return subprocess.run([*command, "--run", str(run), "--iter", str(iteration)], capture_output=True, text=True)
+
+
+def weights(run: Path, version: int) -> dict[str, torch.Tensor]:
+    return load_file(shards.checkpoint_dir(run, version) / "model.safetensors")
+
+
+# ---- in-process: the accumulation code itself, in float64 -------------------------------
+
+class PlainEngine:
+    """Just enough of a DeepSpeed engine for `minibatch_backward`: the module and backward()."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def backward(self, loss, scale_wrt_gas=True):
+        loss.backward()
+
+
+def gradients_for(micro_batch_size: int, max_tokens: int, packing: bool) -> tuple[float, list[torch.Tensor]]:
+    model = load_model(STUDENT, dtype=torch.float64)
+    prompts, responses = random_rows(3, 16)
+    rng = random.Random(4)
+    data = IterationData(prompts, responses,
+                         teacher=[torch.tensor([rng.uniform(-4, 0) for _ in r], dtype=torch.float64) for r in responses],
+                         rollout=[torch.zeros(len(r), dtype=torch.float64) for r in responses])
+    with torch.no_grad():  # lp_old slightly off the current policy so the PPO clips are active
+        old = response_logprobs(model, prompts, responses, 0, packed=False).sampled
+    data.old = [o + torch.tensor([rng.uniform(-0.5, 0.5) for _ in o], dtype=torch.float64) for o in old]
+    config = load_config("configs/tiny.yaml", [f"train.micro_batch_size={micro_batch_size}",
+                                               f"train.max_tokens_per_micro_batch={max_tokens}",
+                                               f"train.packing={str(packing).lower()}"]).train
+    rows = list(range(16))
+    stats = minibatch_backward(PlainEngine(model), data, rows, sum(map(len, responses)), config, LossConfig(), 0,
+                               [0], "test")
+    return stats["loss"], [p.grad.clone() for p in model.parameters()]
+
+
+def test_micro_batch_and_token_budget_splits_give_identical_loss_and_gradients():
+    reference_loss, reference = gradients_for(16, 100_000, packing=True)
+    for micro, budget, packing in [(1, 100_000, True), (8, 100_000, False), (64, 40, True), (64, 97, False)]:
+        loss, grads = gradients_for(micro, budget, packing)
+        assert loss == pytest.approx(reference_loss, abs=1e-10), (micro, budget, packing)
+        for got, want in zip(grads, reference):
+            assert torch.allclose(got, want, atol=1e-10, rtol=0), (micro, budget, packing)
+
+
+def test_packed_and_padded_logprobs_agree():
+    model = load_model(STUDENT)
+    prompts, responses = random_rows(5, 12)
+    topk_ids = [[[7, 11, 13]] * len(r) for r in responses]
+    packed = response_logprobs(model, prompts, responses, 0, packed=True, at_ids=topk_ids, topk=4)
+    padded = response_logprobs(model, prompts, responses, 0, packed=False, at_ids=topk_ids, topk=4)
+    alone = [response_logprobs(model, [p], [r], 0, packed=False).sampled[0] for p, r in zip(prompts, responses)]
+    for a, b, c in zip(packed.sampled, padded.sampled, alone):
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+    for a, b in zip(packed.at_ids, padded.at_ids):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(packed.topk_ids, padded.topk_ids))
+
+
+# ---- the stage process ---------------------------------------------------------------------
+
+STRAIGHT = """
+import sys, torch
+from pathlib import Path
+from common import shards
+from common.modeling import load_model, load_tokenizer
+from common.run import load_run_config
+from stages.train.__main__ import deepspeed_engine, init_distributed, iteration_data, train_iteration
+run = Path(sys.argv[1])
+config = load_run_config(run)
+torch.manual_seed(config.seed * 100_003)
+init_distributed()
+tokenizer, model = load_tokenizer(shards.checkpoint_dir(run, 0)), load_model(shards.checkpoint_dir(run, 0))
+model.train()
+engine = deepspeed_engine(config, model)
+for iteration in (0, 1):
+    columns = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored").to_pydict()
+    train_iteration(config, engine, iteration_data(columns, config.train), columns["prompt_id"],
+                    tokenizer.pad_token_id, config.seed * 7 + iteration, iteration)
+engine.module.save_pretrained(sys.argv[2])
+"""
+
+
+def test_resume_continues_the_same_optimizer_trajectory(tmp_path):
+    """Two iterations in one process == iteration 0, a fresh process restoring v0001 and its
+    optimizer state, iteration 1: bitwise on CPU. Without the optimizer state they differ."""
+    run = new_run(tmp_path, "resume")
+    write_scored(run, 0, seed=1)
+    assert train(run, 0).returncode == 0
+    write_scored(run, 1, seed=1)
+    no_state = tmp_path / "no_state"
+    shutil.copytree(run, no_state)
+    shutil.rmtree(shards.checkpoint_dir(no_state, 1) / "optimizer_state")
+    assert train(run, 1).returncode == 0
+    assert train(no_state, 1).returncode == 0
+
+    straight = tmp_path / "straight"
+    result = subprocess.run([sys.executable, "-c", STRAIGHT, str(run), str(straight)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, resumed, fresh_adam = load_file(straight / "model.safetensors"), weights(run, 2), weights(no_state, 2)
+    for name, tensor in resumed.items():
+        assert torch.equal(tensor, reference[name]), name
+    assert any(not torch.equal(tensor, fresh_adam[name]) for name, tensor in resumed.items())
+
+
+def test_non_finite_loss_aborts_without_a_checkpoint(tmp_path):
+    run = new_run(tmp_path, "nan")
+    write_scored(run, 0, seed=2, nan_row=5)
+    result = train(run, 0)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: iteration 0, mini-batch") and "micro-batch" in message and "non-finite" in message
+    assert not shards.checkpoint_dir(run, 1).exists()
+    assert shards.read_manifest(shards.stage_dir(run, 0, "train")) is None
+
+
+def test_export_loads_with_auto_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = new_run(tmp_path, "export")
+    write_scored(run, 0, seed=3)
+    assert train(run, 0).returncode == 0
+    model = AutoModelForCausalLM.from_pretrained(shards.checkpoint_dir(run, 1))
+    assert not torch.equal(model.lm_head.weight, load_model(STUDENT).lm_head.weight)
