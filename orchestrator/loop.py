@@ -7,6 +7,7 @@ without one, and finished stages are skipped.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -73,10 +74,21 @@ def completed_iterations(run: Path) -> int:
     return k
 
 
-def run_stage(stage: str, run: Path, iteration: int, extra: tuple[str, ...] = ()) -> float:
+def stage_command(stage: str, run: Path, iteration: int, processes: int = 1) -> list[str]:
+    """`python -m stages.<stage> ...`, or the DeepSpeed launcher with one process per rank."""
+    arguments = ["--run", str(run), "--iter", str(iteration)]
+    if processes > 1:
+        with socket.socket() as probe:  # a free port for this launch's rendezvous
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--no_local_rank",
+                "--master_port", str(port), "--module", f"stages.{stage}", *arguments]
+    return [sys.executable, "-m", f"stages.{stage}", *arguments]
+
+
+def run_stage(stage: str, run: Path, iteration: int, extra: tuple[str, ...] = (), processes: int = 1) -> float:
     started = time.time()
-    command = [sys.executable, "-m", f"stages.{stage}", "--run", str(run), "--iter", str(iteration), *extra]
-    result = subprocess.run(command)
+    result = subprocess.run(stage_command(stage, run, iteration, processes) + list(extra))
     if result.returncode != 0:
         raise StageFailed(f"stage {stage} failed at iteration {iteration} (exit code {result.returncode}); "
                           "fix the cause and rerun the same command to resume")
@@ -111,7 +123,8 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
     try:
         for iteration in range(start, start + iterations):
             began = time.time()
-            wall = {stage: run_stage(stage, run, iteration) for stage in STAGES}
+            wall = {stage: run_stage(stage, run, iteration, processes=config.train.processes if stage == "train" else 1)
+                    for stage in STAGES}
             log_iteration(tracker, run, iteration, wall)
             print(f"iteration {iteration} done in {time.time() - began:.1f}s "
                   f"(generate {wall['generate']:.1f}s, score {wall['score']:.1f}s, train {wall['train']:.1f}s)",

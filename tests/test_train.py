@@ -181,11 +181,34 @@ def test_non_finite_loss_aborts_without_a_checkpoint(tmp_path):
     assert shards.read_manifest(shards.stage_dir(run, 0, "train")) is None
 
 
-def test_export_loads_with_auto_model(tmp_path):
+def max_difference(a: dict, b: dict) -> float:
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+def test_two_ranks_reach_the_weights_of_one_rank(tmp_path):
+    """Data parallel through the DeepSpeed launcher (CPU, gloo): same global batch, same weights."""
+    from orchestrator.loop import stage_command
+
+    one, two = new_run(tmp_path, "one"), new_run(tmp_path, "two", "train.processes=2")
+    for run in (one, two):
+        write_scored(run, 0, seed=5)
+    assert train(one, 0).returncode == 0
+    result = subprocess.run(stage_command("train", two, 0, processes=2), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dist_world_size=2" in result.stdout + result.stderr
+    moved = max_difference(weights(one, 1), load_file(f"{STUDENT}/model.safetensors"))
+    assert max_difference(weights(one, 1), weights(two, 1)) < 1e-6 < moved
+
+
+def test_export_loads_with_auto_model_and_zero3_is_consolidated(tmp_path):
+    """ZeRO-3 keeps a shard of each tensor per rank: the export must still hold whole tensors."""
     from transformers import AutoModelForCausalLM
 
-    run = new_run(tmp_path, "export")
-    write_scored(run, 0, seed=3)
-    assert train(run, 0).returncode == 0
-    model = AutoModelForCausalLM.from_pretrained(shards.checkpoint_dir(run, 1))
-    assert not torch.equal(model.lm_head.weight, load_model(STUDENT).lm_head.weight)
+    zero1, zero3 = new_run(tmp_path, "zero1"), new_run(tmp_path, "zero3", "train.zero_stage=3")
+    for run in (zero1, zero3):
+        write_scored(run, 0, seed=6)
+        assert train(run, 0).returncode == 0
+    assert max_difference(weights(zero1, 1), weights(zero3, 1)) < 1e-6
+    for run in (zero1, zero3):
+        model = AutoModelForCausalLM.from_pretrained(shards.checkpoint_dir(run, 1))
+        assert not torch.equal(model.lm_head.weight, load_model(STUDENT).lm_head.weight)
