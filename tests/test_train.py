@@ -212,3 +212,15 @@ def test_export_loads_with_auto_model_and_zero3_is_consolidated(tmp_path):
     for run in (zero1, zero3):
         model = AutoModelForCausalLM.from_pretrained(shards.checkpoint_dir(run, 1))
         assert not torch.equal(model.lm_head.weight, load_model(STUDENT).lm_head.weight)
+
+
+@pytest.mark.slow  # the first use compiles DeepSpeed's CPU Adam (~4 minutes on 2 cores)
+def test_zero3_with_offload_and_gradient_checkpointing_matches_zero1(tmp_path):
+    plain = new_run(tmp_path, "plain")
+    offload = new_run(tmp_path, "offload", "train.zero_stage=3", "train.offload_params=true",
+                      "train.offload_optimizer=true", "train.gradient_checkpointing=true")
+    for run in (plain, offload):
+        write_scored(run, 0, seed=5)
+        result = train(run, 0)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert max_difference(weights(plain, 1), weights(offload, 1)) < 1e-6
