@@ -16,8 +16,8 @@ from tqdm import tqdm
 from common import shards
 from common.config import ConfigError
 from common.modeling import load_model, load_tokenizer, policy_version, sequence_logprobs
-from common.reward import grade
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
+from stages.score.verifier import grade_batch
 
 SHARD_ROWS = 1024
 
@@ -72,7 +72,9 @@ def main() -> None:
     scores = teacher_logprobs(teacher, columns["prompt_ids"], columns["response_ids"], teacher_tokenizer.pad_token_id,
                               config.score.batch_size, config.score.logit_chunk_tokens)
     forward_seconds = time.time() - forward_started
-    grades = [grade(text, gold) for text, gold in zip(columns["response_text"], columns["ground_truth"])]
+    sc = config.score
+    grades = grade_batch(list(zip(columns["response_text"], columns["ground_truth"])), sc.reward_mode,
+                         sc.verifier_workers, sc.verifier_timeout_s)
     scored = rollouts.append_column("teacher_logprobs", pa.array(scores, pa.list_(pa.float32())))
     scored = scored.append_column("teacher_version", pa.array([teacher_version] * len(grades)))
     scored = scored.append_column("reward", pa.array([g.reward for g in grades], pa.float32()))
