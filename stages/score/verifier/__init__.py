@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.score.verifier.equivalence import fast_equal
+from stages.score.verifier.equivalence import fast_equal, guard
 from stages.score.verifier.extract import extract_answer, has_think_answer_format
 from stages.score.verifier.pool import run_symbolic
 
@@ -54,8 +54,12 @@ def grade_batch(pairs: list[tuple[str, str]], mode: str = "correct", workers: in
             decided.append((False, status))
             continue
         equal = fast_equal(answer, gold.strip())
-        decided.append(None if equal is None else (equal, "ok"))
-        if equal is None:
+        if equal is not None:
+            decided.append((equal, "ok"))
+        elif guard(answer) or guard(gold):  # power towers and the like never reach a worker
+            decided.append((False, "parse_error"))
+        else:
+            decided.append(None)
             slow.append(index)
     for index, result in zip(slow, run_symbolic([(extracted[i][0], pairs[i][1].strip()) for i in slow],
                                                  workers, timeout_s)):
