@@ -54,6 +54,9 @@ class ScoreConfig:
     batch_size: int = 64            # sequences per teacher forward
     logit_chunk_tokens: int = 4096  # rows of the LM head materialised at once
     teacher_topk: int = 0           # also store the teacher's own top-k ids and log-probs per token
+    reward_mode: str = "correct"    # correct (1/0) | deepscaler (0.67 correct boxed + 0.33 format)
+    verifier_workers: int = 2       # processes for answers that need symbolic comparison
+    verifier_timeout_s: float = 5.0  # per response; a worker past it is killed and replaced
 
 
 @dataclass
@@ -191,6 +194,10 @@ def validate(config: Config) -> Config:
         (t.lr > 0, "train.lr", "must be positive"),
         (0 < g.temperature, "generate.temperature", "must be positive for on-policy sampling"),
         (config.eval.every >= 0, "eval.every", "must be >= 0"),
+        (config.score.reward_mode in ("correct", "deepscaler"), "score.reward_mode",
+         f"'{config.score.reward_mode}' is not a reward mode (choose: correct, deepscaler)"),
+        (config.score.verifier_workers >= 1, "score.verifier_workers", "must be at least 1"),
+        (config.score.verifier_timeout_s > 0, "score.verifier_timeout_s", "must be positive"),
     ]
     for ok, key, message in rules:
         if not ok:

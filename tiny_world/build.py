@@ -23,7 +23,7 @@ import torch
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
 from common.modeling import file_sha256, render_prompt
-from common.reward import grade
+from stages.score.verifier import grade_batch
 from stages.generate.hf_engine import SamplingParams, sample
 from tiny_world.task import make_pairs, question, to_table, worked_solution
 from tiny_world.tokenizer import train_tokenizer
@@ -99,8 +99,8 @@ def accuracy(model, tokenizer, prompts, golds, temperature: float, seed: int) ->
     """(exact-answer accuracy, fraction of responses with a complete \\boxed{}) over `prompts`."""
     params = SamplingParams(n=1, max_new_tokens=64, temperature=temperature, seed=seed)
     samples = sample(model, prompts, params, eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)
-    grades = [grade(tokenizer.decode(s.response_ids, skip_special_tokens=True), golds[s.prompt_index])
-              for s in samples]
+    grades = grade_batch([(tokenizer.decode(s.response_ids, skip_special_tokens=True), golds[s.prompt_index])
+                          for s in samples])
     return (sum(g.correct for g in grades) / len(grades),
             sum(g.status != "no_answer" for g in grades) / len(grades))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common.data import load_prompts
 from common.modeling import load_model, load_tokenizer
-from common.reward import grade
+from stages.score.verifier import grade_batch
 from common.run import quiet_libraries
 from stages.generate.hf_engine import SamplingParams, sample
 
@@ -20,8 +20,8 @@ def accuracy(model_dir: Path, eval_path: Path, temperature: float, seed: int = 0
     prompts = load_prompts(eval_path, tokenizer, max_prompt_tokens=1024, enable_thinking=False).prompts
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     samples = sample(model, [p.prompt_ids for p in prompts], params, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    grades = [grade(tokenizer.decode(s.response_ids, skip_special_tokens=True), prompts[s.prompt_index].ground_truth)
-              for s in samples]
+    grades = grade_batch([(tokenizer.decode(s.response_ids, skip_special_tokens=True), prompts[s.prompt_index].ground_truth)
+                          for s in samples])
     return {"accuracy": sum(g.correct for g in grades) / len(grades),
             "boxed": sum(g.status != "no_answer" for g in grades) / len(grades)}
 

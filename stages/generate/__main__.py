@@ -18,9 +18,9 @@ from common import shards
 from common.config import Config, ConfigError
 from common.data import Prompt, iteration_prompts, prepared_prompts
 from common.modeling import load_model, load_tokenizer, policy_version
-from common.reward import grade
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.generate.hf_engine import SamplingParams, sample
+from stages.score.verifier import grade_batch
 
 SHARD_ROWS = 1024
 
@@ -98,8 +98,10 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
                             seed=config.seed * 100_003 + 7_777, batch_size=config.generate.batch_size)
     samples = run_sampling(model, tokenizer, prompts, params, f"eval iter {iteration}")
     rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
-    for row in rows:
-        verdict = grade(row["response_text"], row["ground_truth"])
+    sc = config.score
+    verdicts = grade_batch([(row["response_text"], row["ground_truth"]) for row in rows], sc.reward_mode,
+                           sc.verifier_workers, sc.verifier_timeout_s)
+    for row, verdict in zip(rows, verdicts):
         row.update(reward=verdict.reward, correct=verdict.correct, extracted_answer=verdict.extracted_answer,
                    verifier_status=verdict.status)
     write_rows(rows, "eval", out_dir)

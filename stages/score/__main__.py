@@ -16,8 +16,8 @@ from tqdm import tqdm
 from common import shards
 from common.config import ConfigError
 from common.modeling import load_model, load_tokenizer, policy_version, response_logprobs
-from common.reward import grade
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
+from stages.score.verifier import grade_batch
 
 SHARD_ROWS = 1024
 
@@ -91,7 +91,9 @@ def main() -> None:
                                        config.score.logit_chunk_tokens, config.score.teacher_topk)
     scores = teacher_columns["teacher_logprobs"]
     forward_seconds = time.time() - forward_started
-    grades = [grade(text, gold) for text, gold in zip(columns["response_text"], columns["ground_truth"])]
+    sc = config.score
+    grades = grade_batch(list(zip(columns["response_text"], columns["ground_truth"])), sc.reward_mode,
+                         sc.verifier_workers, sc.verifier_timeout_s)
     scored = rollouts
     for name, values in teacher_columns.items():
         scored = scored.append_column(name, pa.array(values))  # `conform` casts to the contract's types

@@ -1,0 +1,251 @@
+"""Is an extracted answer equal to the gold? Normalise, try exact numbers, then ask math-verify.
+
+Three tiers, cheapest first:
+1. `normalize` strips LaTeX noise; identical strings are equal.
+2. `fast_equal`: integers and plain decimals compare exactly as Fractions (50 != 0.5, 1000.0 == 1000),
+   with no sympy; this decides almost every DAPO response in the calling process.
+3. `symbolic_equal`: math-verify's LaTeX parser (ANTLR -> sympy objects) and its comparison,
+   after `guard` has rejected power towers, huge exponents and over-long answers. Only worker
+   processes (pool.py) call it, because sympy can still run long on legal input.
+
+Safety: math-verify's ExprExtractionConfig runs sympy `parse_expr` (which evaluates Python) on the
+text, so it is never used; only LatexExtractionConfig is, whose parser builds sympy objects from an
+ANTLR parse tree. math-verify's own signal-based timeouts are switched off (they fail off the main
+thread); the pool kills a worker that runs past the time bound instead.
+"""
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from math import gcd
+
+MAX_SYMBOLIC_CHARS = 600   # longer answers are not parsed (string equality still applies)
+MAX_EXPONENT = 10_000      # |n| in x^n; larger powers are rejected before any symbolic work
+MAX_FACTORIAL = 5_000
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_INTEGER = re.compile(r"-?\d+")
+_THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:[, ]\d{3})+(?:\.\d+)?")
+_DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")
+_TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox|boldsymbol|operatorname)\s*\{([^{}]*)\}")
+_VARIABLE_PREFIX = re.compile(r"^\\?[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?\s*(?:=|\\approx)\s*")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
+_SPACING = re.compile(r"\\[,;: ]|\\quad|\\qquad|~")
+_FACTORIAL = re.compile(r"(\d+)\s*!")
+_DELIMITERS = ("$", "\\(", "\\[")
+_PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}\b")
+_PROSE_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
+_INT_FRACTION = re.compile(r"\\frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_BARE_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def normalize(answer: str) -> str:
+    """Strip the LaTeX noise that does not change a value: wrappers, sizing, degrees, %, `x =`, $."""
+    s = _unbox(answer.strip())
+    for _ in range(3):  # nested wrappers: \text{\textbf{5}}
+        s = _TEXT_WRAPPERS.sub(r"\1", s)
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\displaystyle", "").replace("\\$", "").replace("$", "").replace("{,}", ",")
+    s = _SPACING.sub(" ", s.replace("\\!", ""))
+    s = _DEGREES.sub("", s)
+    s = s.replace("\\%", "").replace("%", "")
+    s = s.strip().rstrip(".").strip()
+    if s.count("=") == 1 or "\\approx" in s:
+        s = _VARIABLE_PREFIX.sub("", s, count=1)
+    return " ".join(s.split())
+
+
+def _unbox(s: str) -> str:
+    """`\\boxed{X}` (the whole answer) -> X, repeatedly."""
+    while True:
+        match = _BARE_BOX.match(s)
+        if not match or not s.endswith("}"):
+            return s
+        depth = 0
+        for position in range(match.end() - 1, len(s)):
+            depth += {"{": 1, "}": -1}.get(s[position], 0)
+            if depth == 0:
+                break
+        if position != len(s) - 1:
+            return s
+        s = s[match.end() : -1].strip()
+
+
+def _number_list(s: str) -> list[Fraction] | None:
+    """`10, 4, -2` (a bare list of plain numbers, read in order) or None."""
+    if "," not in s or any(c in s for c in "()[]{}"):
+        return None
+    items = [as_number(item.strip()) for item in s.split(",")]
+    return items if len(items) > 1 and all(item is not None for item in items) else None
+
+
+def as_number(s: str, comma_is_decimal: bool = False) -> Fraction | None:
+    """An integer or plain decimal (thousands separators allowed) as an exact Fraction, else None."""
+    if _NUMBER.fullmatch(s):
+        return Fraction(s)
+    if _THOUSANDS.fullmatch(s) and (" " in s) != ("," in s):
+        return Fraction(s.replace(",", "").replace(" ", ""))
+    if comma_is_decimal and _DECIMAL_COMMA.fullmatch(s):
+        return Fraction(s.replace(",", "."))
+    return None
+
+
+def fast_equal(pred: str, gold: str) -> bool | None:
+    """Exact comparison when both sides are plain numbers; None when symbolic work is needed.
+
+    A comma between digits is a thousands separator (1,000); it is read as a decimal comma (1,22)
+    only when the other side is a decimal with a point, which is the only reading that can match.
+    """
+    if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(gold):
+        return int(pred) == int(gold)
+    pred, gold = normalize(pred), normalize(gold)
+    if pred == gold and pred:
+        return True
+    gold_number, pred_number = as_number(gold), as_number(pred)
+    if gold_number is None and pred_number is not None and "." in pred:
+        gold_number = as_number(gold, comma_is_decimal=True)
+    if pred_number is None and gold_number is not None and "." in gold:
+        pred_number = as_number(pred, comma_is_decimal=True)
+    if gold_number is not None and pred_number is not None:
+        return gold_number == pred_number
+    # Bare lists of numbers are ordered, as in the MATH grader: "10, 4, -2" is not "4, 10, -2".
+    gold_list, pred_list = _number_list(gold), _number_list(pred)
+    if gold_list is not None and pred_list is not None:
+        return gold_list == pred_list
+    return None
+
+
+def _exponent_groups(s: str):
+    """Yield the text of every exponent: `^{...}` (balanced) or the single token after `^`."""
+    position = s.find("^")
+    while position >= 0:
+        cursor = position + 1
+        while cursor < len(s) and s[cursor] == " ":
+            cursor += 1
+        if cursor < len(s) and s[cursor] == "{":
+            depth, end = 0, cursor
+            while end < len(s):
+                depth += {"{": 1, "}": -1}.get(s[end], 0)
+                if depth == 0:
+                    break
+                end += 1
+            yield s[cursor + 1 : end], end + 1
+        else:
+            match = re.compile(r"\\?[A-Za-z]+|\d+|.").match(s, cursor)
+            yield (match.group() if match else ""), (match.end() if match else cursor)
+        position = s.find("^", position + 1)
+
+
+def guard(answer: str) -> str | None:
+    """Why this answer must not reach sympy (power tower, huge exponent or factorial, too long), or None."""
+    if len(answer) > MAX_SYMBOLIC_CHARS and not _is_prose(answer):
+        return "answer too long"  # prose is only searched for its final formula, never parsed whole
+    if "\\uparrow" in answer or ("**" in answer and not _is_prose(answer)):
+        return "power tower"
+    for exponent, end in _exponent_groups(answer):
+        if "^" in exponent or answer[end : end + 1] == "^" or answer[end : end + 2] in ("{^", "}^"):
+            return "power tower"
+        digits = re.sub(r"[^0-9]", "", exponent)
+        if len(digits) > 5 or (digits and int(digits) > MAX_EXPONENT and re.fullmatch(r"[-+]?\d+", exponent.strip())):
+            return "exponent too large"
+        if re.search(r"\d{6,}", exponent):
+            return "exponent too large"
+    for factorial in _FACTORIAL.finditer(answer):
+        if len(factorial.group(1)) > 5 or int(factorial.group(1)) > MAX_FACTORIAL:
+            return "factorial too large"
+    if answer.count("{") > 200:
+        return "answer too deeply nested"
+    return None
+
+
+def _parse(latex: str) -> list:
+    # Imported here: the calling process (fast path) never pays for sympy / ANTLR.
+    from math_verify import LatexExtractionConfig, parse
+
+    return parse(latex, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+
+
+def _is_prose(s: str) -> bool:
+    return "\\boxed" in s or "\\fbox" in s or any(d in s for d in _DELIMITERS) or bool(_PROSE.search(s))
+
+
+def final_number(answer: str) -> str | None:
+    """For prose: a plain number (or a/b) written after its last formula ("the largest $n$ is 34"), else None."""
+    if not _is_prose(answer) or "\\boxed" in answer or "\\fbox" in answer:
+        return None
+    numbers = list(_PROSE_NUMBER.finditer(answer))
+    closers = ("$", "\\)", "\\]") if answer.count("$") >= 2 else ("\\)", "\\]")  # a lone $ is money
+    formula_end = max(answer.rfind(d) for d in closers)
+    if not numbers or numbers[-1].start() < formula_end:
+        return None
+    return numbers[-1].group().rstrip(",")
+
+
+def parse_answer(answer: str) -> list:
+    """sympy objects (plus math-verify's string fallback) for one answer; [] when nothing parses.
+
+    A bare answer is parsed as one LaTeX formula. An answer that is prose or holds its own boxes
+    or `$...$` goes to math-verify's extraction, which finds the final formula in it.
+    """
+    if not _is_prose(answer):
+        return _parse(f"${normalize(answer)}$")
+    return _parse(answer)
+
+
+def _fraction_text(number: str) -> str:
+    """`2/3` -> `\\frac{2}{3}`, so that a/b from prose compares as a fraction."""
+    if "/" not in number:
+        return number
+    a, b = (part.strip() for part in number.split("/", 1))
+    return f"\\frac{{{a}}}{{{b}}}"
+
+
+def _unreduced_fraction(pred: str, gold: str) -> bool:
+    """A PRM800K-style rule kept by the public cases: \\frac{2}{4} is not an answer for 1/2."""
+    gold = normalize(gold)
+    for match in _INT_FRACTION.finditer(normalize(pred)):
+        a, b = int(match.group(1)), int(match.group(2))
+        if b and a % b and gcd(a, b) > 1 and match.group() not in gold:
+            return True
+    return False
+
+
+def _exact_numbers(gold: list, pred: list) -> bool | None:
+    """Exact comparison when both sides are rational numbers (math-verify rounds: 1/2^99 == 1/2^98)."""
+    import sympy
+
+    def rational(items):
+        first = items[0] if items else None
+        if isinstance(first, sympy.Basic) and not isinstance(first, sympy.Float) and first.is_number:
+            value = first.doit()
+            if value.is_Rational:
+                return value
+        return None
+
+    g, p = rational(gold), rational(pred)
+    if g is None or p is None:
+        return None
+    return bool(g == p)
+
+
+def symbolic_equal(pred: str, gold: str) -> tuple[bool, str]:
+    """(equal, status) via math-verify; status is ok or parse_error. Run it in a killable worker."""
+    from math_verify import verify
+
+    fast = fast_equal(pred, gold)
+    if fast is None and (pred_number := final_number(pred)) is not None:
+        pred = _fraction_text(pred_number)  # grade the number the prose ends on, not the prose
+        fast = fast_equal(pred, gold)
+    if fast is not None:
+        return fast, "ok"
+    if guard(pred) or guard(gold):
+        return False, "parse_error"
+    if _unreduced_fraction(pred, gold):
+        return False, "ok"
+    gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
+    if not pred_parsed or not gold_parsed:
+        return False, "parse_error"
+    exact = _exact_numbers(gold_parsed, pred_parsed)
+    if exact is not None:
+        return exact, "ok"
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)), "ok"

@@ -1,0 +1,208 @@
+"""The math verifier: extraction, equivalence, safety, time bounds, threads, the CLI and accuracy."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from common.config import ConfigError, config_from_dict
+from stages.score.verifier import grade, grade_batch
+from stages.score.verifier.equivalence import guard
+from stages.score.verifier.extract import extract_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path("/work/shared/data")
+PUBLIC_CASES = DATA / "verifier-cases-public.jsonl"
+DISAGREEMENTS = ROOT / "tests" / "data" / "verifier_disagreements.jsonl"
+needs_data = pytest.mark.skipif(not PUBLIC_CASES.exists(), reason="shared verifier data not present")
+
+
+def boxed(answer: str) -> str:
+    return f"Let me think step by step. The final answer is \\boxed{{{answer}}}."
+
+
+# --- extraction ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("response, expected", [
+    ("first \\boxed{3}, then \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("so it is \\boxed 5.", "5"),
+    ("\\fbox{x^{2}}", "x^{2}"),
+    ("\\boxed{\\boxed{1}, \\boxed{2}}", "\\boxed{1}, \\boxed{2}"),
+    ("work...\nAnswer: 42", "42"),
+    ("\\boxed{7} was wrong.\nAnswer: $12$", "$12$"),
+    ("Answer: 3, so the final answer is \\boxed{4}", "4"),
+])
+def test_extraction_takes_the_last_answer(response, expected):
+    answer, status, _ = extract_answer(response)
+    assert (answer, status) == (expected, "ok")
+
+
+@pytest.mark.parametrize("response", [
+    "The answer is 42",                        # no box: the whole text is never graded
+    "first \\boxed{42} then \\boxed{4",        # the final box is cut off: not an older box
+    "\\boxed{" + "{" * 50_000,                 # a truncated megabyte-ish box
+])
+def test_no_box_or_a_truncated_box_is_no_answer(response):
+    g = grade(response, "42")
+    assert (g.status, g.correct, g.reward) == ("no_answer", False, 0.0)
+
+
+def test_a_megabyte_of_nested_braces_is_fast_and_complete():
+    adversarial = ["\\boxed{" + "{" * 500_000 + "}" * 500_000 + "}",
+                   "{" * 1_000_000 + " so \\boxed{12}",
+                   "\\boxed{" * 200_000]
+    started = time.perf_counter()
+    grades = grade_batch([(text, "12") for text in adversarial], timeout_s=5)
+    assert time.perf_counter() - started < 2
+    assert [g.status for g in grades] == ["no_answer", "ok", "no_answer"]  # the tail of the first is all "}"
+    assert grades[1].correct
+
+
+# --- equivalence --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("50", "0.5", False), ("0.5", "50", False), ("1000.0", "1000", True), ("142", "142.0", True),
+    ("7,425,000", "7425000", True), ("32, 349", "32349", False), ("\\text{5}", "5", True),
+    ("\\mathbf{12}", "12", True), ("\\dfrac{1}{2}", "\\frac12", True), ("90^\\circ", "90", True),
+    ("28\\%", "28", True), ("x = 4", "4", True), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),
+    ("[0,1)", "[0,1]", False), ("(0,1)", "[0,1)", False), ("(1,2)", "(2,1)", False),
+    ("\\{1,2\\}", "\\{2,1\\}", True), ("10, 4, -2", "4, 10, -2", False), ("12345", "12346", False),
+    ("\\frac{1}{2^{99}}", "\\frac{1}{2^{98}}", False), ("\\sqrt{8}", "2\\sqrt{2}", True),
+    ("1 + \\frac{1}{e}", "1 - \\frac{1}{e}", False),
+])
+def test_equivalence(pred, gold, equal):
+    assert grade(boxed(pred), gold).correct is equal
+
+
+def test_power_towers_and_huge_exponents_are_rejected_before_symbolic_work():
+    for answer in ["2^{2^{2^{2^{2}}}}", "10^{10^{10}}", "2^2^2^2", "9^{99999999}", "100000!"]:
+        assert guard(answer), answer
+    started = time.perf_counter()
+    grades = grade_batch([(boxed("10^{10^{10^{10}}}"), "1"), (boxed("2^{2^{2^{2^{2^{2}}}}}"), "2")], timeout_s=5)
+    assert time.perf_counter() - started < 4 and all(not g.correct for g in grades)
+    assert {g.status for g in grades} == {"parse_error"}
+
+
+def test_identical_power_tower_strings_are_still_equal():
+    tower = "\\dfrac{5^{\\left(5^{\\left(5^{\\left(5^5\\right)}\\right)} - 4\\right)} - 5}{16}"
+    assert grade(boxed(tower), tower).correct
+
+
+# --- reward modes -------------------------------------------------------------------------------
+
+def test_deepscaler_reward():
+    formatted = "<think>2 + 2 is 4</think> So <answer>The answer is \\boxed{4}</answer>"
+    cases = [(formatted, "4", 1.0), (formatted, "5", 0.33), ("plain \\boxed{4}", "4", 0.67), ("plain 4", "4", 0.0),
+             ("<think>x</think><answer>4</answer>", "4", 0.0)]
+    grades = grade_batch([(r, g) for r, g, _ in cases], mode="deepscaler")
+    assert [g.reward for g in grades] == [expected for _, _, expected in cases]
+    assert grade(formatted, "4", mode="correct").reward == 1.0
+    with pytest.raises(ValueError):
+        grade(formatted, "4", mode="lenient")
+
+
+def test_config_validates_reward_mode_and_verifier_settings():
+    assert config_from_dict({"score": {"reward_mode": "deepscaler"}}).score.reward_mode == "deepscaler"
+    for key, value in [("reward_mode", "lenient"), ("verifier_workers", 0), ("verifier_timeout_s", 0)]:
+        with pytest.raises(ConfigError, match=f"score.{key}"):
+            config_from_dict({"score": {key: value}})
+
+
+# --- safety -------------------------------------------------------------------------------------
+
+def test_responses_that_try_to_execute_code_do_not_run(tmp_path):
+    marker = tmp_path / f"pwned_{uuid.uuid4().hex}"
+    payloads = [
+        f"__import__('os').system('touch {marker}')",
+        f"(lambda: __import__('os').system('touch {marker}'))()",
+        f"eval(\"__import__('os').system('touch {marker}')\")",
+        f"Symbol('x').__class__.__mro__[-1].__subclasses__() or __import__('os').system('touch {marker}')",
+        f"x**2 + exec(\"import os; os.system('touch {marker}')\")",
+    ]
+    responses = [boxed(p) for p in payloads] + [f"Answer: {p}" for p in payloads] + [f"$${p}$$ \\boxed{{{p}}}" for p in payloads]
+    grades = grade_batch([(r, "0") for r in responses], timeout_s=5)
+    assert not marker.exists()
+    assert not any(g.correct for g in grades)
+
+
+def test_a_slow_response_times_out_its_worker_is_replaced_and_the_batch_completes():
+    slow = boxed("F_n = \\sum_{k=0}^{n-2} F_k F_{n-k-2}")          # ~1.5 s of sympy on this machine
+    slow_gold = "F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}"
+    after = [(boxed("\\frac{1}{2}"), "0.5"), (boxed("\\sqrt{4}"), "2"), (boxed("7"), "7")]
+    started = time.perf_counter()
+    grades = grade_batch([(slow, slow_gold), (slow, slow_gold)] + after, workers=1, timeout_s=0.3)
+    elapsed = time.perf_counter() - started
+    assert [g.status for g in grades[:2]] == ["timeout", "timeout"]
+    assert all(g.status == "ok" and g.correct for g in grades[2:])
+    assert elapsed < 10
+
+
+def test_grading_from_a_non_main_thread():
+    results = {}
+
+    def work():
+        results["grades"] = grade_batch([(boxed("\\frac{2}{3}"), "\\dfrac{2}{3}"), (boxed("\\sqrt{2}"), "1.5")])
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert [g.correct for g in results["grades"]] == [True, False]
+    assert [g.status for g in results["grades"]] == ["ok", "ok"]
+
+
+def test_cli_round_trip_through_a_subprocess():
+    rows = [{"gold": "4", "response": boxed("4")}, {"gold": "1/2", "response": boxed("\\frac{1}{2}")},
+            {"gold": "3", "response": "no box"}, {"gold": "[0,1)", "response": boxed("[0,1]")}]
+    stdin = "".join(json.dumps(r) + "\n" for r in rows)
+    done = subprocess.run([sys.executable, "-m", "stages.score.verifier", "--workers", "1", "--timeout", "5"],
+                          input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(o["correct"], o["status"], o["extracted"]) for o in out] == [
+        (True, "ok", "4"), (True, "ok", "\\frac{1}{2}"), (False, "no_answer", None), (False, "ok", "[0,1]")]
+    assert all(set(o) == {"correct", "reward", "status", "extracted"} for o in out)
+    help_text = subprocess.run([sys.executable, "-m", "stages.score.verifier", "--help"], capture_output=True,
+                               text=True, cwd=ROOT, timeout=60).stdout
+    assert "--mode" in help_text and "--timeout" in help_text
+
+
+# --- accuracy -----------------------------------------------------------------------------------
+
+@needs_data
+def test_public_cases_accuracy_and_no_false_positives():
+    cases = [json.loads(line) for line in PUBLIC_CASES.read_text().splitlines()]
+    grades = grade_batch([(boxed(c["pred"]), c["gold"]) for c in cases])
+    disagreements = {i for i, (c, g) in enumerate(zip(cases, grades)) if g.correct != c["equal"]}
+    false_positives = {i for i in disagreements if grades[i].correct}
+    listed = [json.loads(line) for line in DISAGREEMENTS.read_text().splitlines()]
+    assert false_positives == set()
+    assert 1 - len(disagreements) / len(cases) >= 0.97
+    assert disagreements == {d["index"] for d in listed}
+    assert all(d["reason"] and cases[d["index"]]["gold"] == d["gold"] for d in listed)
+
+
+def eval_golds() -> list[str]:
+    golds = []
+    for name in ["MATH-500", "AMC23", "AIME24", "AIME25"]:
+        table = pl.read_parquet(DATA / f"eval-{name}.parquet")
+        golds += [str(row["ground_truth"]) for row in table["reward_model"].to_list()]
+    return golds
+
+
+@needs_data
+def test_eval_golds_equal_themselves_and_not_other_golds():
+    golds = eval_golds()
+    others = [(g, golds[(i + 1) % len(golds)]) for i, g in enumerate(golds)]
+    others = [(a, b) for a, b in others if a.strip() != b.strip()]
+    grades = grade_batch([(boxed(g), g) for g in golds] + [(boxed(a), b) for a, b in others])
+    self_rate = sum(g.correct for g in grades[: len(golds)]) / len(golds)
+    other_rate = sum(not g.correct for g in grades[len(golds):]) / len(others)
+    assert self_rate == 1.0
+    assert other_rate >= 0.995
