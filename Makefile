@@ -16,7 +16,7 @@ ROW ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv iterate test test-slow inspect mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs bench-verifier
+.PHONY: venv iterate test test-slow inspect mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs bench-train bench-verifier
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ tiny-assets: $(STAMP)  ## rebuild assets/tiny from scratch (task, tokenizer, tea
 
 tiny-eval: $(STAMP)  ## one line: teacher/student accuracy, greedy and sampled, on the eval split
 	$(PY) -m tiny_world.evaluate --assets assets/tiny
+
+bench-train: $(STAMP)  ## the train stage's step under DeepSpeed vs a plain torch loop (tiny model, CPU)
+	$(PY) -m bench.train
 
 bench-verifier: $(STAMP)  ## verifier throughput through its CLI: integer answers, public case mix, 1% adversarial
 	$(PY) bench/verifier.py
