@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 CONFIG ?= configs/tiny.yaml
+CKPT ?=
+K ?=
 RUN ?= tiny
 RUN_DIR := runs/$(RUN)
 N ?= 1
@@ -16,7 +18,7 @@ ROW ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv iterate test test-slow inspect mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs bench-train bench-verifier
+.PHONY: venv iterate eval test test-slow inspect mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs bench-train bench-verifier
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,9 @@ test-slow: $(STAMP)
 
 inspect: $(STAMP)  ## make inspect RUN=tiny [ITER=3] [ROW=0]
 	$(PY) -m orchestrator inspect --run $(RUN_DIR) $(if $(ITER),--iter $(ITER)) $(if $(ROW),--row $(ROW))
+
+eval: $(STAMP)  ## make eval RUN=tiny [CKPT=3] [K=4]: avg@k of a checkpoint on the eval sets, logged to MLflow
+	$(PY) -m orchestrator eval --run $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) $(if $(K),--k $(K))
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000

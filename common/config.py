@@ -31,9 +31,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "assets/tiny/data/train.parquet"   # DAPO-Math schema
-    eval: str = "assets/tiny/data/eval.parquet"
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int = 1024   # longer prompts are dropped and counted
     enable_thinking: bool = False   # passed to the chat template
+    epochs: int = 0                 # passes over the prompts before `iterate` stops; 0 = no limit
 
 
 @dataclass
@@ -46,6 +46,7 @@ class GenerateConfig:
     top_p: float = 1.0
     batch_size: int = 256           # sequences per engine call
     student_topk: int = 0           # also store the student's top-k ids and log-probs per token
+    max_model_len: int = 0          # engine context (vLLM); 0 = max_prompt_tokens + max_response_tokens + 1
 
 
 @dataclass
@@ -82,6 +83,7 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU
     offload_params: bool = False     # ZeRO 3: parameters on the CPU between uses
     processes: int = 1              # data-parallel ranks on this machine (DeepSpeed launcher)
+    keep_checkpoint_every: int = 0  # keep v_k for k % N == 0 (and the latest two); 0 = keep every one
     kl_clamp: float = 10.0
     clip_ratio: float = 0.2
     dual_clip: float = 3.0
@@ -91,9 +93,11 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 5                  # iterations; 0 disables
-    prompts: int = 500              # first N prompts of data.eval
-    temperature: float = 1.0
-    top_p: float = 1.0
+    sets: list = field(default_factory=lambda: ["assets/tiny/data/eval.parquet"])  # DAPO-schema parquets
+    k: int = 1                      # samples per prompt: accuracy is avg@k
+    prompts: int = 0                # at most this many prompts per set; 0 = all
+    temperature: float = 0.7        # the paper's evaluation sampling
+    top_p: float = 0.95
     max_response_tokens: int = 64
 
 
@@ -194,6 +198,12 @@ def validate(config: Config) -> Config:
         (t.lr > 0, "train.lr", "must be positive"),
         (0 < g.temperature, "generate.temperature", "must be positive for on-policy sampling"),
         (config.eval.every >= 0, "eval.every", "must be >= 0"),
+        (config.eval.k >= 1, "eval.k", "must be at least 1"),
+        (all(isinstance(path, str) for path in config.eval.sets), "eval.sets", "must be a list of parquet paths"),
+        (config.data.epochs >= 0, "data.epochs", "must be >= 0"),
+        (t.keep_checkpoint_every >= 0, "train.keep_checkpoint_every", "must be >= 0"),
+        (g.max_model_len == 0 or g.max_model_len >= config.data.max_prompt_tokens + g.max_response_tokens + 1,
+         "generate.max_model_len", f"{g.max_model_len} < data.max_prompt_tokens + generate.max_response_tokens + 1"),
         (config.score.reward_mode in ("correct", "deepscaler"), "score.reward_mode",
          f"'{config.score.reward_mode}' is not a reward mode (choose: correct, deepscaler)"),
         (config.score.verifier_workers >= 1, "score.verifier_workers", "must be at least 1"),

@@ -24,20 +24,51 @@ class Prompt:
 @dataclass
 class PromptSet:
     prompts: list[Prompt]
-    dropped_too_long: int
+    dropped: dict[str, int]  # reason -> rows dropped (too_long, duplicate_prompt, duplicate_id, bad_row)
+
+    def dropped_summary(self) -> str:
+        return ", ".join(f"{count} {reason}" for reason, count in self.dropped.items() if count) or "none"
+
+
+def _clean_message_text(text: str) -> str:
+    # DAPO's boxed template stores a format-string leftover: "\boxed{{}}" means "\boxed{}".
+    return text.replace("\\boxed{{}}", "\\boxed{}")
 
 
 def load_prompts(path: str | Path, tokenizer, max_prompt_tokens: int, enable_thinking: bool) -> PromptSet:
+    """Prompts of a DAPO-Math-schema parquet, rendered with the chat template.
+
+    Rows without a usable prompt or a string ground truth, repeated ids, repeated prompt texts and
+    prompts over `max_prompt_tokens` are dropped and counted, never raised deep inside a stage.
+    """
     table = pq.read_table(path, columns=["data_source", "prompt", "reward_model", "extra_info"])
-    prompts, too_long = [], 0
+    prompts: list[Prompt] = []
+    dropped = dict.fromkeys(("bad_row", "duplicate_id", "duplicate_prompt", "too_long"), 0)
+    seen_ids, seen_texts = set(), set()
     for row in table.to_pylist():
-        ids = render_prompt(tokenizer, row["prompt"], enable_thinking)
-        if len(ids) > max_prompt_tokens:
-            too_long += 1
+        messages = row["prompt"] or []
+        gold = (row["reward_model"] or {}).get("ground_truth")
+        prompt_id = (row["extra_info"] or {}).get("index")
+        if (not messages or not all(isinstance(m.get("content"), str) and m["content"].strip() for m in messages)
+                or not isinstance(gold, str) or not gold.strip() or prompt_id is None):
+            dropped["bad_row"] += 1
             continue
-        prompts.append(Prompt(str(row["extra_info"]["index"]), row["data_source"],
-                              str(row["reward_model"]["ground_truth"]), ids))
-    return PromptSet(prompts, too_long)
+        messages = [{**m, "content": _clean_message_text(m["content"])} for m in messages]
+        text = "\n".join(m["content"] for m in messages)
+        if str(prompt_id) in seen_ids:
+            dropped["duplicate_id"] += 1
+            continue
+        if text in seen_texts:
+            dropped["duplicate_prompt"] += 1
+            continue
+        seen_ids.add(str(prompt_id))
+        seen_texts.add(text)
+        ids = render_prompt(tokenizer, messages, enable_thinking)
+        if len(ids) > max_prompt_tokens:
+            dropped["too_long"] += 1
+            continue
+        prompts.append(Prompt(str(prompt_id), row["data_source"] or "", gold.strip(), ids))
+    return PromptSet(prompts, dropped)
 
 
 def iteration_prompts(prompts: list[Prompt], iteration: int, per_iteration: int, seed: int) -> list[Prompt]:
@@ -60,18 +91,20 @@ def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer, max_prom
     """
     folder = Path(run) / "prompts"
     table_path, meta_path = folder / f"{name}.parquet", folder / f"{name}.json"
-    key = {"source": str(path), "max_prompt_tokens": max_prompt_tokens, "enable_thinking": enable_thinking}
+    # "rules" names the cleaning rules of load_prompts: a cache made under older rules is rendered again.
+    key = {"source": str(path), "max_prompt_tokens": max_prompt_tokens, "enable_thinking": enable_thinking,
+           "rules": 2}
     # The metadata is written last, so its presence means the table is complete; a run continued
     # under changed data settings (FORCE=1) renders again.
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     if meta is not None and meta["key"] == key:
         rows = pq.read_table(table_path).to_pylist()
-        return PromptSet([Prompt(**row) for row in rows], meta["dropped_too_long"])
+        return PromptSet([Prompt(**row) for row in rows], meta["dropped"])
     prompt_set = load_prompts(path, tokenizer, max_prompt_tokens, enable_thinking)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.parquet.tmp"
     pq.write_table(pa.Table.from_pylist([vars(p) for p in prompt_set.prompts]), tmp, compression="zstd")
     tmp.replace(table_path)
     atomic_write_text(meta_path, json.dumps({"key": key, "rows": len(prompt_set.prompts),
-                                             "dropped_too_long": prompt_set.dropped_too_long}) + "\n")
+                                             "dropped": prompt_set.dropped}) + "\n")
     return prompt_set

@@ -2,6 +2,7 @@
 
     python -m orchestrator iterate --run runs/tiny --config configs/tiny.yaml -n 3 [-o train.lr=1e-3] [--force]
     python -m orchestrator inspect --run runs/tiny [--iter 3] [--row 0]
+    python -m orchestrator eval --run runs/tiny [--ckpt 3] [--k 4]
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def main() -> None:
     ins.add_argument("--run", type=Path, required=True)
     ins.add_argument("--iter", type=int, default=None, dest="iteration", help="default: the latest scored one")
     ins.add_argument("--row", type=int, default=None, help="show one response token by token")
+    ev = commands.add_parser("eval", help="avg@k of a checkpoint on the eval sets, logged to the run's MLflow")
+    ev.add_argument("--run", type=Path, required=True)
+    ev.add_argument("--ckpt", type=int, default=None, help="checkpoint version (default: the latest)")
+    ev.add_argument("--k", type=int, default=None, help="samples per prompt (default: eval.k)")
     args = parser.parse_args()
     quiet_libraries()
     try:
@@ -38,6 +43,14 @@ def main() -> None:
                                                                     if args.override else ""), flush=True)
             try:
                 iterate(args.run, config, args.iterations, args.force)
+            except StageFailed as error:
+                print(f"error: {error}", file=sys.stderr)
+                raise SystemExit(1)
+        elif args.command == "eval":
+            from orchestrator.loop import StageFailed, evaluate_checkpoint_now
+
+            try:
+                evaluate_checkpoint_now(args.run, args.ckpt, args.k)
             except StageFailed as error:
                 print(f"error: {error}", file=sys.stderr)
                 raise SystemExit(1)

@@ -6,6 +6,7 @@ without one, and finished stages are skipped.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import yaml
 from common import shards
 from common.config import Config, ConfigError, config_from_dict, save_config
 from common.modeling import weights_sha256
-from common.run import RUN_CONFIG
+from common.run import RUN_CONFIG, load_run_config
 from orchestrator.tracking import Tracker
 
 STAGES = ("generate", "score", "train")
@@ -66,12 +67,23 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def completed_iterations(run: Path) -> int:
-    """Iterations 0..k-1 whose train stage finished (and whose produced checkpoint exists)."""
+    """Iterations 0..k-1 whose train stage finished (older checkpoints may be pruned; v_k is not)."""
     k = 0
-    while (shards.read_manifest(shards.stage_dir(run, k, "train")) is not None
-           and shards.checkpoint_ready(shards.checkpoint_dir(run, k + 1))):
+    while shards.read_manifest(shards.stage_dir(run, k, "train")) is not None:
         k += 1
+    if not shards.checkpoint_ready(shards.checkpoint_dir(run, k)):
+        raise ConfigError(f"checkpoint {shards.checkpoint_dir(run, k)} is missing although iteration {k - 1} "
+                          f"finished; remove {shards.stage_dir(run, k - 1, 'train')} to train it again")
     return k
+
+
+def epoch_limit(run: Path, config: Config) -> int | None:
+    """The number of iterations `data.epochs` allows, once the prompt set is known (after iteration 0)."""
+    meta = Path(run) / "prompts" / "train.json"
+    if config.data.epochs == 0 or not meta.exists():
+        return None
+    rows = json.loads(meta.read_text())["rows"]
+    return max(1, config.data.epochs * rows // config.generate.prompts_per_iteration)
 
 
 def stage_command(stage: str, run: Path, iteration: int, processes: int = 1) -> list[str]:
@@ -96,7 +108,8 @@ def run_stage(stage: str, run: Path, iteration: int, extra: tuple[str, ...] = ()
 
 
 def log_iteration(tracker: Tracker, run: Path, iteration: int, wall: dict[str, float]) -> None:
-    for stage in ("rollouts", "scored", "train", "eval"):
+    evals = sorted(p.name for p in shards.iteration_dir(run, iteration).glob("eval*"))
+    for stage in ("rollouts", "scored", "train", *evals):
         out_dir = shards.stage_dir(run, iteration, stage)
         manifest = shards.read_manifest(out_dir)
         if manifest is None:
@@ -115,6 +128,21 @@ def evaluate_checkpoint(config: Config, run: Path, iteration: int, tracker: Trac
     log_iteration(tracker, run, iteration, {})
 
 
+def evaluate_checkpoint_now(run: Path, version: int | None, k: int | None) -> None:
+    """`make eval`: avg@k of checkpoint v_version (default: the latest) on the eval sets."""
+    config = load_run_config(run)
+    if version is None:
+        version = completed_iterations(run)
+    if not shards.checkpoint_ready(shards.checkpoint_dir(run, version)):
+        raise ConfigError(f"checkpoint {shards.checkpoint_dir(run, version)} does not exist (pruned, or not trained)")
+    run_stage("generate", run, version, ("--eval-only", *(("--eval-k", str(k)) if k else ())))
+    tracker = Tracker(config, run)
+    try:
+        log_iteration(tracker, run, version, {})
+    finally:
+        tracker.close()
+
+
 def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> None:
     prepare_run(run, config, force)
     tracker = Tracker(config, run)
@@ -122,6 +150,11 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
     print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
     try:
         for iteration in range(start, start + iterations):
+            limit = epoch_limit(run, config)
+            if limit is not None and iteration >= limit:
+                print(f"data.epochs={config.data.epochs} reached after {limit} iterations: stopping", flush=True)
+                iterations = iteration - start
+                break
             began = time.time()
             wall = {stage: run_stage(stage, run, iteration, processes=config.train.processes if stage == "train" else 1)
                     for stage in STAGES}

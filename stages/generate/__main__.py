@@ -1,10 +1,10 @@
 """Generate stage: sample the current policy on this iteration's prompts -> rollout shards.
 
-    python -m stages.generate --run runs/tiny --iter 3 [--eval-only]
+    python -m stages.generate --run runs/tiny --iter 3 [--eval-only [--eval-k K]]
 
 Loads checkpoint v_i, samples n responses per prompt at temperature 1 and writes
 iter=i/rollouts/. When the iteration is due for evaluation (eval.every) it also samples the eval
-split with the eval settings, grades it and writes iter=i/eval/. Finished outputs are skipped.
+sets with the eval settings (avg@k), grades them and writes iter=i/eval/. Finished outputs are skipped.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
     prompt_set = prepared_prompts(run, "train", config.data.train, tokenizer, config.data.max_prompt_tokens,
                                   config.data.enable_thinking)
     if not prompt_set.prompts:
-        raise ConfigError(f"data.train: no usable prompts in {config.data.train}")
+        raise ConfigError(f"data.train: no usable prompts in {config.data.train} "
+                          f"(dropped: {prompt_set.dropped_summary()})")
     prompts = iteration_prompts(prompt_set.prompts, iteration, config.generate.prompts_per_iteration, config.seed)
     g = config.generate
     params = SamplingParams(n=g.n, max_new_tokens=g.max_response_tokens, temperature=g.temperature,
@@ -77,7 +78,7 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
         "generate/mean_response_length": tokens / len(rows),
         "generate/truncated_fraction": sum(r["finish_reason"] == "length" for r in rows) / len(rows),
         "generate/tokens_per_s": tokens / max(sample_seconds, 1e-9),
-        "generate/dropped_too_long": prompt_set.dropped_too_long,
+        **{f"generate/dropped_{reason}": count for reason, count in prompt_set.dropped.items()},
     }
     manifest = shards.write_manifest(out_dir, "rollouts", iteration, config.hash(), started, metrics,
                                      {"policy_version": version})
@@ -86,32 +87,47 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
     return manifest
 
 
-def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, version: str) -> dict:
-    out_dir = shards.stage_dir(run, iteration, "eval")
+def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, version: str, k: int | None = None) -> dict:
+    """avg@k accuracy of checkpoint v_i on every set of `eval.sets`, graded by the verifier.
+
+    Writes iter=i/eval/ (or iter=i/eval-k{K}/ when `k` differs from the config's eval.k) with one row
+    per sample; metrics per set are `<folder>/<data_source>/accuracy` and an overall mean.
+    """
+    e = config.eval
+    k = k or e.k
+    folder = "eval" if k == e.k else f"eval-k{k}"
+    out_dir = shards.stage_dir(run, iteration, folder)
     shards.reset_stage(out_dir)
     started = time.time()
-    prompt_set = prepared_prompts(run, "eval", config.data.eval, tokenizer, config.data.max_prompt_tokens,
-                                  config.data.enable_thinking)
-    prompts = prompt_set.prompts[: config.eval.prompts]
-    e = config.eval
-    params = SamplingParams(n=1, max_new_tokens=e.max_response_tokens, temperature=e.temperature, top_p=e.top_p,
+    params = SamplingParams(n=k, max_new_tokens=e.max_response_tokens, temperature=e.temperature, top_p=e.top_p,
                             seed=config.seed * 100_003 + 7_777, batch_size=config.generate.batch_size)
-    samples = run_sampling(model, tokenizer, prompts, params, f"eval iter {iteration}")
-    rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
-    sc = config.score
-    verdicts = grade_batch([(row["response_text"], row["ground_truth"]) for row in rows], sc.reward_mode,
-                           sc.verifier_workers, sc.verifier_timeout_s)
-    for row, verdict in zip(rows, verdicts):
-        row.update(reward=verdict.reward, correct=verdict.correct, extracted_answer=verdict.extracted_answer,
-                   verifier_status=verdict.status)
+    rows, metrics = [], {}
+    for index, path in enumerate(e.sets):
+        prompt_set = prepared_prompts(run, f"eval-{index}-{Path(path).stem}", path, tokenizer,
+                                      config.data.max_prompt_tokens, config.data.enable_thinking)
+        prompts = prompt_set.prompts[: e.prompts] if e.prompts else prompt_set.prompts
+        if not prompts:
+            raise ConfigError(f"eval.sets: no usable prompts in {path} (dropped: {prompt_set.dropped_summary()})")
+        samples = run_sampling(model, tokenizer, prompts, params, f"eval {Path(path).stem} iter {iteration}")
+        set_rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
+        verdicts = grade_batch([(r["response_text"], r["ground_truth"]) for r in set_rows], config.score.reward_mode,
+                               config.score.verifier_workers, config.score.verifier_timeout_s)
+        for row, verdict in zip(set_rows, verdicts):
+            row.update(reward=verdict.reward, correct=verdict.correct, extracted_answer=verdict.extracted_answer,
+                       verifier_status=verdict.status)
+        name = prompts[0].data_source or Path(path).stem
+        metrics[f"{folder}/{name}/accuracy"] = sum(r["correct"] for r in set_rows) / len(set_rows)
+        metrics[f"{folder}/{name}/boxed_fraction"] = sum(r["verifier_status"] != "no_answer" for r in set_rows) / len(set_rows)
+        metrics[f"{folder}/{name}/mean_response_length"] = sum(len(r["response_ids"]) for r in set_rows) / len(set_rows)
+        rows += set_rows
     write_rows(rows, "eval", out_dir)
-    metrics = {"eval/accuracy": sum(r["correct"] for r in rows) / len(rows),
-               "eval/boxed_fraction": sum(r["verifier_status"] != "no_answer" for r in rows) / len(rows),
-               "eval/mean_response_length": sum(len(r["response_ids"]) for r in rows) / len(rows)}
+    accuracies = [value for key, value in metrics.items() if key.endswith("/accuracy")]
+    metrics[f"{folder}/accuracy"] = sum(accuracies) / len(accuracies)  # mean over sets
     manifest = shards.write_manifest(out_dir, "eval", iteration, config.hash(), started, metrics,
-                                     {"policy_version": version})
-    print(f"eval iter {iteration}: accuracy {metrics['eval/accuracy']:.3f} on {len(rows)} prompts "
-          f"({manifest['seconds']:.1f}s)", flush=True)
+                                     {"policy_version": version, "k": k})
+    per_set = ", ".join(f"{key.split('/')[1]} {value:.3f}" for key, value in metrics.items()
+                        if key.endswith("/accuracy") and key.count("/") == 2)
+    print(f"eval iter {iteration}: avg@{k} {per_set} ({manifest['seconds']:.1f}s)", flush=True)
     return manifest
 
 
@@ -122,6 +138,7 @@ def eval_due(config: Config, iteration: int) -> bool:
 def main() -> None:
     parser = stage_arguments(__doc__)
     parser.add_argument("--eval-only", action="store_true", help="only evaluate checkpoint v_i")
+    parser.add_argument("--eval-k", type=int, default=None, help="samples per eval prompt (default: eval.k)")
     args = parser.parse_args()
     quiet_libraries()
     try:
@@ -134,14 +151,16 @@ def main() -> None:
         fail(f"checkpoint {checkpoint} is not complete: train iteration {args.iteration - 1} first")
     version = policy_version(checkpoint)
     tokenizer, model = load_tokenizer(checkpoint), load_model(checkpoint)
+    k = args.eval_k or config.eval.k
+    eval_dir = shards.stage_dir(args.run, args.iteration, "eval" if k == config.eval.k else f"eval-k{k}")
     want_eval = args.eval_only or eval_due(config, args.iteration)
-    if want_eval and shards.read_manifest(shards.stage_dir(args.run, args.iteration, "eval")) is None:
-        evaluate(config, args.run, args.iteration, model, tokenizer, version)
-    if not args.eval_only and shards.read_manifest(shards.stage_dir(args.run, args.iteration, "rollouts")) is None:
-        try:
+    try:
+        if want_eval and shards.read_manifest(eval_dir) is None:
+            evaluate(config, args.run, args.iteration, model, tokenizer, version, k)
+        if not args.eval_only and shards.read_manifest(shards.stage_dir(args.run, args.iteration, "rollouts")) is None:
             generate_rollouts(config, args.run, args.iteration, model, tokenizer, version)
-        except ConfigError as error:
-            fail(str(error))
+    except ConfigError as error:
+        fail(str(error))
 
 
 if __name__ == "__main__":

@@ -297,11 +297,16 @@ def save_checkpoint(engine, tokenizer, target: Path, zero_stage: int) -> None:
     dist.barrier()
 
 
-def prune_optimizer_states(run: Path, keep: tuple[Path, ...]) -> None:
-    """Optimizer states are only needed to continue or redo training: keep the last two."""
-    for state in Path(run, "checkpoints").glob(f"v*/{OPTIMIZER_STATE}"):
-        if state.parent not in keep:
-            shutil.rmtree(state, ignore_errors=True)
+def prune_checkpoints(run: Path, keep: tuple[Path, ...], keep_every: int) -> None:
+    """Optimizer states are only needed to continue or redo training: keep the last two. With
+    `keep_every` = N, older checkpoints survive only when their version is a multiple of N."""
+    for checkpoint in sorted(Path(run, "checkpoints").glob("v[0-9]*")):
+        if checkpoint in keep:
+            continue
+        if keep_every and int(checkpoint.name[1:]) % keep_every:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        else:
+            shutil.rmtree(checkpoint / OPTIMIZER_STATE, ignore_errors=True)
 
 
 def main() -> None:
@@ -351,7 +356,7 @@ def main() -> None:
     manifest = shards.write_manifest(out_dir, "train", iteration, config.hash(), started, metrics,
                                      {"policy_version": version, "produced_checkpoint": str(target),
                                       "produced_version": produced})
-    prune_optimizer_states(run, keep=(source, target))
+    prune_checkpoints(run, (source, target), config.train.keep_checkpoint_every)
     print(f"train iter {iteration}: {metrics['train/optimizer_steps']} steps, loss {metrics['train/loss']:.4f}, "
           f"grad norm {metrics['train/grad_norm']:.3f}, {metrics['train/tokens_per_s']:.0f} tok/s, "
           f"{manifest['seconds']:.1f}s -> {produced}", flush=True)
