@@ -18,9 +18,22 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A model in `dtype` on the CPU, in eval mode (the trainer hands it to DeepSpeed)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval()
     return model
+
+
+def load_inference_model(path: str | Path) -> torch.nn.Module:
+    """For sampling and scoring: bf16 on the GPU when there is one, fp32 on the CPU otherwise."""
+    if not torch.cuda.is_available():
+        return load_model(path)
+    return load_model(path, torch.bfloat16).to("cuda")
+
+
+def peak_gpu_gib() -> float:
+    """Peak GPU memory allocated by this process so far (0 on the CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], enable_thinking: bool) -> list[int]:

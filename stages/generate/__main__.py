@@ -17,7 +17,7 @@ from tqdm import tqdm
 from common import shards
 from common.config import Config, ConfigError
 from common.data import Prompt, iteration_prompts, prepared_prompts
-from common.modeling import load_model, load_tokenizer, policy_version
+from common.modeling import load_inference_model, load_tokenizer, peak_gpu_gib, policy_version
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.generate.hf_engine import SamplingParams, sample
 from stages.score.verifier import grade_batch
@@ -78,6 +78,7 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
         "generate/mean_response_length": tokens / len(rows),
         "generate/truncated_fraction": sum(r["finish_reason"] == "length" for r in rows) / len(rows),
         "generate/tokens_per_s": tokens / max(sample_seconds, 1e-9),
+        "generate/peak_gpu_gib": peak_gpu_gib(),
         **{f"generate/dropped_{reason}": count for reason, count in prompt_set.dropped.items()},
     }
     manifest = shards.write_manifest(out_dir, "rollouts", iteration, config.hash(), started, metrics,
@@ -150,7 +151,7 @@ def main() -> None:
     if not shards.checkpoint_ready(checkpoint):
         fail(f"checkpoint {checkpoint} is not complete: train iteration {args.iteration - 1} first")
     version = policy_version(checkpoint)
-    tokenizer, model = load_tokenizer(checkpoint), load_model(checkpoint)
+    tokenizer, model = load_tokenizer(checkpoint), load_inference_model(checkpoint)
     k = args.eval_k or config.eval.k
     eval_dir = shards.stage_dir(args.run, args.iteration, "eval" if k == config.eval.k else f"eval-k{k}")
     want_eval = args.eval_only or eval_due(config, args.iteration)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from common import shards
 from common.config import ConfigError
-from common.modeling import load_model, load_tokenizer, policy_version, response_logprobs
+from common.modeling import load_inference_model, load_tokenizer, peak_gpu_gib, policy_version, response_logprobs
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.score.verifier import grade_batch
 
@@ -81,7 +81,7 @@ def main() -> None:
         started = time.time()
         teacher_tokenizer = load_tokenizer(config.model.teacher)
         check_same_vocabulary(load_tokenizer(shards.checkpoint_dir(args.run, args.iteration)), teacher_tokenizer)
-        teacher = load_model(config.model.teacher)
+        teacher = load_inference_model(config.model.teacher)
         teacher_version = policy_version(config.model.teacher)
     except (ConfigError, shards.ContractError) as error:
         fail(str(error))
@@ -114,6 +114,7 @@ def main() -> None:
         "rollout/accuracy": sum(g.correct for g in grades) / len(grades),
         "rollout/boxed_fraction": sum(g.status != "no_answer" for g in grades) / len(grades),
         "rollout/teacher_logprob_mean": sum(map(sum, scores)) / max(tokens, 1),
+        "score/peak_gpu_gib": peak_gpu_gib(),
     }
     manifest = shards.write_manifest(out_dir, "scored", args.iteration, config.hash(), started, metrics,
                                      {"teacher_version": teacher_version})

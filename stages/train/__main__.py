@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from common import shards
 from common.config import Config, ConfigError, TrainConfig
-from common.modeling import load_model, load_tokenizer, policy_version, response_logprobs, weights_sha256
+from common.modeling import load_model, load_tokenizer, peak_gpu_gib, policy_version, response_logprobs, weights_sha256
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.train.batching import micro_batches, minibatches, rank_share
 from stages.train.loss import LossConfig, TokenBatch, distillation_loss, grpo_advantages, truncated_is_weights
@@ -349,6 +349,7 @@ def main() -> None:
         fail(f"{error}; no checkpoint written (check the scored shard's teacher_logprobs and train.lr)")
     metrics["train/tokens_per_s"] = metrics["train/response_tokens"] / max(time.time() - train_started, 1e-9)
     metrics["train/setup_seconds"] = setup_seconds
+    metrics["train/peak_gpu_gib"] = peak_gpu_gib()
     save_checkpoint(engine, tokenizer, target, config.train.zero_stage)
     if rank != 0:
         return
