@@ -3,6 +3,7 @@ chunked log-prob gather that never materialises a [tokens x vocab] tensor at onc
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A model in `dtype` on the CPU, in eval mode (the trainer hands it to DeepSpeed)."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # never pickles
     model.eval()
     return model
 
@@ -53,7 +54,22 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def weights_sha256(checkpoint_dir: str | Path) -> str:
-    return file_sha256(Path(checkpoint_dir) / "model.safetensors")
+    """sha256 of model.safetensors; for a sharded checkpoint, of the shards' sha256s in name order."""
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint_dir} holds no *.safetensors weights")
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
+def local_model_dir(name: str | Path) -> Path:
+    """A local folder as is; a hub id resolved to its downloaded snapshot (safetensors only)."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
 
 
 def policy_version(checkpoint_dir: str | Path) -> str:
@@ -63,7 +79,7 @@ def policy_version(checkpoint_dir: str | Path) -> str:
     """
     checkpoint_dir = Path(checkpoint_dir)
     done = checkpoint_dir / "DONE"
-    digest = done.read_text().strip() if done.exists() else weights_sha256(checkpoint_dir)
+    digest = json.loads(done.read_text())["weights_sha256"] if done.exists() else weights_sha256(checkpoint_dir)
     return f"{checkpoint_dir.name}-{digest[:12]}"
 
 

@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.modeling import file_sha256
+from common.faults import fault_point
+from common.modeling import file_sha256, weights_sha256
 
 MANIFEST = "_MANIFEST.json"
 DONE = "DONE"
@@ -99,6 +101,30 @@ def checkpoint_ready(path: Path) -> bool:
     return (path / DONE).exists()
 
 
+def seal_checkpoint(staging: Path) -> None:
+    """Write DONE: the sha256 of every file of the checkpoint (optimizer state included), so a
+    truncated or altered file is caught before it is loaded; the weights' hash names the policy."""
+    files = {str(f.relative_to(staging)): file_sha256(f) for f in sorted(staging.rglob("*")) if f.is_file()}
+    atomic_write_text(staging / DONE, json.dumps({"weights_sha256": weights_sha256(staging), "files": files},
+                                                 indent=1) + "\n")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Every file DONE lists exists and matches; optimizer states may have been pruned (all of them)."""
+    if not checkpoint_ready(path):
+        raise ContractError(f"checkpoint {path} is not complete (no {DONE})")
+    files = json.loads((path / DONE).read_text())["files"]
+    state_files = [name for name in files if name.startswith("optimizer_state/")]
+    pruned = not (path / "optimizer_state").exists()
+    for name, digest in files.items():
+        if pruned and name in state_files:
+            continue
+        if not (path / name).exists():
+            raise ContractError(f"checkpoint {path}: {name} is missing")
+        if file_sha256(path / name) != digest:
+            raise ContractError(f"checkpoint {path}: {name} does not match its sha256 in {DONE} (altered or truncated)")
+
+
 # ---- writing ------------------------------------------------------------------------------
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -117,6 +143,7 @@ def write_shard(table: pa.Table, out_dir: Path, index: int) -> Path:
     tmp = out_dir / f".{path.name}.tmp-{os.getpid()}"
     plain_columns = [f.name for f in table.schema if not pa.types.is_list(f.type)]
     pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS, use_dictionary=plain_columns)
+    fault_point("shard")
     os.replace(tmp, path)
     return path
 
@@ -139,6 +166,7 @@ def write_manifest(out_dir: Path, stage: str, iteration: int, config_hash: str, 
         "metrics": metrics or {},
         **(extra or {}),
     }
+    fault_point("manifest")
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -168,6 +196,20 @@ def verify_stage(out_dir: Path) -> dict:
         if file_sha256(path) != entry["sha256"]:
             raise ContractError(f"{path} does not match its manifest sha256 (altered or truncated)")
     return manifest
+
+
+def stage_finished(out_dir: Path) -> bool:
+    """True when the stage's output is sealed and intact. A sealed output that fails verification
+    (a truncated, altered or missing file) is removed, with a warning, so the stage is redone."""
+    if read_manifest(out_dir) is None:
+        return False
+    try:
+        verify_stage(out_dir)
+        return True
+    except ContractError as error:
+        print(f"warning: {error}; redoing {out_dir}", file=sys.stderr, flush=True)
+        reset_stage(out_dir)
+        return False
 
 
 def read_stage(out_dir: Path, stage: str) -> pa.Table:

@@ -3,6 +3,7 @@
     python -m orchestrator iterate --run runs/tiny --config configs/tiny.yaml -n 3 [-o train.lr=1e-3] [--force]
     python -m orchestrator inspect --run runs/tiny [--iter 3] [--row 0]
     python -m orchestrator eval --run runs/tiny [--ckpt 3] [--k 4]
+    python -m orchestrator check --run runs/tiny
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def main() -> None:
     ev.add_argument("--run", type=Path, required=True)
     ev.add_argument("--ckpt", type=int, default=None, help="checkpoint version (default: the latest)")
     ev.add_argument("--k", type=int, default=None, help="samples per prompt (default: eval.k)")
+    ch = commands.add_parser("check", help="verify a run's invariants (checksums, rows, versions, MLflow points)")
+    ch.add_argument("--run", type=Path, required=True)
     args = parser.parse_args()
     quiet_libraries()
     try:
@@ -46,6 +49,14 @@ def main() -> None:
             except StageFailed as error:
                 print(f"error: {error}", file=sys.stderr)
                 raise SystemExit(1)
+        elif args.command == "check":
+            from orchestrator.checks import check_run
+
+            finished, problems = check_run(args.run)
+            for problem in problems:
+                print(f"problem: {problem}")
+            print(f"{args.run}: {finished} finished iteration(s), {len(problems)} problem(s)")
+            raise SystemExit(1 if problems else 0)
         elif args.command == "eval":
             from orchestrator.loop import StageFailed, evaluate_checkpoint_now
 

@@ -18,7 +18,7 @@ import yaml
 
 from common import shards
 from common.config import Config, ConfigError, config_from_dict, save_config
-from common.modeling import weights_sha256
+from common.modeling import local_model_dir
 from common.run import RUN_CONFIG, load_run_config
 from orchestrator.tracking import Tracker
 
@@ -45,11 +45,17 @@ def prepare_run(run: Path, config: Config, force: bool) -> Config:
     else:
         save_config(config, frozen)
     initial = shards.checkpoint_dir(run, 0)
+    if shards.checkpoint_ready(initial) and shards.read_manifest(shards.stage_dir(run, 0, "train")) is None:
+        try:
+            shards.verify_checkpoint(initial)
+        except shards.ContractError as error:
+            print(f"warning: {error}; copying the student again", file=sys.stderr, flush=True)
+            shutil.rmtree(initial)
     if not shards.checkpoint_ready(initial):
         staging = initial.with_name(".v0000.tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(config.model.student, staging)
-        (staging / shards.DONE).write_text(weights_sha256(staging) + "\n")
+        shutil.copytree(local_model_dir(config.model.student), staging, ignore=shutil.ignore_patterns(".*"))
+        shards.seal_checkpoint(staging)
         shutil.rmtree(initial, ignore_errors=True)
         staging.rename(initial)
     return config
@@ -67,13 +73,23 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def completed_iterations(run: Path) -> int:
-    """Iterations 0..k-1 whose train stage finished (older checkpoints may be pruned; v_k is not)."""
+    """Iterations 0..k-1 whose train stage finished (older checkpoints may be pruned; v_k may not).
+
+    A missing or corrupt v_k means iteration k-1's training is redone: its inputs (v_{k-1} with its
+    optimizer state, the scored shards) are kept until v_{k+1} exists.
+    """
     k = 0
     while shards.read_manifest(shards.stage_dir(run, k, "train")) is not None:
         k += 1
-    if not shards.checkpoint_ready(shards.checkpoint_dir(run, k)):
-        raise ConfigError(f"checkpoint {shards.checkpoint_dir(run, k)} is missing although iteration {k - 1} "
-                          f"finished; remove {shards.stage_dir(run, k - 1, 'train')} to train it again")
+    if k > 0:
+        latest = shards.checkpoint_dir(run, k)
+        try:
+            shards.verify_checkpoint(latest)
+        except shards.ContractError as error:
+            print(f"warning: {error}; training iteration {k - 1} again", file=sys.stderr, flush=True)
+            shards.reset_stage(shards.stage_dir(run, k - 1, "train"))
+            shutil.rmtree(latest, ignore_errors=True)
+            k -= 1
     return k
 
 
@@ -149,6 +165,8 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
     start = completed_iterations(run)
     print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
     try:
+        for iteration in range(start):  # metrics a crash kept from MLflow (stages without _LOGGED)
+            log_iteration(tracker, run, iteration, {})
         for iteration in range(start, start + iterations):
             limit = epoch_limit(run, config)
             if limit is not None and iteration >= limit:

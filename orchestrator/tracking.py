@@ -2,7 +2,7 @@
 
 One MLflow run per pipeline run; its id lives in the run folder so a resumed run keeps logging to
 it. Each stage's metrics are logged once per iteration: a `_LOGGED` marker beside the manifest
-records that they went out.
+records that they went out, and a crash before the marker is caught by looking the points up.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from common.config import Config
+from common.faults import fault_point
 
 RUN_ID_FILE = "mlflow_run_id"
 LOGGED = "_LOGGED"
@@ -60,7 +61,13 @@ class Tracker:
         if marker.exists():
             return
         numeric = {k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.mlflow.log_metrics(numeric, step=step)
+        # A crash between logging and the marker must not log the points twice: the batch is one
+        # sqlite transaction, so one of its metrics at this step tells whether it went out.
+        probe = next(iter(numeric), None)
+        history = self.mlflow.MlflowClient().get_metric_history(self.active.info.run_id, probe) if probe else []
+        if not any(point.step == step for point in history):
+            self.mlflow.log_metrics(numeric, step=step)
+        fault_point("mlflow")
         marker.write_text("")
 
     def close(self) -> None:

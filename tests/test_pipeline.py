@@ -6,30 +6,15 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from pipeline_helpers import orchestrate
 
 from common import shards
 from common.config import load_config
 from common.modeling import policy_version
 
-OVERRIDES = ["generate.prompts_per_iteration=8", "generate.n=2", "train.mini_batch_prompts=4",
-             "train.micro_batch_size=8", "eval.every=1", "eval.prompts=16", "train.lr=1e-4"]
-
-
-def orchestrate(run: Path, iterations: int, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "orchestrator", "iterate", "--run", str(run), "--config", "configs/tiny.yaml",
-               "-n", str(iterations), *[a for o in OVERRIDES for a in ("-o", o)], *extra]
-    return subprocess.run(command, capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "e2e"
-    first = orchestrate(run, 1)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = orchestrate(run, 1)  # a second call continues the run
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "1 iteration(s) done" in second.stdout
-    return run
+def run(reference_run):
+    return reference_run
 
 
 def test_shards_rows_and_versions(run):

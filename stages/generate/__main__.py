@@ -60,7 +60,7 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
     prompt_set = prepared_prompts(run, "train", config.data.train, tokenizer, config.data.max_prompt_tokens,
                                   config.data.enable_thinking)
     if not prompt_set.prompts:
-        raise ConfigError(f"data.train: no usable prompts in {config.data.train} "
+        raise ConfigError(f"config key 'data.train': no usable prompts in {config.data.train} "
                           f"(dropped: {prompt_set.dropped_summary()})")
     prompts = iteration_prompts(prompt_set.prompts, iteration, config.generate.prompts_per_iteration, config.seed)
     g = config.generate
@@ -105,10 +105,10 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
     rows, metrics = [], {}
     for index, path in enumerate(e.sets):
         prompt_set = prepared_prompts(run, f"eval-{index}-{Path(path).stem}", path, tokenizer,
-                                      config.data.max_prompt_tokens, config.data.enable_thinking)
+                                      config.data.max_prompt_tokens, config.data.enable_thinking, "eval.sets")
         prompts = prompt_set.prompts[: e.prompts] if e.prompts else prompt_set.prompts
         if not prompts:
-            raise ConfigError(f"eval.sets: no usable prompts in {path} (dropped: {prompt_set.dropped_summary()})")
+            raise ConfigError(f"config key 'eval.sets': no usable prompts in {path} (dropped: {prompt_set.dropped_summary()})")
         samples = run_sampling(model, tokenizer, prompts, params, f"eval {Path(path).stem} iter {iteration}")
         set_rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
         verdicts = grade_batch([(r["response_text"], r["ground_truth"]) for r in set_rows], config.score.reward_mode,
@@ -148,17 +148,19 @@ def main() -> None:
         fail(str(error))
     set_threads(config)
     checkpoint = shards.checkpoint_dir(args.run, args.iteration)
-    if not shards.checkpoint_ready(checkpoint):
-        fail(f"checkpoint {checkpoint} is not complete: train iteration {args.iteration - 1} first")
+    try:
+        shards.verify_checkpoint(checkpoint)
+    except shards.ContractError as error:
+        fail(f"{error}: train iteration {args.iteration - 1} (again) first")
     version = policy_version(checkpoint)
     tokenizer, model = load_tokenizer(checkpoint), load_inference_model(checkpoint)
     k = args.eval_k or config.eval.k
     eval_dir = shards.stage_dir(args.run, args.iteration, "eval" if k == config.eval.k else f"eval-k{k}")
     want_eval = args.eval_only or eval_due(config, args.iteration)
     try:
-        if want_eval and shards.read_manifest(eval_dir) is None:
+        if want_eval and not shards.stage_finished(eval_dir):
             evaluate(config, args.run, args.iteration, model, tokenizer, version, k)
-        if not args.eval_only and shards.read_manifest(shards.stage_dir(args.run, args.iteration, "rollouts")) is None:
+        if not args.eval_only and not shards.stage_finished(shards.stage_dir(args.run, args.iteration, "rollouts")):
             generate_rollouts(config, args.run, args.iteration, model, tokenizer, version)
     except ConfigError as error:
         fail(str(error))

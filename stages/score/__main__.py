@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from common import shards
 from common.config import ConfigError
-from common.modeling import load_inference_model, load_tokenizer, peak_gpu_gib, policy_version, response_logprobs
+from common.modeling import (load_inference_model, load_tokenizer, local_model_dir, peak_gpu_gib, policy_version,
+                             response_logprobs)
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.score.verifier import grade_batch
 
@@ -73,16 +74,17 @@ def main() -> None:
     try:
         config = load_run_config(args.run)
         out_dir = shards.stage_dir(args.run, args.iteration, "scored")
-        if shards.read_manifest(out_dir) is not None:
+        if shards.stage_finished(out_dir):
             return
         rollouts = shards.read_stage(shards.stage_dir(args.run, args.iteration, "rollouts"), "rollouts")
         set_threads(config)
         shards.reset_stage(out_dir)
         started = time.time()
-        teacher_tokenizer = load_tokenizer(config.model.teacher)
+        teacher_dir = local_model_dir(config.model.teacher)
+        teacher_tokenizer = load_tokenizer(teacher_dir)
         check_same_vocabulary(load_tokenizer(shards.checkpoint_dir(args.run, args.iteration)), teacher_tokenizer)
-        teacher = load_inference_model(config.model.teacher)
-        teacher_version = policy_version(config.model.teacher)
+        teacher = load_inference_model(teacher_dir)
+        teacher_version = policy_version(teacher_dir)
     except (ConfigError, shards.ContractError) as error:
         fail(str(error))
     columns = rollouts.to_pydict()

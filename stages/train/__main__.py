@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from common import shards
 from common.config import Config, ConfigError, TrainConfig
-from common.modeling import load_model, load_tokenizer, peak_gpu_gib, policy_version, response_logprobs, weights_sha256
+from common.faults import fault_point
+from common.modeling import load_model, load_tokenizer, peak_gpu_gib, policy_version, response_logprobs
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.train.batching import micro_batches, minibatches, rank_share
 from stages.train.loss import LossConfig, TokenBatch, distillation_loss, grpo_advantages, truncated_is_weights
@@ -250,6 +251,7 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
         stage0_norm = None if t.zero_stage else torch.nn.utils.get_total_norm(
             [p.grad for p in engine.module.parameters() if p.grad is not None])
         engine.step()
+        fault_point("train_step")
         grad_norm = float(engine.get_global_grad_norm() if stage0_norm is None else stage0_norm)
         if not torch.isfinite(torch.tensor(grad_norm)):
             raise NonFiniteError(f"{where}: non-finite gradient norm {grad_norm}")
@@ -292,7 +294,8 @@ def save_checkpoint(engine, tokenizer, target: Path, zero_stage: int) -> None:
     engine.save_checkpoint(str(staging / OPTIMIZER_STATE), tag="state")  # collective: every rank writes its part
     dist.barrier()
     if rank == 0:
-        (staging / shards.DONE).write_text(weights_sha256(staging) + "\n")
+        shards.seal_checkpoint(staging)
+        fault_point("checkpoint")
         os.replace(staging, target)
     dist.barrier()
 
@@ -316,11 +319,10 @@ def main() -> None:
     try:
         config = load_run_config(run)
         out_dir = shards.stage_dir(run, iteration, "train")
-        if shards.read_manifest(out_dir) is not None:
+        if shards.stage_finished(out_dir):
             return
         source, target = shards.checkpoint_dir(run, iteration), shards.checkpoint_dir(run, iteration + 1)
-        if not shards.checkpoint_ready(source):
-            raise ConfigError(f"checkpoint {source} is not complete")
+        shards.verify_checkpoint(source)  # the optimizer state is a pickle: load only what we wrote
         scored = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored")
         version = policy_version(source)
         check_on_policy(scored, version)

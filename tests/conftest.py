@@ -1,0 +1,14 @@
+import pytest
+from pipeline_helpers import orchestrate
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """Two uninterrupted tiny iterations (run as 1 + 1: a second call continues the run)."""
+    run = tmp_path_factory.mktemp("runs") / "reference"
+    first = orchestrate(run, 1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = orchestrate(run, 1)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 iteration(s) done" in second.stdout
+    return run

@@ -1,0 +1,135 @@
+"""Crash anywhere, resume, lose nothing: kill -9 at the worst moments (common/faults.py), corrupt
+files, feed bad data, fill the disk; after each, the run's invariants hold (orchestrator/checks.py)
+and the result equals the uninterrupted reference run bit for bit.
+
+`make faults` runs a longer randomised campaign (tests/fault_campaign.py)."""
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pipeline_helpers import orchestrate
+
+from common import shards
+from common.modeling import policy_version
+from orchestrator.checks import check_run
+
+
+def rollout_digests(run: Path) -> list[str]:
+    return [f["sha256"] for i in range(2) for f in shards.read_manifest(shards.stage_dir(run, i, "rollouts"))["files"]]
+
+
+def assert_same_as_reference(run: Path, reference: Path) -> None:
+    finished, problems = check_run(run)
+    assert finished == 2 and problems == []
+    assert rollout_digests(run) == rollout_digests(reference)
+    for version in range(3):
+        assert policy_version(shards.checkpoint_dir(run, version)) == policy_version(shards.checkpoint_dir(reference, version))
+
+
+def test_reference_run_holds_every_invariant(reference_run):
+    assert check_run(reference_run) == (2, [])
+
+
+def test_kill_9_at_the_worst_moments_then_resume(reference_run, tmp_path):
+    """Killed while writing a shard, inside a training step, between logging metrics and recording
+    it, and after sealing a checkpoint but before renaming it: each resume picks up where it was."""
+    run = tmp_path / "faulted"
+    for fault in ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1"):
+        result = orchestrate(run, 2, fault=fault)
+        assert result.returncode != 0, f"{fault} was never reached"
+        killed_orchestrator = result.returncode == -signal.SIGKILL
+        assert killed_orchestrator or f"exit code {-signal.SIGKILL}" in result.stderr, result.stderr[-2000:]
+    finished = orchestrate(run, 2 - len(list(run.glob("iter=*/train/_MANIFEST.json"))))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    # Same seed and config as the reference: byte-identical rollouts and identical checkpoints.
+    assert_same_as_reference(run, reference_run)
+
+
+def test_corrupt_shard_and_checkpoint_are_detected_and_redone(reference_run, tmp_path):
+    run = tmp_path / "corrupt"
+    shutil.copytree(reference_run, run)
+    # Iteration 1 interrupted after scoring, and its scored shard truncated since.
+    shards.reset_stage(shards.stage_dir(run, 1, "train"))
+    shutil.rmtree(shards.checkpoint_dir(run, 2))
+    scored = next(shards.stage_dir(run, 1, "scored").glob("part-*.parquet"))
+    scored.write_bytes(scored.read_bytes()[: scored.stat().st_size // 2])
+    result = orchestrate(run, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "does not match its manifest sha256" in result.stderr and "score iter 1" in result.stdout
+    assert_same_as_reference(run, reference_run)
+
+    # A flipped byte in the latest checkpoint: its training is redone, to the same weights.
+    weights = shards.checkpoint_dir(run, 2) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = orchestrate(run, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training iteration 1 again" in result.stderr and "train iter 1" in result.stdout
+    assert_same_as_reference(run, reference_run)
+
+
+def test_a_manifest_naming_a_missing_file_is_rejected(reference_run, tmp_path):
+    run = tmp_path / "missing"
+    shutil.copytree(reference_run, run)
+    next(shards.stage_dir(run, 1, "scored").glob("part-*.parquet")).unlink()
+    finished, problems = check_run(run)
+    assert any("is named in the manifest but missing" in p for p in problems)
+    result = subprocess.run([sys.executable, "-m", "stages.train", "--run", str(run), "--iter", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0  # already trained: nothing to do, nothing read
+    shards.reset_stage(shards.stage_dir(run, 1, "train"))
+    result = subprocess.run([sys.executable, "-m", "stages.train", "--run", str(run), "--iter", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing" in result.stderr
+
+
+def test_a_write_error_leaves_nothing_half_written(reference_run, tmp_path):
+    """The disk fills up while the generate stage writes (a 20 kB file-size limit here)."""
+    run = tmp_path / "full"
+    shutil.copytree(reference_run, run)
+    for stage in ("rollouts", "scored", "train", "eval"):
+        shards.reset_stage(shards.stage_dir(run, 1, stage))
+    shutil.rmtree(shards.checkpoint_dir(run, 2))
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write raises instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    result = subprocess.run([sys.executable, "-m", "stages.generate", "--run", str(run), "--iter", "1"],
+                            capture_output=True, text=True, preexec_fn=small_disk)
+    assert result.returncode != 0 and "File too large" in result.stderr
+    for stage in ("rollouts", "eval"):
+        out_dir = shards.stage_dir(run, 1, stage)
+        assert not list(out_dir.glob("part-*")) and not (out_dir / shards.MANIFEST).exists()
+    result = orchestrate(run, 1)  # space is back: the stage is redone from scratch
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_as_reference(run, reference_run)
+
+
+@pytest.mark.parametrize("case", ["all_bad_rows", "missing_file", "wrong_columns"])
+def test_bad_data_stops_with_one_line(tmp_path, case):
+    path = tmp_path / "data.parquet"
+    if case == "all_bad_rows":
+        pq.write_table(pa.Table.from_pylist([
+            {"data_source": "x", "prompt": [], "reward_model": {"ground_truth": "1"}, "extra_info": {"index": "a"}},
+            {"data_source": "x", "prompt": [{"role": "user", "content": "2+2?"}], "reward_model": {"ground_truth": None},
+             "extra_info": {"index": "b"}}]), path)
+    elif case == "wrong_columns":
+        pq.write_table(pa.table({"question": ["2+2?"], "answer": ["4"]}), path)
+    result = orchestrate(tmp_path / "run", 1, "-o", f"data.train={path}")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "data.train" in errors[0]
+
+
+def test_run_files_follow_the_umask(reference_run):
+    world_writable = [p for p in reference_run.rglob("*") if p.stat().st_mode & 0o002]
+    assert world_writable == []
