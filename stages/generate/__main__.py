@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from common import shards
 from common.config import Config, ConfigError
 from common.data import Prompt, iteration_prompts, prepared_prompts
 from common.modeling import load_model, load_tokenizer, policy_version
+from common.progress import Progress, stage_summary
 from common.reward import grade
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.generate.hf_engine import SamplingParams, sample
@@ -46,7 +46,7 @@ def write_rows(rows: list[dict], schema: pa.Schema, out_dir: Path) -> None:
 
 def run_sampling(model, tokenizer, prompts: list[Prompt], params: SamplingParams, label: str):
     eos_ids = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
-    with tqdm(total=len(prompts) * params.n, desc=label, unit="seq", disable=None, leave=False) as bar:
+    with Progress(len(prompts) * params.n, label) as bar:
         return sample(model, [p.prompt_ids for p in prompts], params, eos_ids, tokenizer.pad_token_id, bar.update)
 
 
@@ -77,8 +77,8 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
     }
     manifest = shards.write_manifest(out_dir, "rollouts", iteration, config.hash(), started, metrics,
                                      {"policy_version": version})
-    print(f"generate iter {iteration}: {manifest['rows']} rows, {tokens} tokens, "
-          f"{metrics['generate/tokens_per_s']:.0f} tok/s, {manifest['seconds']:.1f}s", flush=True)
+    stage_summary("generate", iteration, manifest["rows"], tokens, metrics["generate/tokens_per_s"], manifest["seconds"],
+                  f"mean length {metrics['generate/mean_response_length']:.1f}")
     return manifest
 
 
@@ -92,7 +92,9 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
     e = config.eval
     params = SamplingParams(n=1, max_new_tokens=e.max_response_tokens, temperature=e.temperature, top_p=e.top_p,
                             seed=config.seed * 100_003 + 7_777, batch_size=config.generate.batch_size)
+    sample_started = time.time()
     samples = run_sampling(model, tokenizer, prompts, params, f"eval iter {iteration}")
+    sample_seconds = time.time() - sample_started
     rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
     for row in rows:
         verdict = grade(row["response_text"], row["ground_truth"])
@@ -104,8 +106,9 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
                "eval/mean_response_length": sum(len(r["response_ids"]) for r in rows) / len(rows)}
     manifest = shards.write_manifest(out_dir, "eval", iteration, config.hash(), started, metrics,
                                      {"policy_version": version})
-    print(f"eval iter {iteration}: accuracy {metrics['eval/accuracy']:.3f} on {len(rows)} prompts "
-          f"({manifest['seconds']:.1f}s)", flush=True)
+    tokens = sum(len(r["response_ids"]) for r in rows)
+    stage_summary("eval", iteration, manifest["rows"], tokens, tokens / max(sample_seconds, 1e-9), manifest["seconds"],
+                  f"accuracy {metrics['eval/accuracy']:.3f}")
     return manifest
 
 

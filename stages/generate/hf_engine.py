@@ -83,7 +83,7 @@ def sample(
     pad_id: int,
     progress=None,
 ) -> list[Sampled]:
-    """n samples for each prompt (token ids); `progress(k)` is called after each batch of k sequences."""
+    """n samples for each prompt (token ids); `progress(k, tokens)` is called after each batch of k sequences."""
     config = _generation_config(params, eos_ids, pad_id)
     device = next(model.parameters()).device
     jobs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
@@ -111,5 +111,5 @@ def sample(
             results.append(Sampled(p, s, ids[:length], token_logprobs[row, :length].tolist(),
                                    "length" if stop is None else "stop"))
         if progress is not None:
-            progress(len(batch))
+            progress(len(batch), sum(len(r.response_ids) for r in results[-len(batch):]))
     return results

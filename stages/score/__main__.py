@@ -11,11 +11,11 @@ import time
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from common import shards
 from common.config import ConfigError
 from common.modeling import load_model, load_tokenizer, policy_version, sequence_logprobs
+from common.progress import Progress, stage_summary
 from common.reward import grade
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 
@@ -38,14 +38,14 @@ def teacher_logprobs(teacher, prompts, responses, pad_id: int, batch_size: int, 
     # Sorting by length keeps padding low inside each batch; results go back to row order.
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]) + len(responses[k]))
     result: list[list[float]] = [[] for _ in prompts]
-    with tqdm(total=len(order), desc="score", unit="seq", disable=None, leave=False) as bar:
+    with Progress(len(order), "score") as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             scores = sequence_logprobs(teacher, [prompts[k] for k in batch], [responses[k] for k in batch],
                                        pad_id, chunk_tokens)
             for k, values in zip(batch, scores):
                 result[k] = values.tolist()
-            bar.update(len(batch))
+            bar.update(len(batch), sum(len(prompts[k]) + len(responses[k]) for k in batch))
     return result
 
 
@@ -94,9 +94,9 @@ def main() -> None:
     }
     manifest = shards.write_manifest(out_dir, "scored", args.iteration, config.hash(), started, metrics,
                                      {"teacher_version": teacher_version})
-    print(f"score iter {args.iteration}: {manifest['rows']} rows, accuracy {metrics['rollout/accuracy']:.3f}, "
-          f"reverse KL {metrics['rollout/reverse_kl']:.4f}, {metrics['score/tokens_per_s']:.0f} tok/s, "
-          f"{manifest['seconds']:.1f}s", flush=True)
+    forward_tokens = tokens + sum(map(len, columns["prompt_ids"]))  # what the teacher ran over
+    stage_summary("score", args.iteration, manifest["rows"], forward_tokens, metrics["score/tokens_per_s"], manifest["seconds"],
+                  f"accuracy {metrics['rollout/accuracy']:.3f}, reverse KL {metrics['rollout/reverse_kl']:.4f}")
 
 
 if __name__ == "__main__":

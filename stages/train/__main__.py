@@ -21,6 +21,7 @@ import torch
 from common import shards
 from common.config import Config, ConfigError
 from common.modeling import load_model, load_tokenizer, policy_version, sequence_logprobs, weights_sha256
+from common.progress import Progress, stage_summary
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.train.loss import LossConfig, k1_policy_gradient_loss
 
@@ -104,6 +105,7 @@ def train_iteration(config: Config, engine, columns: dict, pad_id: int, seed: in
 
     stats = defaultdict(float)
     steps = minibatches(columns, t.mini_batch_prompts, seed)
+    bar = Progress(len(rows), "train")
     for minibatch in steps:
         minibatch_tokens = sum(len(responses[k]) for k in minibatch)
         for start in range(0, len(minibatch), micro):
@@ -122,6 +124,8 @@ def train_iteration(config: Config, engine, columns: dict, pad_id: int, seed: in
         engine.step()
         stats["grad_norm"] += float(engine.get_global_grad_norm() if stage0_norm is None else stage0_norm)
         stats["tokens"] += minibatch_tokens
+        bar.update(len(minibatch), minibatch_tokens)
+    bar.close()
     return {
         "train/loss": stats["loss"] / len(steps),
         "train/grad_norm": stats["grad_norm"] / len(steps),
@@ -193,9 +197,10 @@ def main() -> None:
                                      {"policy_version": version, "produced_checkpoint": str(target),
                                       "produced_version": produced})
     prune_optimizer_states(run, keep=(source, target))
-    print(f"train iter {iteration}: {metrics['train/optimizer_steps']} steps, loss {metrics['train/loss']:.4f}, "
-          f"grad norm {metrics['train/grad_norm']:.3f}, {metrics['train/tokens_per_s']:.0f} tok/s, "
-          f"{manifest['seconds']:.1f}s -> {produced}", flush=True)
+    stage_summary("train", iteration, scored.num_rows, int(metrics["train/response_tokens"]),
+                  metrics["train/tokens_per_s"], manifest["seconds"],
+                  f"{metrics['train/optimizer_steps']} steps, loss {metrics['train/loss']:.4f}, "
+                  f"grad norm {metrics['train/grad_norm']:.3f} -> {produced}")
 
 
 if __name__ == "__main__":
