@@ -20,21 +20,25 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True)
-    it = commands.add_parser("iterate", help="run N more iterations of generate -> score -> train")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text)
+
+    it = command("iterate", "run N more iterations of generate -> score -> train")
     it.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
     it.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"), help="YAML config (default: %(default)s)")
     it.add_argument("-n", "--iterations", type=int, default=1, help="iterations to add (default: %(default)s)")
     it.add_argument("-o", "--override", action="append", default=[], help="key.sub=value (repeatable)")
     it.add_argument("--force", action="store_true", help="continue an existing run under a changed config")
-    ins = commands.add_parser("inspect", help="summarise an iteration's shards; show one response token by token")
+    ins = command("inspect", "summarise an iteration's shards; show one response token by token")
     ins.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
     ins.add_argument("--iter", type=int, default=None, dest="iteration", help="default: the latest scored one")
     ins.add_argument("--row", type=int, default=None, help="show one response token by token")
-    rep = commands.add_parser("report", help="plot a run's curves to <run>/report.png and log it to MLflow")
+    rep = command("report", "plot a run's curves to <run>/report.png and log it to MLflow")
     rep.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
     rep.add_argument("--out", type=Path, default=None, help="PNG path (default: <run>/report.png)")
     rep.add_argument("--no-teacher", action="store_true", help="skip the teacher's eval accuracy reference line")
-    com = commands.add_parser("compare", help="table of key params and final metrics of two or more runs")
+    com = command("compare", "table of key params and final metrics of two or more runs")
     com.add_argument("--runs", required=True, help="comma-separated run names, e.g. tiny,lr-test")
     com.add_argument("--root", type=Path, default=Path("runs"), help="folder holding the runs (default: %(default)s)")
     return top
