@@ -13,7 +13,10 @@ RUN_CONFIG = "run.yaml"
 
 
 def stage_arguments(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # `python -m stages.score` runs stages/score/__main__.py: show the command people type, not that file.
+    prog = "python -m " + ".".join(Path(sys.argv[0]).resolve().parent.parts[-2:])
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run folder (holds run.yaml)")
     parser.add_argument("--iter", type=int, required=True, dest="iteration", help="iteration number")
     return parser
