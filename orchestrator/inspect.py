@@ -55,8 +55,8 @@ def show_row(run: Path, iteration: int, row: int, console: Console) -> None:
     tokenizer = load_tokenizer(shards.checkpoint_dir(run, iteration))
     pieces = [tokenizer.decode([token]) for token in record["response_ids"]]
     diffs = [lp - lq for lp, lq in zip(record["rollout_logprobs"], record["teacher_logprobs"])]
-    console.print(f"\nrow {row}: prompt {record['prompt_id']} sample {record['sample_idx']}, gold {record['ground_truth']}, "
-                  f"extracted {record['extracted_answer']!r}, correct {record['correct']}, "
+    console.print(f"\nrow {row}: prompt {record['prompt_id']} sample {record['sample_idx']}, "
+                  f"gold {record['ground_truth']}, extracted {record['extracted_answer']!r}, correct {record['correct']}, "
                   f"reverse KL {sum(diffs) / max(len(diffs), 1):.4f} per token", soft_wrap=True)
     response = Text()
     for piece, d in zip(pieces, diffs):
@@ -65,7 +65,8 @@ def show_row(run: Path, iteration: int, row: int, console: Console) -> None:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("pos", "token", "student lp", "teacher lp", "lp - lq"):
         table.add_column(name, justify="right")
-    for pos, (piece, lp, lq, d) in enumerate(zip(pieces, record["rollout_logprobs"], record["teacher_logprobs"], diffs)):
+    columns = zip(pieces, record["rollout_logprobs"], record["teacher_logprobs"], diffs)
+    for pos, (piece, lp, lq, d) in enumerate(columns):
         table.add_row(str(pos), repr(piece), f"{lp:.4f}", f"{lq:.4f}", f"{d:.4f}", style=kl_style(d))
     console.print(table)
 

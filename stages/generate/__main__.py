@@ -77,7 +77,8 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
     }
     manifest = shards.write_manifest(out_dir, "rollouts", iteration, config.hash(), started, metrics,
                                      {"policy_version": version})
-    stage_summary("generate", iteration, manifest["rows"], tokens, metrics["generate/tokens_per_s"], manifest["seconds"],
+    stage_summary("generate", iteration, manifest["rows"], tokens, metrics["generate/tokens_per_s"],
+                  manifest["seconds"],
                   f"mean length {metrics['generate/mean_response_length']:.1f}")
     return manifest
 

@@ -95,7 +95,8 @@ def main() -> None:
     manifest = shards.write_manifest(out_dir, "scored", args.iteration, config.hash(), started, metrics,
                                      {"teacher_version": teacher_version})
     forward_tokens = tokens + sum(map(len, columns["prompt_ids"]))  # what the teacher ran over
-    stage_summary("score", args.iteration, manifest["rows"], forward_tokens, metrics["score/tokens_per_s"], manifest["seconds"],
+    stage_summary("score", args.iteration, manifest["rows"], forward_tokens, metrics["score/tokens_per_s"],
+                  manifest["seconds"],
                   f"accuracy {metrics['rollout/accuracy']:.3f}, reverse KL {metrics['rollout/reverse_kl']:.4f}")
 
 
