@@ -13,12 +13,14 @@ N ?= 1
 OVERRIDES ?=
 ITER ?=
 ROW ?=
+RUNS ?=
 
 # DeepSpeed compiles C++ ops on first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv iterate eval test test-slow inspect mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs bench-train bench-verifier
+.PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs \
+	bench-train bench-verifier
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +45,13 @@ inspect: $(STAMP)  ## make inspect RUN=tiny [ITER=3] [ROW=0]
 
 eval: $(STAMP)  ## make eval RUN=tiny [CKPT=3] [K=4]: avg@k of a checkpoint on the eval sets, logged to MLflow
 	$(PY) -m orchestrator eval --run $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) $(if $(K),--k $(K))
+
+report: $(STAMP)  ## make report RUN=tiny: runs/tiny/report.png (curves vs iteration), also logged to MLflow
+	$(PY) -m orchestrator report --run $(RUN_DIR)
+
+compare: $(STAMP)  ## make compare RUNS=tiny,lr-test: key params and final metrics side by side (MLflow)
+	@test -n "$(RUNS)" || { echo "error: RUNS is empty (fix: make compare RUNS=tiny,lr-test)" >&2; exit 2; }
+	$(PY) -m orchestrator compare --runs $(RUNS)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000

@@ -13,7 +13,10 @@ RUN_CONFIG = "run.yaml"
 
 
 def stage_arguments(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    # `python -m stages.score` runs stages/score/__main__.py: show the command people type, not that file.
+    prog = "python -m " + ".".join(Path(sys.argv[0]).resolve().parent.parts[-2:])
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run folder (holds run.yaml)")
     parser.add_argument("--iter", type=int, required=True, dest="iteration", help="iteration number")
     return parser
@@ -22,7 +25,7 @@ def stage_arguments(description: str) -> argparse.ArgumentParser:
 def load_run_config(run: Path) -> Config:
     path = Path(run) / RUN_CONFIG
     if not path.exists():
-        raise ConfigError(f"{path} not found: start the run with `make iterate RUN={Path(run).name}`")
+        raise ConfigError(f"{path} not found (fix: start the run with `make iterate RUN={Path(run).name}`)")
     return load_config(path)
 
 
@@ -44,6 +47,7 @@ def set_threads(config: Config) -> None:
         torch.set_num_threads(config.threads)
 
 
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def fail(message: str, code: int = 2, fix: str | None = None) -> None:
+    """One line on stderr, `error: <what> (fix: <how>)`, and a non-zero exit."""
+    print(f"error: {message}" + (f" (fix: {fix})" if fix else ""), file=sys.stderr)
     raise SystemExit(code)

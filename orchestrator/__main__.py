@@ -2,53 +2,76 @@
 
     python -m orchestrator iterate --run runs/tiny --config configs/tiny.yaml -n 3 [-o train.lr=1e-3] [--force]
     python -m orchestrator inspect --run runs/tiny [--iter 3] [--row 0]
-    python -m orchestrator eval --run runs/tiny [--ckpt 3] [--k 4]
-    python -m orchestrator check --run runs/tiny
+    python -m orchestrator report  --run runs/tiny            # runs/tiny/report.png, logged to MLflow
+    python -m orchestrator compare --runs tiny,lr-test [--root runs]
+    python -m orchestrator eval    --run runs/tiny [--ckpt 3] [--k 4]   # avg@k on the eval sets, logged to MLflow
+    python -m orchestrator check   --run runs/tiny                       # verify the run's invariants
+
+Errors print one line, `error: <what> (fix: <how>)`, and exit with a non-zero code.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from common.config import ConfigError, load_config
-from common.run import quiet_libraries
+from common.run import fail, quiet_libraries
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text)
+
+    it = command("iterate", "run N more iterations of generate -> score -> train")
+    it.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
+    it.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"), help="YAML config (default: %(default)s)")
+    it.add_argument("-n", "--iterations", type=int, default=1, help="iterations to add (default: %(default)s)")
+    it.add_argument("-o", "--override", action="append", default=[], help="key.sub=value (repeatable)")
+    it.add_argument("--force", action="store_true", help="continue an existing run under a changed config")
+    ins = command("inspect", "summarise an iteration's shards; show one response token by token")
+    ins.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
+    ins.add_argument("--iter", type=int, default=None, dest="iteration", help="default: the latest scored one")
+    ins.add_argument("--row", type=int, default=None, help="show one response token by token")
+    rep = command("report", "plot a run's curves to <run>/report.png and log it to MLflow")
+    rep.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
+    rep.add_argument("--out", type=Path, default=None, help="PNG path (default: <run>/report.png)")
+    rep.add_argument("--no-teacher", action="store_true", help="skip the teacher's eval accuracy reference line")
+    com = command("compare", "table of key params and final metrics of two or more runs")
+    com.add_argument("--runs", required=True, help="comma-separated run names, e.g. tiny,lr-test")
+    com.add_argument("--root", type=Path, default=Path("runs"), help="folder holding the runs (default: %(default)s)")
+    ev = command("eval", "avg@k of a checkpoint on the eval sets, logged to the run's MLflow")
+    ev.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
+    ev.add_argument("--ckpt", type=int, default=None, help="checkpoint version (default: the latest)")
+    ev.add_argument("--k", type=int, default=None, help="samples per prompt (default: eval.k)")
+    ch = command("check", "verify a run's invariants: checksums, rows, policy versions, MLflow points")
+    ch.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
+    return top
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    it = commands.add_parser("iterate", help="run N more iterations of generate -> score -> train")
-    it.add_argument("--run", type=Path, required=True)
-    it.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
-    it.add_argument("-n", "--iterations", type=int, default=1)
-    it.add_argument("-o", "--override", action="append", default=[], help="key.sub=value (repeatable)")
-    it.add_argument("--force", action="store_true", help="continue an existing run under a changed config")
-    ins = commands.add_parser("inspect", help="summarise an iteration's shards")
-    ins.add_argument("--run", type=Path, required=True)
-    ins.add_argument("--iter", type=int, default=None, dest="iteration", help="default: the latest scored one")
-    ins.add_argument("--row", type=int, default=None, help="show one response token by token")
-    ev = commands.add_parser("eval", help="avg@k of a checkpoint on the eval sets, logged to the run's MLflow")
-    ev.add_argument("--run", type=Path, required=True)
-    ev.add_argument("--ckpt", type=int, default=None, help="checkpoint version (default: the latest)")
-    ev.add_argument("--k", type=int, default=None, help="samples per prompt (default: eval.k)")
-    ch = commands.add_parser("check", help="verify a run's invariants (checksums, rows, versions, MLflow points)")
-    ch.add_argument("--run", type=Path, required=True)
-    args = parser.parse_args()
-    quiet_libraries()
+    args = parser().parse_args()
+    from orchestrator.runs import UserError
+
     try:
         if args.command == "iterate":
-            from orchestrator.loop import StageFailed, iterate
+            run_iterate(args)
+        elif args.command == "inspect":
+            from orchestrator.inspect import inspect
 
-            config = load_config(args.config, args.override)
-            print(f"config {args.config} (hash {config.hash()})" + (f", overrides: {' '.join(args.override)}"
-                                                                    if args.override else ""), flush=True)
+            quiet_libraries()
+            inspect(args.run, args.iteration, args.row)
+        elif args.command == "eval":
+            from orchestrator.loop import StageFailed, evaluate_checkpoint_now
+
+            quiet_libraries()
             try:
-                iterate(args.run, config, args.iterations, args.force)
+                evaluate_checkpoint_now(args.run, args.ckpt, args.k)
             except StageFailed as error:
-                print(f"error: {error}", file=sys.stderr)
-                raise SystemExit(1)
+                fail(str(error), code=1)
         elif args.command == "check":
             from orchestrator.checks import check_run
 
@@ -57,21 +80,35 @@ def main() -> None:
                 print(f"problem: {problem}")
             print(f"{args.run}: {finished} finished iteration(s), {len(problems)} problem(s)")
             raise SystemExit(1 if problems else 0)
-        elif args.command == "eval":
-            from orchestrator.loop import StageFailed, evaluate_checkpoint_now
+        elif args.command == "report":
+            from orchestrator.report import report
 
-            try:
-                evaluate_checkpoint_now(args.run, args.ckpt, args.k)
-            except StageFailed as error:
-                print(f"error: {error}", file=sys.stderr)
-                raise SystemExit(1)
+            print(f"report: {report(args.run, args.out, teacher=not args.no_teacher)} (logged to MLflow)")
         else:
-            from orchestrator.inspect import inspect
+            from orchestrator.compare import compare
 
-            inspect(args.run, args.iteration, args.row)
+            compare(args.runs, args.root)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(str(error))
+    except UserError as error:
+        fail(str(error))
+
+
+def run_iterate(args: argparse.Namespace) -> None:
+    from orchestrator.loop import StageFailed, iterate
+
+    if not args.config.exists():
+        fail(f"config file {args.config} does not exist", fix="pass an existing file, e.g. CONFIG=configs/tiny.yaml")
+    config = load_config(args.config, args.override)
+    # Echo what this run is made of before anything long starts.
+    print(f"config {args.config.resolve()} (hash {config.hash()})", flush=True)
+    print(f"overrides: {' '.join(args.override) if args.override else 'none'}", flush=True)
+    print(f"run folder {args.run} (resolved config frozen in {args.run / 'run.yaml'})", flush=True)
+    quiet_libraries()
+    try:
+        iterate(args.run, config, args.iterations, args.force)
+    except StageFailed as error:
+        fail(str(error), code=1)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
-"""`make inspect`: polars summaries of one iteration's shards, and one response token by token."""
+"""`make inspect`: polars summaries of one iteration's shards, and one response token by token.
+
+The token view puts the student's log-prob of each sampled token (lp, at sampling time) beside the
+teacher's (lq). Per token, lp - lq is the reverse-KL estimate the loss pushes down: large and positive
+where the student was sure of a token the teacher would not have written. In a terminal each token is
+coloured by it (red: the teacher disagrees, blue: the teacher is surer than the student).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import polars as pl
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from common import shards
-
-
-def latest_iteration(run: Path) -> int:
-    done = sorted(int(p.parent.name.split("=")[1]) for p in Path(run).glob("iter=*/scored/_MANIFEST.json"))
-    if not done:
-        raise SystemExit(f"error: {run} has no scored iteration yet")
-    return done[-1]
+from orchestrator.runs import UserError, require_iteration, require_run
 
 
 def summary(stage_path: Path) -> pl.DataFrame:
@@ -31,26 +35,50 @@ def summary(stage_path: Path) -> pl.DataFrame:
     return frame.group_by("data_source").agg(aggregates).collect()
 
 
-def show_row(run: Path, iteration: int, row: int) -> None:
+def kl_style(d: float) -> str:
+    """Colour of one token by its reverse-KL term lp - lq (nats)."""
+    if d > 2.0:
+        return "bold white on red"
+    if d > 0.5:
+        return "red"
+    if d > 0.1:
+        return "yellow"
+    if d < -0.5:
+        return "cyan"
+    return ""
+
+
+def show_row(run: Path, iteration: int, row: int, console: Console) -> None:
     from common.modeling import load_tokenizer
 
-    scored = shards.stage_dir(run, iteration, "scored")
-    frame = pl.read_parquet(scored / "*.parquet")
-    if not 0 <= row < frame.height:
-        raise SystemExit(f"error: ROW must be in 0..{frame.height - 1}")
-    record = frame.row(row, named=True)
+    record = pl.read_parquet(shards.stage_dir(run, iteration, "scored") / "*.parquet").row(row, named=True)
     tokenizer = load_tokenizer(shards.checkpoint_dir(run, iteration))
-    print(f"\nrow {row}: prompt {record['prompt_id']} sample {record['sample_idx']}, gold {record['ground_truth']}, "
-          f"extracted {record['extracted_answer']!r}, correct {record['correct']}")
-    print(record["response_text"])
-    print(f"\n{'pos':>4} {'token':>12} {'student lp':>10} {'teacher lp':>10} {'lp - lq':>8}")
-    for pos, (token, lp, lq) in enumerate(zip(record["response_ids"], record["rollout_logprobs"],
-                                              record["teacher_logprobs"])):
-        print(f"{pos:>4} {tokenizer.decode([token])!r:>12} {lp:>10.4f} {lq:>10.4f} {lp - lq:>8.4f}")
+    pieces = [tokenizer.decode([token]) for token in record["response_ids"]]
+    diffs = [lp - lq for lp, lq in zip(record["rollout_logprobs"], record["teacher_logprobs"])]
+    console.print(f"\nrow {row}: prompt {record['prompt_id']} sample {record['sample_idx']}, "
+                  f"gold {record['ground_truth']}, extracted {record['extracted_answer']!r}, correct {record['correct']}, "
+                  f"reverse KL {sum(diffs) / max(len(diffs), 1):.4f} per token", soft_wrap=True)
+    response = Text()
+    for piece, d in zip(pieces, diffs):
+        response.append(piece, style=kl_style(d))
+    console.print(response, soft_wrap=True)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("pos", "token", "student lp", "teacher lp", "lp - lq"):
+        table.add_column(name, justify="right")
+    columns = zip(pieces, record["rollout_logprobs"], record["teacher_logprobs"], diffs)
+    for pos, (piece, lp, lq, d) in enumerate(columns):
+        table.add_row(str(pos), repr(piece), f"{lp:.4f}", f"{lq:.4f}", f"{d:.4f}", style=kl_style(d))
+    console.print(table)
 
 
 def inspect(run: Path, iteration: int | None, row: int | None) -> None:
-    iteration = latest_iteration(run) if iteration is None else iteration
+    run = require_run(run)
+    iteration = require_iteration(run, iteration)
+    rows = shards.read_manifest(shards.stage_dir(run, iteration, "scored"))["rows"]
+    if row is not None and not 0 <= row < rows:
+        raise UserError(f"row {row} is not in iteration {iteration}", f"ROW must be in 0..{rows - 1}")
+    # Colour only in a terminal; piped or captured output stays plain text.
+    console = Console(highlight=False, markup=False)
     with pl.Config(tbl_rows=20, tbl_cols=12, float_precision=4):
         for stage in ("rollouts", "scored", "eval"):
             path = shards.stage_dir(run, iteration, stage)
@@ -64,5 +92,5 @@ def inspect(run: Path, iteration: int | None, row: int | None) -> None:
             print(f"\ntrain: {train['policy_version']} -> {train['produced_version']}")
             for key, value in train["metrics"].items():
                 print(f"  {key:<28} {value:.6g}")
-        if row is not None:
-            show_row(run, iteration, row)
+    if row is not None:
+        show_row(run, iteration, row, console)

@@ -118,8 +118,8 @@ def run_stage(stage: str, run: Path, iteration: int, extra: tuple[str, ...] = ()
     started = time.time()
     result = subprocess.run(stage_command(stage, run, iteration, processes) + list(extra))
     if result.returncode != 0:
-        raise StageFailed(f"stage {stage} failed at iteration {iteration} (exit code {result.returncode}); "
-                          "fix the cause and rerun the same command to resume")
+        raise StageFailed(f"stage {stage} failed at iteration {iteration} with exit code {result.returncode} "
+                          "(fix: see the stage's error above, then rerun the same command to resume)")
     return time.time() - started
 
 
@@ -164,10 +164,11 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
     tracker = Tracker(config, run)
     start = completed_iterations(run)
     print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
+    loop_started = time.time()
     try:
         for iteration in range(start):  # metrics a crash kept from MLflow (stages without _LOGGED)
             log_iteration(tracker, run, iteration, {})
-        for iteration in range(start, start + iterations):
+        for done, iteration in enumerate(range(start, start + iterations), start=1):
             limit = epoch_limit(run, config)
             if limit is not None and iteration >= limit:
                 print(f"data.epochs={config.data.epochs} reached after {limit} iterations: stopping", flush=True)
@@ -177,9 +178,11 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
             wall = {stage: run_stage(stage, run, iteration, processes=config.train.processes if stage == "train" else 1)
                     for stage in STAGES}
             log_iteration(tracker, run, iteration, wall)
-            print(f"iteration {iteration} done in {time.time() - began:.1f}s "
-                  f"(generate {wall['generate']:.1f}s, score {wall['score']:.1f}s, train {wall['train']:.1f}s)",
-                  flush=True)
+            # ETA from the mean iteration so far; eval iterations make it a little optimistic.
+            eta = (time.time() - loop_started) / done * (iterations - done)
+            print(f"iteration {iteration} ({done}/{iterations}) done in {time.time() - began:.1f}s "
+                  f"(generate {wall['generate']:.1f}s, score {wall['score']:.1f}s, train {wall['train']:.1f}s)"
+                  + (f", ETA {eta / 60:.1f} min" if done < iterations else ""), flush=True)
         # The last checkpoint has not been sampled yet: evaluate it so every run ends with a figure.
         evaluate_checkpoint(config, run, start + iterations, tracker)
     finally:

@@ -11,4 +11,7 @@ def reference_run(tmp_path_factory):
     second = orchestrate(run, 1)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "1 iteration(s) done" in second.stdout
+    # What the two calls printed, for the tests of the terminal output.
+    (run.parent / "reference.out").write_text(first.stdout + second.stdout)
+    (run.parent / "reference.err").write_text(first.stderr + second.stderr)
     return run

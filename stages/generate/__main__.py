@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from common import shards
 from common.config import Config, ConfigError
 from common.data import Prompt, iteration_prompts, prepared_prompts
 from common.modeling import load_inference_model, load_tokenizer, peak_gpu_gib, policy_version
+from common.progress import Progress, stage_summary
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.generate.hf_engine import SamplingParams, sample
 from stages.score.verifier import grade_batch
@@ -49,7 +49,7 @@ def write_rows(rows: list[dict], stage: str, out_dir: Path) -> None:
 
 def run_sampling(model, tokenizer, prompts: list[Prompt], params: SamplingParams, label: str):
     eos_ids = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
-    with tqdm(total=len(prompts) * params.n, desc=label, unit="seq", disable=None, leave=False) as bar:
+    with Progress(len(prompts) * params.n, label) as bar:
         return sample(model, [p.prompt_ids for p in prompts], params, eos_ids, tokenizer.pad_token_id, bar.update)
 
 
@@ -83,8 +83,8 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
     }
     manifest = shards.write_manifest(out_dir, "rollouts", iteration, config.hash(), started, metrics,
                                      {"policy_version": version})
-    print(f"generate iter {iteration}: {manifest['rows']} rows, {tokens} tokens, "
-          f"{metrics['generate/tokens_per_s']:.0f} tok/s, {manifest['seconds']:.1f}s", flush=True)
+    stage_summary("generate", iteration, manifest["rows"], tokens, metrics["generate/tokens_per_s"],
+                  manifest["seconds"], f"mean length {metrics['generate/mean_response_length']:.1f}")
     return manifest
 
 
@@ -103,13 +103,16 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
     params = SamplingParams(n=k, max_new_tokens=e.max_response_tokens, temperature=e.temperature, top_p=e.top_p,
                             seed=config.seed * 100_003 + 7_777, batch_size=config.generate.batch_size)
     rows, metrics = [], {}
+    sample_seconds = 0.0
     for index, path in enumerate(e.sets):
         prompt_set = prepared_prompts(run, f"eval-{index}-{Path(path).stem}", path, tokenizer,
                                       config.data.max_prompt_tokens, config.data.enable_thinking, "eval.sets")
         prompts = prompt_set.prompts[: e.prompts] if e.prompts else prompt_set.prompts
         if not prompts:
             raise ConfigError(f"config key 'eval.sets': no usable prompts in {path} (dropped: {prompt_set.dropped_summary()})")
+        sample_started = time.time()
         samples = run_sampling(model, tokenizer, prompts, params, f"eval {Path(path).stem} iter {iteration}")
+        sample_seconds += time.time() - sample_started
         set_rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
         verdicts = grade_batch([(r["response_text"], r["ground_truth"]) for r in set_rows], config.score.reward_mode,
                                config.score.verifier_workers, config.score.verifier_timeout_s)
@@ -128,7 +131,9 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
                                      {"policy_version": version, "k": k})
     per_set = ", ".join(f"{key.split('/')[1]} {value:.3f}" for key, value in metrics.items()
                         if key.endswith("/accuracy") and key.count("/") == 2)
-    print(f"eval iter {iteration}: avg@{k} {per_set} ({manifest['seconds']:.1f}s)", flush=True)
+    tokens = sum(len(r["response_ids"]) for r in rows)
+    stage_summary("eval", iteration, manifest["rows"], tokens, tokens / max(sample_seconds, 1e-9), manifest["seconds"],
+                  f"avg@{k} {per_set}")
     return manifest
 
 

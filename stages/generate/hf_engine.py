@@ -96,7 +96,7 @@ def sample(
     pad_id: int,
     progress=None,
 ) -> list[Sampled]:
-    """n samples for each prompt (token ids); `progress(k)` is called after each batch of k sequences."""
+    """n samples for each prompt (token ids); `progress(k, tokens)` is called after each batch of k sequences."""
     config = _generation_config(params, eos_ids, pad_id)
     device = next(model.parameters()).device
     jobs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
@@ -127,5 +127,5 @@ def sample(
                                    None if topk_ids is None else topk_ids[row, :length].tolist(),
                                    None if topk_logprobs is None else topk_logprobs[row, :length].tolist()))
         if progress is not None:
-            progress(len(batch))
+            progress(len(batch), sum(len(r.response_ids) for r in results[-len(batch):]))
     return results

@@ -11,12 +11,12 @@ import time
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
 
 from common import shards
 from common.config import ConfigError
 from common.modeling import (load_inference_model, load_tokenizer, local_model_dir, peak_gpu_gib, policy_version,
                              response_logprobs)
+from common.progress import Progress, stage_summary
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.score.verifier import grade_batch
 
@@ -51,7 +51,7 @@ def teacher_logprobs(teacher, columns: dict, pad_id: int, batch_size: int, chunk
         result["teacher_student_topk_logprobs"] = [None] * len(prompts)
     if topk:
         result["teacher_topk_ids"], result["teacher_topk_logprobs"] = [None] * len(prompts), [None] * len(prompts)
-    with tqdm(total=len(order), desc="score", unit="seq", disable=None, leave=False) as bar:
+    with Progress(len(order), "score") as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             out = response_logprobs(teacher, [prompts[k] for k in batch], [responses[k] for k in batch], pad_id,
@@ -64,7 +64,7 @@ def teacher_logprobs(teacher, columns: dict, pad_id: int, batch_size: int, chunk
                 if topk:
                     result["teacher_topk_ids"][k] = out.topk_ids[position].tolist()
                     result["teacher_topk_logprobs"][k] = out.topk_logprobs[position].tolist()
-            bar.update(len(batch))
+            bar.update(len(batch), sum(len(prompts[k]) + len(responses[k]) for k in batch))
     return result
 
 
@@ -120,9 +120,10 @@ def main() -> None:
     }
     manifest = shards.write_manifest(out_dir, "scored", args.iteration, config.hash(), started, metrics,
                                      {"teacher_version": teacher_version})
-    print(f"score iter {args.iteration}: {manifest['rows']} rows, accuracy {metrics['rollout/accuracy']:.3f}, "
-          f"reverse KL {metrics['rollout/reverse_kl']:.4f}, {metrics['score/tokens_per_s']:.0f} tok/s, "
-          f"{manifest['seconds']:.1f}s", flush=True)
+    forward_tokens = tokens + sum(map(len, columns["prompt_ids"]))  # what the teacher ran over
+    stage_summary("score", args.iteration, manifest["rows"], forward_tokens, metrics["score/tokens_per_s"],
+                  manifest["seconds"],
+                  f"accuracy {metrics['rollout/accuracy']:.3f}, reverse KL {metrics['rollout/reverse_kl']:.4f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from common import shards
 from common.config import Config, ConfigError, TrainConfig
 from common.faults import fault_point
 from common.modeling import load_model, load_tokenizer, peak_gpu_gib, policy_version, response_logprobs
+from common.progress import Progress, stage_summary
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.train.batching import micro_batches, minibatches, rank_share
 from stages.train.loss import LossConfig, TokenBatch, distillation_loss, grpo_advantages, truncated_is_weights
@@ -242,6 +243,7 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
     (gap_max,) = _all_reduce([gap.abs().max().item() if gap.numel() else 0.0], dist.ReduceOp.MAX)
 
     totals = defaultdict(float)
+    bar = Progress(len(tokens), "train") if rank == 0 else None
     for step, (rows, share) in enumerate(zip(steps, shares)):
         minibatch_tokens = sum(len(data.responses[k]) for k in rows)
         where = f"iteration {iteration}, mini-batch {step}"
@@ -262,6 +264,10 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
         totals["reverse_kl"] += reverse_kl
         totals["tokens"] += step_tokens
         totals["grad_norm"] += grad_norm
+        if bar is not None:
+            bar.update(len(rows), int(step_tokens))
+    if bar is not None:
+        bar.close()
     return {
         "train/loss": totals["loss"] / len(steps),
         "train/grad_norm": totals["grad_norm"] / len(steps),
@@ -360,9 +366,10 @@ def main() -> None:
                                      {"policy_version": version, "produced_checkpoint": str(target),
                                       "produced_version": produced})
     prune_checkpoints(run, (source, target), config.train.keep_checkpoint_every)
-    print(f"train iter {iteration}: {metrics['train/optimizer_steps']} steps, loss {metrics['train/loss']:.4f}, "
-          f"grad norm {metrics['train/grad_norm']:.3f}, {metrics['train/tokens_per_s']:.0f} tok/s, "
-          f"{manifest['seconds']:.1f}s -> {produced}", flush=True)
+    stage_summary("train", iteration, len(columns["prompt_id"]), int(metrics["train/response_tokens"]),
+                  metrics["train/tokens_per_s"], manifest["seconds"],
+                  f"{metrics['train/optimizer_steps']} steps, loss {metrics['train/loss']:.4f}, "
+                  f"grad norm {metrics['train/grad_norm']:.3f} -> {produced}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""`make report`: one PNG of a run's learning curves, also logged to its MLflow run as an artifact.
+
+Panels, against iteration i (policy v_i): accuracy (rollouts and eval split, with the teacher's eval
+accuracy as a reference line), mean reward, mean reverse KL, response length, each stage's throughput
+and each stage's wall time. Curves come from the MLflow run, the same numbers the UI shows.
+
+The teacher's accuracy is not logged by `iterate` (the loop never runs the teacher on the eval
+split); the report measures it once with exactly the student's eval settings (same rendered prompts,
+sampling parameters and seed), caches it in runs/<RUN>/teacher_eval.json and logs it to MLflow as
+`eval.teacher_accuracy`. About 10 s on the tiny world, once per run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from orchestrator.runs import mlflow_run, require_run, run_config
+
+REPORT = "report.png"
+TEACHER_CACHE = "teacher_eval.json"
+TEACHER_METRIC = "eval.teacher_accuracy"
+
+# (title, [(metric, label)]) per panel, in reading order.
+PANELS = [
+    ("accuracy", [("rollout.accuracy", "rollouts (train prompts)"), ("eval.accuracy", "eval split")]),
+    ("mean reward", [("rollout.reward_mean", "rollouts")]),
+    ("mean reverse KL (lp - lq per token)", [("rollout.reverse_kl", "rollouts")]),
+    ("response length (tokens)", [("generate.mean_response_length", "rollouts"),
+                                  ("eval.mean_response_length", "eval split")]),
+    ("stage throughput (tokens/s)", [("generate.tokens_per_s", "generate"),
+                                     ("score.tokens_per_s", "score (prompt + response)"),
+                                     ("train.tokens_per_s", "train")]),
+    ("stage wall time (s, process)", [("time.generate_process_s", "generate"), ("time.score_process_s", "score"),
+                                      ("time.train_process_s", "train")]),
+]
+
+
+def teacher_eval(run: Path) -> dict:
+    """The teacher's accuracy on the eval split, under the student's eval settings; cached per run."""
+    from common.data import prepared_prompts
+    from common.modeling import load_model, load_tokenizer, policy_version
+    from common.reward import grade
+    from common.run import quiet_libraries, set_threads
+    from stages.generate.hf_engine import SamplingParams, sample
+
+    config = run_config(run)
+    e = config.eval
+    # The same prompts, sampling parameters and seed as stages/generate `evaluate()`.
+    params = SamplingParams(n=1, max_new_tokens=e.max_response_tokens, temperature=e.temperature, top_p=e.top_p,
+                            seed=config.seed * 100_003 + 7_777, batch_size=config.generate.batch_size)
+    key = {"teacher": policy_version(config.model.teacher), "eval": config.data.eval, "prompts": e.prompts,
+           "params": vars(params)}
+    cache = Path(run) / TEACHER_CACHE
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            return cached
+    quiet_libraries()
+    set_threads(config)
+    tokenizer, model = load_tokenizer(config.model.teacher), load_model(config.model.teacher)
+    prompts = prepared_prompts(run, "eval", config.data.eval, tokenizer, config.data.max_prompt_tokens,
+                               config.data.enable_thinking).prompts[: e.prompts]
+    samples = sample(model, [p.prompt_ids for p in prompts], params,
+                     sorted({tokenizer.eos_token_id, tokenizer.pad_token_id}), tokenizer.pad_token_id)
+    correct = [grade(tokenizer.decode(s.response_ids, skip_special_tokens=True),
+                     prompts[s.prompt_index].ground_truth).correct for s in samples]
+    result = {"key": key, "accuracy": sum(correct) / len(correct), "prompts": len(correct)}
+    cache.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def histories(client, run_id: str) -> dict[str, tuple[list[int], list[float]]]:
+    """(steps, values) of every metric the panels use, one value per step (the last logged)."""
+    curves = {}
+    for _, series in PANELS:
+        for metric, _ in series:
+            points = {m.step: m.value for m in sorted(client.get_metric_history(run_id, metric),
+                                                       key=lambda m: (m.step, m.timestamp))}
+            if points:
+                steps = sorted(points)
+                curves[metric] = (steps, [points[s] for s in steps])
+    return curves
+
+
+def plot(curves: dict, teacher_accuracy: float | None, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; also keeps report working over ssh and in CI
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    for ax, (panel, series) in zip(axes.flat, PANELS):
+        for metric, label in series:
+            if metric in curves:
+                steps, values = curves[metric]
+                ax.plot(steps, values, marker="o", markersize=3, label=label)
+        if panel == "accuracy":
+            if teacher_accuracy is not None:
+                ax.axhline(teacher_accuracy, color="black", linestyle="--", linewidth=1,
+                           label=f"teacher, eval split ({teacher_accuracy:.3f})")
+            ax.set_ylim(0, 1.02)
+        if panel.startswith("stage throughput"):
+            ax.set_yscale("log")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("iteration (policy v_i)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def report(run: Path, out: Path | None = None, teacher: bool = True) -> Path:
+    """Write the run's report PNG (default runs/<RUN>/report.png) and log it to its MLflow run."""
+    run = require_run(run)
+    uri, run_id = mlflow_run(run)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    teacher_accuracy = None
+    if teacher:
+        measured = teacher_eval(run)
+        teacher_accuracy = measured["accuracy"]
+        if client.get_run(run_id).data.metrics.get(TEACHER_METRIC) != teacher_accuracy:
+            client.log_metric(run_id, TEACHER_METRIC, teacher_accuracy, step=0)
+    curves = histories(client, run_id)
+    config = run_config(run)
+    title = (f"{run.name}: {config.generate.prompts_per_iteration} prompts x {config.generate.n} samples per "
+             f"iteration, lr {config.train.lr:g}, loss {config.train.loss}")
+    path = out or run / REPORT
+    plot(curves, teacher_accuracy, title, path)
+    client.log_artifact(run_id, str(path))
+    return path
