@@ -20,7 +20,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs \
-	bench-train bench-verifier
+	faults bench-train bench-verifier
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ tiny-assets: $(STAMP)  ## rebuild assets/tiny from scratch (task, tokenizer, tea
 
 tiny-eval: $(STAMP)  ## one line: teacher/student accuracy, greedy and sampled, on the eval split
 	$(PY) -m tiny_world.evaluate --assets assets/tiny
+
+faults: $(STAMP)  ## crash campaign: 20 kill -9 trials on the tiny world, each resumed and checked (~40 min)
+	$(PY) tests/fault_campaign.py --trials $(or $(TRIALS),20)
 
 bench-train: $(STAMP)  ## the train stage's step under DeepSpeed vs a plain torch loop (tiny model, CPU)
 	$(PY) -m bench.train

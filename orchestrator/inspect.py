@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from common import shards
+from stages.score.mechanism import token_overlap
 from orchestrator.runs import UserError, require_iteration, require_run
 
 
@@ -63,11 +64,19 @@ def show_row(run: Path, iteration: int, row: int, console: Console) -> None:
         response.append(piece, style=kl_style(d))
     console.print(response, soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("pos", "token", "student lp", "teacher lp", "lp - lq"):
+    # With top-k columns, the mechanism per token: how many of the teacher's top-k the student shares.
+    topk = record.get("student_topk_ids") is not None and record.get("teacher_topk_ids") is not None
+    extra = ("top-k overlap", "teacher's top 3") if topk else ()
+    for name in ("pos", "token", "student lp", "teacher lp", "lp - lq", *extra):
         table.add_column(name, justify="right")
     columns = zip(pieces, record["rollout_logprobs"], record["teacher_logprobs"], diffs)
     for pos, (piece, lp, lq, d) in enumerate(columns):
-        table.add_row(str(pos), repr(piece), f"{lp:.4f}", f"{lq:.4f}", f"{d:.4f}", style=kl_style(d))
+        cells = [str(pos), repr(piece), f"{lp:.4f}", f"{lq:.4f}", f"{d:.4f}"]
+        if topk:
+            teacher_ids = record["teacher_topk_ids"][pos]
+            cells += [f"{token_overlap(record['student_topk_ids'][pos], teacher_ids):.2f}",
+                      " ".join(repr(tokenizer.decode([i])) for i in teacher_ids[:3])]
+        table.add_row(*cells, style=kl_style(d))
     console.print(table)
 
 

@@ -18,6 +18,7 @@ from common.modeling import (load_inference_model, load_tokenizer, local_model_d
                              response_logprobs)
 from common.progress import Progress, stage_summary
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
+from stages.score.mechanism import mechanism_metrics
 from stages.score.verifier import grade_batch
 
 SHARD_ROWS = 1024
@@ -117,6 +118,7 @@ def main() -> None:
         "rollout/boxed_fraction": sum(g.status != "no_answer" for g in grades) / len(grades),
         "rollout/teacher_logprob_mean": sum(map(sum, scores)) / max(tokens, 1),
         "score/peak_gpu_gib": peak_gpu_gib(),
+        **mechanism_metrics({**columns, **teacher_columns}),
     }
     manifest = shards.write_manifest(out_dir, "scored", args.iteration, config.hash(), started, metrics,
                                      {"teacher_version": teacher_version})

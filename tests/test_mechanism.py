@@ -1,0 +1,53 @@
+"""Top-k signals end to end: the student's top-k recorded while sampling, the teacher's top-k and its
+log-probs at the student's ids added by the scorer, the mechanism metrics, a top-k loss trained on
+them, and `inspect` showing them token by token."""
+import math
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+from pipeline_helpers import orchestrate
+
+from common import shards
+from stages.score.mechanism import mechanism_metrics, position_bucket
+
+
+def test_mechanism_metrics_on_a_hand_made_example():
+    columns = {
+        "rollout_logprobs": [[-1.0, -1.0, -1.0, -2.0, -2.0, -2.0]],
+        "teacher_logprobs": [[-1.5, -1.5, -1.0, -1.0, -3.0, -3.0]],
+        "student_topk_ids": [[[1, 2]] * 6], "student_topk_logprobs": [[[math.log(0.6), math.log(0.3)]] * 6],
+        "teacher_topk_ids": [[[2, 3]] * 6], "teacher_topk_logprobs": [[[math.log(0.5), math.log(0.4)]] * 6],
+    }
+    metrics = mechanism_metrics(columns)
+    assert [position_bucket(p, 6) for p in range(6)] == ["start", "start", "middle", "middle", "end", "end"]
+    assert metrics["mechanism/reverse_kl_start"] == pytest.approx(0.5)
+    assert metrics["mechanism/reverse_kl_middle"] == pytest.approx(-0.5)
+    assert metrics["mechanism/reverse_kl_end"] == pytest.approx(1.0)
+    assert metrics["mechanism/topk_overlap"] == pytest.approx(0.5)          # {2} of {2, 3}
+    assert metrics["mechanism/student_mass_on_shared"] == pytest.approx(0.3)  # the student's p(2)
+    assert metrics["mechanism/teacher_mass_on_shared"] == pytest.approx(0.5)  # the teacher's p(2)
+
+
+def test_reverse_kl_on_the_students_topk_end_to_end(tmp_path):
+    run = tmp_path / "topk"
+    result = orchestrate(run, 1, "-o", "generate.student_topk=4", "-o", "score.teacher_topk=4",
+                         "-o", "train.loss=reverse_kl_topk", "-o", "eval.every=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = pl.read_parquet(shards.stage_dir(run, 0, "scored") / "*.parquet")
+    lengths = scored["response_ids"].list.len()
+    for column in ("student_topk_ids", "student_topk_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
+                   "teacher_student_topk_logprobs"):
+        assert (scored[column].list.len() == lengths).all(), column
+    first = scored.row(0, named=True)
+    assert all(len(ids) == 4 for ids in first["student_topk_ids"])
+    metrics = shards.read_manifest(shards.stage_dir(run, 0, "scored"))["metrics"]
+    assert 0.0 < metrics["mechanism/topk_overlap"] <= 1.0
+    assert 0.0 < metrics["mechanism/teacher_mass_on_shared"] <= 1.0 + 1e-6
+    train = shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"]
+    assert train["train/loss"] > 0 and math.isfinite(train["train/grad_norm"])
+    shown = subprocess.run([sys.executable, "-m", "orchestrator", "inspect", "--run", str(run), "--iter", "0",
+                            "--row", "0"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "top-k overlap" in shown.stdout and "teacher's top 3" in shown.stdout
