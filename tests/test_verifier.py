@@ -117,6 +117,9 @@ def test_two_stage_parsing_gives_the_same_sympy_objects_as_ll():
     for formula in formulas:
         assert sympy.srepr(_Latex2Sympy(is_real=True).parse(formula)) == \
             sympy.srepr(_Latex2Sympy(is_real=True).parse_ll(formula)), formula
+    converter = _Latex2Sympy(is_real=True)
+    for number in ["0", "7", "12", "123456789012345678901234567890", "1.5", ".25"]:  # digits only: sympy.Integer
+        assert sympy.srepr(converter.parse_number(number)) == sympy.srepr(_Latex2Sympy.parse_number.original(converter, number))
 
 
 def test_power_towers_and_huge_exponents_are_rejected_before_symbolic_work():

@@ -317,14 +317,15 @@ def _bail(*_args) -> None:
 
 
 def use_two_stage_parsing() -> None:
-    """Make latex2sympy's ANTLR parser predict in SLL mode first and fall back to LL on a syntax error.
+    """Make latex2sympy's ANTLR parser predict in SLL mode first and fall back to LL on a syntax error
+    (and build integer tokens without sympify, `_integer_number`).
 
     The generated LaTeX grammar is ambiguous enough that ANTLR's default LL prediction keeps
     falling back to full-context prediction, which its DFA cache does not remember, so every
-    answer pays for it again (~70% of all symbolic time on the public cases). ANTLR documents
+    answer pays for it again (about half of all symbolic time on the public cases, by cProfile). ANTLR documents
     that SLL prediction returns either the same parse tree as LL or a syntax error, so
     "SLL, then LL on a syntax error" (the two-stage strategy of the ANTLR book) gives the same
-    sympy objects, ~3x faster; tests check it against plain LL. The hook wraps two methods of
+    sympy objects with 3-5x less parsing time; tests check it against plain LL. The hook wraps two methods of
     latex2sympy2_extended==1.11.0 (pinned); without them parsing stays plain LL.
     """
     from antlr4.atn.PredictionMode import PredictionMode
@@ -356,6 +357,21 @@ def use_two_stage_parsing() -> None:
 
     _Latex2Sympy.create_parser, _Latex2Sympy.parse = create_sll_parser, parse_two_stage
     _Latex2Sympy.parse_ll, _Latex2Sympy.two_stage = parse, True  # parse_ll: for the tests
+    if hasattr(_Latex2Sympy, "parse_number"):
+        _Latex2Sympy.parse_number = _integer_number(_Latex2Sympy.parse_number)
+
+
+def _integer_number(parse_number):
+    """latex2sympy builds every number with sympy.Number(text), which goes through sympify and
+    parse_expr (~10% of all symbolic time on the public cases). For a token of digits only,
+    sympy.Integer(int(text)) is the same object without either; anything else keeps the original."""
+    import sympy
+
+    def parse_integer(self, text):
+        return sympy.Integer(int(text)) if text.isascii() and text.isdigit() else parse_number(self, text)
+
+    parse_integer.original = parse_number
+    return parse_integer
 
 
 def _parse(latex: str) -> list:
