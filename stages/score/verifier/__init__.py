@@ -3,15 +3,16 @@
     grade(response, gold, mode="correct") -> Grade
     grade_batch(pairs, mode, workers, timeout_s) -> list[Grade]   # always completes
 
-Extraction (extract.py) and the integer / decimal fast path (equivalence.py) run in the calling
-process; everything else goes to killable worker processes (pool.py) with a hard time bound.
+Extraction (extract.py) and the sympy-free tiers of equivalence.py (integers, decimals, simple
+fractions and surds, the number prose ends on) run in the calling process; everything else goes
+to killable worker processes (pool.py) with a hard time bound.
 `python -m stages.score.verifier` is the batch CLI over JSON lines.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.score.verifier.equivalence import fast_equal, guard
+from stages.score.verifier.equivalence import decide, fast_equal, guard
 from stages.score.verifier.extract import extract_answer, has_think_answer_format
 from stages.score.verifier.pool import run_symbolic
 
@@ -46,7 +47,7 @@ def grade_batch(pairs: list[tuple[str, str]], mode: str = "correct", workers: in
         raise ValueError(f"reward mode '{mode}' is not one of {', '.join(MODES)}")
     decided: list[tuple[bool, str] | None] = []
     extracted: list[tuple[str | None, bool]] = []
-    slow: list[int] = []
+    slow: list[tuple[int, str]] = []  # (index, the pred a worker should parse)
     for index, (response, gold) in enumerate(pairs):
         answer, status, from_box = extract_answer(response)
         extracted.append((answer, from_box))
@@ -59,10 +60,12 @@ def grade_batch(pairs: list[tuple[str, str]], mode: str = "correct", workers: in
         elif guard(answer) or guard(gold):  # power towers and the like never reach a worker
             decided.append((False, "parse_error"))
         else:
-            decided.append(None)
-            slow.append(index)
-    for index, result in zip(slow, run_symbolic([(extracted[i][0], pairs[i][1].strip()) for i in slow],
-                                                 workers, timeout_s)):
+            pred, decision = decide(answer, gold.strip())
+            decided.append(decision)
+            if decision is None:
+                slow.append((index, pred))
+    for (index, _), result in zip(slow, run_symbolic([(pred, pairs[i][1].strip()) for i, pred in slow],
+                                                      workers, timeout_s)):
         decided[index] = result
     grades = []
     for (response, _), (answer, from_box), (correct, status) in zip(pairs, extracted, decided):
