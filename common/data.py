@@ -40,21 +40,21 @@ REQUIRED_COLUMNS = ["data_source", "prompt", "reward_model", "extra_info"]
 
 
 def load_prompts(path: str | Path, tokenizer, max_prompt_tokens: int, enable_thinking: bool,
-                 key: str = "data.train") -> PromptSet:
+                 config_key: str = "data.train") -> PromptSet:
     """Prompts of a DAPO-Math-schema parquet, rendered with the chat template.
 
     Rows without a usable prompt or a string ground truth, repeated ids, repeated prompt texts and
     prompts over `max_prompt_tokens` are dropped and counted, never raised deep inside a stage.
     """
     if not Path(path).is_file():
-        raise ConfigError(f"config key '{key}': {path} does not exist")
+        raise ConfigError(f"config key '{config_key}': {path} does not exist")
     try:
         names = pq.read_schema(path).names
     except pa.ArrowInvalid as error:
-        raise ConfigError(f"config key '{key}': {path} is not a readable parquet file ({error})") from None
+        raise ConfigError(f"config key '{config_key}': {path} is not a readable parquet file ({error})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        raise ConfigError(f"config key '{key}': {path} lacks the DAPO-Math column(s) {missing} (has {names})")
+        raise ConfigError(f"config key '{config_key}': {path} lacks the DAPO-Math column(s) {missing} (has {names})")
     table = pq.read_table(path, columns=REQUIRED_COLUMNS)
     prompts: list[Prompt] = []
     dropped = dict.fromkeys(("bad_row", "duplicate_id", "duplicate_prompt", "too_long"), 0)
@@ -97,7 +97,7 @@ def iteration_prompts(prompts: list[Prompt], iteration: int, per_iteration: int,
 
 
 def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer, max_prompt_tokens: int,
-                     enable_thinking: bool, key: str = "data.train") -> PromptSet:
+                     enable_thinking: bool, config_key: str = "data.train") -> PromptSet:
     """`load_prompts`, rendered once per run and kept as `runs/<RUN>/prompts/<name>.parquet`.
 
     Every iteration samples from the same rendered prompts, so the chat template and tokenizer run
@@ -114,7 +114,7 @@ def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer, max_prom
     if meta is not None and meta["key"] == key:
         rows = pq.read_table(table_path).to_pylist()
         return PromptSet([Prompt(**row) for row in rows], meta["dropped"])
-    prompt_set = load_prompts(path, tokenizer, max_prompt_tokens, enable_thinking, key)
+    prompt_set = load_prompts(path, tokenizer, max_prompt_tokens, enable_thinking, config_key)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.parquet.tmp"
     pq.write_table(pa.Table.from_pylist([vars(p) for p in prompt_set.prompts]), tmp, compression="zstd")

@@ -37,20 +37,24 @@ PANELS = [
 
 
 def teacher_eval(run: Path) -> dict:
-    """The teacher's accuracy on the eval split, under the student's eval settings; cached per run."""
+    """The teacher's accuracy on the eval sets, under the student's eval settings; cached per run.
+
+    The same rendered prompts, sampling parameters, seed and grading as stages/generate `evaluate()`:
+    avg@k per set, then the mean over sets, as `eval.accuracy` is for the student.
+    """
     from common.data import prepared_prompts
-    from common.modeling import load_model, load_tokenizer, policy_version
-    from common.reward import grade
+    from common.modeling import load_inference_model, load_tokenizer, local_model_dir, policy_version
     from common.run import quiet_libraries, set_threads
     from stages.generate.hf_engine import SamplingParams, sample
+    from stages.score.verifier import grade_batch
 
     config = run_config(run)
     e = config.eval
-    # The same prompts, sampling parameters and seed as stages/generate `evaluate()`.
-    params = SamplingParams(n=1, max_new_tokens=e.max_response_tokens, temperature=e.temperature, top_p=e.top_p,
+    params = SamplingParams(n=e.k, max_new_tokens=e.max_response_tokens, temperature=e.temperature, top_p=e.top_p,
                             seed=config.seed * 100_003 + 7_777, batch_size=config.generate.batch_size)
-    key = {"teacher": policy_version(config.model.teacher), "eval": config.data.eval, "prompts": e.prompts,
-           "params": vars(params)}
+    teacher_dir = local_model_dir(config.model.teacher)
+    key = {"teacher": policy_version(teacher_dir), "sets": e.sets, "prompts": e.prompts, "params": vars(params),
+           "reward_mode": config.score.reward_mode}
     cache = Path(run) / TEACHER_CACHE
     if cache.exists():
         cached = json.loads(cache.read_text())
@@ -58,14 +62,20 @@ def teacher_eval(run: Path) -> dict:
             return cached
     quiet_libraries()
     set_threads(config)
-    tokenizer, model = load_tokenizer(config.model.teacher), load_model(config.model.teacher)
-    prompts = prepared_prompts(run, "eval", config.data.eval, tokenizer, config.data.max_prompt_tokens,
-                               config.data.enable_thinking).prompts[: e.prompts]
-    samples = sample(model, [p.prompt_ids for p in prompts], params,
-                     sorted({tokenizer.eos_token_id, tokenizer.pad_token_id}), tokenizer.pad_token_id)
-    correct = [grade(tokenizer.decode(s.response_ids, skip_special_tokens=True),
-                     prompts[s.prompt_index].ground_truth).correct for s in samples]
-    result = {"key": key, "accuracy": sum(correct) / len(correct), "prompts": len(correct)}
+    tokenizer, model = load_tokenizer(teacher_dir), load_inference_model(teacher_dir)
+    accuracies, graded = [], 0
+    for index, path in enumerate(e.sets):
+        prompts = prepared_prompts(run, f"eval-{index}-{Path(path).stem}", path, tokenizer,
+                                   config.data.max_prompt_tokens, config.data.enable_thinking, "eval.sets").prompts
+        prompts = prompts[: e.prompts] if e.prompts else prompts
+        samples = sample(model, [p.prompt_ids for p in prompts], params,
+                         sorted({tokenizer.eos_token_id, tokenizer.pad_token_id}), tokenizer.pad_token_id)
+        verdicts = grade_batch([(tokenizer.decode(s.response_ids, skip_special_tokens=True),
+                                 prompts[s.prompt_index].ground_truth) for s in samples], config.score.reward_mode,
+                               config.score.verifier_workers, config.score.verifier_timeout_s)
+        accuracies.append(sum(v.correct for v in verdicts) / len(verdicts))
+        graded += len(verdicts)
+    result = {"key": key, "accuracy": sum(accuracies) / len(accuracies), "samples": graded}
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -20,6 +20,12 @@ from common.modeling import policy_version
 from orchestrator.checks import check_run
 
 
+def copy_run(reference: Path, run: Path) -> None:
+    """The run folder and its MLflow database (the run id inside the folder points into it)."""
+    shutil.copytree(reference, run)
+    shutil.copy(reference.parent / "mlflow.db", run.parent / "mlflow.db")
+
+
 def rollout_digests(run: Path) -> list[str]:
     return [f["sha256"] for i in range(2) for f in shards.read_manifest(shards.stage_dir(run, i, "rollouts"))["files"]]
 
@@ -53,7 +59,7 @@ def test_kill_9_at_the_worst_moments_then_resume(reference_run, tmp_path):
 
 def test_corrupt_shard_and_checkpoint_are_detected_and_redone(reference_run, tmp_path):
     run = tmp_path / "corrupt"
-    shutil.copytree(reference_run, run)
+    copy_run(reference_run, run)
     # Iteration 1 interrupted after scoring, and its scored shard truncated since.
     shards.reset_stage(shards.stage_dir(run, 1, "train"))
     shutil.rmtree(shards.checkpoint_dir(run, 2))
@@ -77,7 +83,7 @@ def test_corrupt_shard_and_checkpoint_are_detected_and_redone(reference_run, tmp
 
 def test_a_manifest_naming_a_missing_file_is_rejected(reference_run, tmp_path):
     run = tmp_path / "missing"
-    shutil.copytree(reference_run, run)
+    copy_run(reference_run, run)
     next(shards.stage_dir(run, 1, "scored").glob("part-*.parquet")).unlink()
     finished, problems = check_run(run)
     assert any("is named in the manifest but missing" in p for p in problems)
@@ -91,16 +97,16 @@ def test_a_manifest_naming_a_missing_file_is_rejected(reference_run, tmp_path):
 
 
 def test_a_write_error_leaves_nothing_half_written(reference_run, tmp_path):
-    """The disk fills up while the generate stage writes (a 20 kB file-size limit here)."""
+    """The disk fills up while the generate stage writes (a 4 kB file-size limit: shards are ~8 kB)."""
     run = tmp_path / "full"
-    shutil.copytree(reference_run, run)
+    copy_run(reference_run, run)
     for stage in ("rollouts", "scored", "train", "eval"):
         shards.reset_stage(shards.stage_dir(run, 1, stage))
     shutil.rmtree(shards.checkpoint_dir(run, 2))
 
     def small_disk():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write raises instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, 4_000))
 
     result = subprocess.run([sys.executable, "-m", "stages.generate", "--run", str(run), "--iter", "1"],
                             capture_output=True, text=True, preexec_fn=small_disk)
@@ -123,7 +129,7 @@ def test_bad_data_stops_with_one_line(tmp_path, case):
              "extra_info": {"index": "b"}}]), path)
     elif case == "wrong_columns":
         pq.write_table(pa.table({"question": ["2+2?"], "answer": ["4"]}), path)
-    result = orchestrate(tmp_path / "run", 1, "-o", f"data.train={path}")
+    result = orchestrate(tmp_path / "run", 1, "-o", f"data.train={path}", "-o", "eval.every=0")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
