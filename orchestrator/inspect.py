@@ -88,6 +88,8 @@ def inspect(run: Path, iteration: int | None, row: int | None) -> None:
         raise UserError(f"row {row} is not in iteration {iteration}", f"ROW must be in 0..{rows - 1}")
     # Colour only in a terminal; piped or captured output stays plain text.
     console = Console(highlight=False, markup=False)
+    if not console.is_terminal:  # piped or captured: rich would assume 80 columns and crush the token table
+        console = Console(highlight=False, markup=False, width=160)
     with pl.Config(tbl_rows=20, tbl_cols=12, float_precision=4):
         for stage in ("rollouts", "scored", "eval"):
             path = shards.stage_dir(run, iteration, stage)

@@ -200,6 +200,7 @@ def test_two_ranks_reach_the_weights_of_one_rank(tmp_path):
     assert max_difference(weights(one, 1), weights(two, 1)) < 1e-6 < moved
 
 
+@pytest.mark.slow  # two more trainer processes; `make test-slow`
 def test_export_loads_with_auto_model_and_zero3_is_consolidated(tmp_path):
     """ZeRO-3 keeps a shard of each tensor per rank: the export must still hold whole tensors."""
     from transformers import AutoModelForCausalLM

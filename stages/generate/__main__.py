@@ -127,6 +127,7 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
     write_rows(rows, "eval", out_dir)
     accuracies = [value for key, value in metrics.items() if key.endswith("/accuracy")]
     metrics[f"{folder}/accuracy"] = sum(accuracies) / len(accuracies)  # mean over sets
+    metrics[f"{folder}/mean_response_length"] = sum(len(r["response_ids"]) for r in rows) / len(rows)
     manifest = shards.write_manifest(out_dir, "eval", iteration, config.hash(), started, metrics,
                                      {"policy_version": version, "k": k})
     per_set = ", ".join(f"{key.split('/')[1]} {value:.3f}" for key, value in metrics.items()
