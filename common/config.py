@@ -55,6 +55,7 @@ class ScoreConfig:
     batch_size: int = 64            # sequences per teacher forward
     logit_chunk_tokens: int = 4096  # rows of the LM head materialised at once
     teacher_topk: int = 0           # also store the teacher's own top-k ids and log-probs per token
+    packing: bool = False           # as train.packing, for the teacher forward
     reward_mode: str = "correct"    # correct (1/0) | deepscaler (0.67 correct boxed + 0.33 format)
     verifier_workers: int = 2       # processes for answers that need symbolic comparison
     verifier_timeout_s: float = 5.0  # per response; a worker past it is killed and replaced
@@ -76,7 +77,9 @@ class TrainConfig:
     mini_batch_prompts: int = 16    # prompts per optimizer step (x n responses)
     micro_batch_size: int = 64      # at most this many sequences per forward/backward
     max_tokens_per_micro_batch: int = 8192  # dynamic micro-batches: at most this many tokens each
-    packing: bool = True            # padding removal: sequences packed back to back in one row
+    # Padding removal: sequences back to back in one row. Pays with a varlen attention kernel
+    # (flash-attention on GPU); with sdpa the packed row gets a dense block mask, quadratic in its length.
+    packing: bool = False
     gradient_checkpointing: bool = False
     bf16: bool = True               # on GPU; CPU training is always fp32
     zero_stage: int = 1

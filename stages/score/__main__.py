@@ -37,7 +37,7 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
 
 @torch.no_grad()
 def teacher_logprobs(teacher, columns: dict, pad_id: int, batch_size: int, chunk_tokens: int,
-                     topk: int = 0) -> dict[str, list]:
+                     topk: int = 0, packed: bool = False) -> dict[str, list]:
     """Teacher log-probs of every sampled token (+ top-k columns when asked), in row order.
 
     Returns {"teacher_logprobs": [...]} and, when the rollouts carry the student's top-k, the
@@ -56,7 +56,7 @@ def teacher_logprobs(teacher, columns: dict, pad_id: int, batch_size: int, chunk
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             out = response_logprobs(teacher, [prompts[k] for k in batch], [responses[k] for k in batch], pad_id,
-                                    chunk_tokens, at_ids=None if student_topk is None else
+                                    chunk_tokens, packed, at_ids=None if student_topk is None else
                                     [student_topk[k] for k in batch], topk=topk)
             for position, k in enumerate(batch):
                 result["teacher_logprobs"][k] = out.sampled[position].tolist()
@@ -91,7 +91,8 @@ def main() -> None:
     columns = rollouts.to_pydict()
     forward_started = time.time()
     teacher_columns = teacher_logprobs(teacher, columns, teacher_tokenizer.pad_token_id, config.score.batch_size,
-                                       config.score.logit_chunk_tokens, config.score.teacher_topk)
+                                       config.score.logit_chunk_tokens, config.score.teacher_topk,
+                                       config.score.packing)
     scores = teacher_columns["teacher_logprobs"]
     forward_seconds = time.time() - forward_started
     sc = config.score
