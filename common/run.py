@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -51,3 +52,10 @@ def fail(message: str, code: int = 2, fix: str | None = None) -> None:
     """One line on stderr, `error: <what> (fix: <how>)`, and a non-zero exit."""
     print(f"error: {message}" + (f" (fix: {fix})" if fix else ""), file=sys.stderr)
     raise SystemExit(code)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a torch.distributed rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

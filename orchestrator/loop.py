@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import yaml
 from common import shards
 from common.config import Config, ConfigError, config_from_dict, save_config
 from common.modeling import local_model_dir
-from common.run import RUN_CONFIG, load_run_config
+from common.run import RUN_CONFIG, free_port, load_run_config
 from orchestrator.tracking import Tracker
 
 STAGES = ("generate", "score", "train")
@@ -106,11 +105,8 @@ def stage_command(stage: str, run: Path, iteration: int, processes: int = 1) -> 
     """`python -m stages.<stage> ...`, or the DeepSpeed launcher with one process per rank."""
     arguments = ["--run", str(run), "--iter", str(iteration)]
     if processes > 1:
-        with socket.socket() as probe:  # a free port for this launch's rendezvous
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--no_local_rank",
-                "--master_port", str(port), "--module", f"stages.{stage}", *arguments]
+                "--master_port", str(free_port()), "--module", f"stages.{stage}", *arguments]
     return [sys.executable, "-m", f"stages.{stage}", *arguments]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from common.config import Config, ConfigError, TrainConfig
 from common.faults import fault_point
 from common.modeling import load_model, load_tokenizer, peak_gpu_gib, policy_version, response_logprobs
 from common.progress import Progress, stage_summary
-from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
+from common.run import fail, free_port, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.train.batching import micro_batches, minibatches, rank_share
 from stages.train.loss import LossConfig, TokenBatch, distillation_loss, grpo_advantages, truncated_is_weights
 
@@ -92,10 +91,7 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     if "RANK" not in os.environ:  # a single local process; the DeepSpeed launcher sets these itself
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if torch.cuda.is_available():
