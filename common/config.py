@@ -16,6 +16,7 @@ import yaml
 
 # Loss modes, each defined in stages/train/loss.py.
 LOSSES = ("k1", "k2", "k3", "abs", "forward_kl_topk", "reverse_kl_topk")
+ENGINES = ("hf", "vllm")
 
 
 class ConfigError(ValueError):
@@ -38,7 +39,7 @@ class DataConfig:
 
 @dataclass
 class GenerateConfig:
-    engine: str = "hf"
+    engine: str = "hf"              # hf | vllm (stages/generate/sampling.py)
     prompts_per_iteration: int = 64
     n: int = 4                      # responses per prompt
     max_response_tokens: int = 64
@@ -47,11 +48,13 @@ class GenerateConfig:
     batch_size: int = 256           # sequences per engine call
     student_topk: int = 0           # also store the student's top-k ids and log-probs per token
     max_model_len: int = 0          # engine context (vLLM); 0 = max_prompt_tokens + max_response_tokens + 1
+    gpu_memory_utilization: float = 0.5  # vLLM: share of the GPU for weights + KV cache (the teacher needs room too)
+    enforce_eager: bool = False     # vLLM: skip torch.compile and CUDA graphs (faster start, slower decoding)
 
 
 @dataclass
 class ScoreConfig:
-    engine: str = "hf"
+    engine: str = "hf"              # hf | vllm (prompt log-probs; no top-k at the student's ids)
     batch_size: int = 64            # sequences per teacher forward
     logit_chunk_tokens: int = 4096  # rows of the LM head materialised at once
     teacher_topk: int = 0           # also store the teacher's own top-k ids and log-probs per token
@@ -59,6 +62,9 @@ class ScoreConfig:
     reward_mode: str = "correct"    # correct (1/0) | deepscaler (0.67 correct boxed + 0.33 format)
     verifier_workers: int = 2       # processes for answers that need symbolic comparison
     verifier_timeout_s: float = 5.0  # per response; a worker past it is killed and replaced
+    max_model_len: int = 0          # vLLM: 0 = data.max_prompt_tokens + generate.max_response_tokens + 1
+    gpu_memory_utilization: float = 0.3  # vLLM: share of the GPU for the teacher's weights + KV cache
+    enforce_eager: bool = False     # vLLM: skip torch.compile and CUDA graphs
 
 
 @dataclass
@@ -175,8 +181,13 @@ def validate(config: Config) -> Config:
     """Cross-field rules that types alone cannot express."""
     g, t = config.generate, config.train
     rules = [
-        (g.engine in ("hf",), "generate.engine", f"'{g.engine}' is not available (choose: hf)"),
-        (config.score.engine in ("hf",), "score.engine", f"'{config.score.engine}' is not available (choose: hf)"),
+        (g.engine in ENGINES, "generate.engine", f"'{g.engine}' is not an engine (choose: {', '.join(ENGINES)})"),
+        (0 < g.gpu_memory_utilization <= 1, "generate.gpu_memory_utilization", "must be in (0, 1]"),
+        (config.score.engine in ENGINES, "score.engine",
+         f"'{config.score.engine}' is not an engine (choose: {', '.join(ENGINES)})"),
+        (config.score.engine != "vllm" or g.student_topk == 0, "generate.student_topk",
+         "score.engine 'vllm' cannot return the teacher's log-probs at the student's top-k ids: use score.engine hf"),
+        (0 < config.score.gpu_memory_utilization <= 1, "score.gpu_memory_utilization", "must be in (0, 1]"),
         (t.loss in LOSSES, "train.loss", f"'{t.loss}' is not a loss (choose: {', '.join(LOSSES)})"),
         (t.loss != "forward_kl_topk" or config.score.teacher_topk > 0, "score.teacher_topk",
          "forward_kl_topk needs the teacher's top-k: set it > 0"),
