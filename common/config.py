@@ -46,6 +46,7 @@ class GenerateConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 256           # sequences per engine call
+    rows_per_shard: int = 1024      # rollout shard size; the score stage maps over shards
     student_topk: int = 0           # also store the student's top-k ids and log-probs per token
     max_model_len: int = 0          # engine context (vLLM); 0 = max_prompt_tokens + max_response_tokens + 1
     gpu_memory_utilization: float = 0.5  # vLLM: share of the GPU for weights + KV cache (the teacher needs room too)
@@ -111,6 +112,19 @@ class EvalConfig:
 
 
 @dataclass
+class OrchestratorConfig:
+    # subprocess: a fresh process per stage (simple, nothing held between stages);
+    # resident: generation and teacher engines stay loaded in Dask workers across iterations.
+    mode: str = "subprocess"
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""               # Dask scheduler to join; empty = an embedded LocalCluster
+    workers: int = 1                # worker processes in resident mode (one per GPU)
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: str = ""          # empty: sqlite:///<runs root>/mlflow.db
     experiment: str = "opd"
@@ -126,6 +140,8 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def to_dict(self) -> dict:
@@ -202,6 +218,10 @@ def validate(config: Config) -> Config:
         (t.loss != "k1" or t.policy_gradient, "train.policy_gradient",
          "k1 without the policy-gradient form has no gradient from the teacher; set it to true"),
         (g.n >= 1, "generate.n", "must be at least 1"),
+        (g.rows_per_shard >= 1, "generate.rows_per_shard", "must be at least 1"),
+        (config.orchestrator.mode in ("subprocess", "resident"), "orchestrator.mode",
+         f"'{config.orchestrator.mode}' is not a mode (choose: subprocess, resident)"),
+        (config.cluster.workers >= 1, "cluster.workers", "must be at least 1"),
         (g.prompts_per_iteration >= 1, "generate.prompts_per_iteration", "must be at least 1"),
         (t.mini_batch_prompts <= g.prompts_per_iteration, "train.mini_batch_prompts",
          f"{t.mini_batch_prompts} is larger than generate.prompts_per_iteration={g.prompts_per_iteration}"),

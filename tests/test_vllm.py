@@ -2,14 +2,20 @@
 
 One student engine and one teacher scorer are opened per module (each start costs ~30 s here):
 sampling agrees with the HF recomputation of the same tokens, the scorer agrees with the HF scorer,
-and an in-place reload gives the log-probs of a fresh engine on the same checkpoint.
+load_policy gives the log-probs of a fresh engine on the same checkpoint, and a 2-iteration run on
+vLLM engines holds every invariant.
 """
+import math
+
 import pytest
 import torch
+from pipeline_helpers import orchestrate
 
+from common import shards
 from common.config import load_config
 from common.data import load_prompts
 from common.modeling import load_model, load_tokenizer, response_logprobs
+from orchestrator.checks import check_run
 from stages.generate.sampling import SamplingParams
 from stages.generate.vllm_engine import vllm_available
 
@@ -101,3 +107,16 @@ def test_load_policy_equals_a_fresh_engine(student_engine, teacher_scorer, promp
     finally:
         student_engine.load_policy(STUDENT)
     assert probe(student_engine.llm) == before
+
+
+def test_two_iterations_with_vllm_engines(tmp_path):
+    """generate and score on vLLM in resident mode: the run finishes and holds every invariant."""
+    run = tmp_path / "vllm"
+    result = orchestrate(run, 2, *[a for o in ("generate.engine=vllm", "score.engine=vllm", "generate.enforce_eager=true",
+                                               "score.enforce_eager=true", "orchestrator.mode=resident", "eval.every=0")
+                                   for a in ("-o", o)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert check_run(run) == (2, [])
+    scored = shards.read_stage(shards.stage_dir(run, 1, "scored"), "scored").to_pydict()
+    gap = [r - t for rl, tl in zip(scored["rollout_logprobs"], scored["teacher_logprobs"]) for r, t in zip(rl, tl)]
+    assert len(gap) > 0 and all(math.isfinite(x) for x in gap)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 
 from common import shards
+from common.cluster import resident_models
 from common.config import Config, ConfigError
 from common.data import Prompt, iteration_prompts, prepared_prompts
 from common.modeling import peak_gpu_gib, policy_version
@@ -22,7 +24,6 @@ from common.run import fail, load_run_config, quiet_libraries, set_threads, stag
 from stages.generate.sampling import GenerationEngine, SamplingParams, open_engine
 from stages.score.verifier import grade_batch
 
-SHARD_ROWS = 1024
 
 
 def rollout_rows(prompts: list[Prompt], samples, tokenizer, iteration: int, version: str) -> list[dict]:
@@ -41,10 +42,10 @@ def rollout_rows(prompts: list[Prompt], samples, tokenizer, iteration: int, vers
     return rows
 
 
-def write_rows(rows: list[dict], stage: str, out_dir: Path) -> None:
+def write_rows(rows: list[dict], stage: str, out_dir: Path, rows_per_shard: int) -> None:
     schema = shards.schema_with_optional(stage, list(rows[0]) if rows else [])
-    for index, start in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
-        shards.write_shard(pa.Table.from_pylist(rows[start : start + SHARD_ROWS], schema=schema), out_dir, index)
+    for index, start in enumerate(range(0, max(len(rows), 1), rows_per_shard)):
+        shards.write_shard(pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=schema), out_dir, index)
 
 
 def run_sampling(engine: GenerationEngine, prompts: list[Prompt], params: SamplingParams, label: str):
@@ -71,7 +72,7 @@ def generate_rollouts(config: Config, run: Path, iteration: int, engine: Generat
     samples = run_sampling(engine, prompts, params, f"generate iter {iteration}")
     sample_seconds = time.time() - sample_started
     rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
-    write_rows(rows, "rollouts", out_dir)
+    write_rows(rows, "rollouts", out_dir, g.rows_per_shard)
     tokens = sum(len(r["response_ids"]) for r in rows)
     metrics = {
         "generate/response_tokens": tokens,
@@ -125,7 +126,7 @@ def evaluate(config: Config, run: Path, iteration: int, engine: GenerationEngine
         metrics[f"{folder}/{name}/boxed_fraction"] = sum(r["verifier_status"] != "no_answer" for r in set_rows) / len(set_rows)
         metrics[f"{folder}/{name}/mean_response_length"] = sum(len(r["response_ids"]) for r in set_rows) / len(set_rows)
         rows += set_rows
-    write_rows(rows, "eval", out_dir)
+    write_rows(rows, "eval", out_dir, config.generate.rows_per_shard)
     accuracies = [value for key, value in metrics.items() if key.endswith("/accuracy")]
     metrics[f"{folder}/accuracy"] = sum(accuracies) / len(accuracies)  # mean over sets
     metrics[f"{folder}/mean_response_length"] = sum(len(r["response_ids"]) for r in rows) / len(rows)
@@ -143,12 +144,12 @@ def eval_due(config: Config, iteration: int) -> bool:
     return config.eval.every > 0 and iteration % config.eval.every == 0
 
 
-def generate_stage(config: Config, run: Path, iteration: int, engine: GenerationEngine | None = None,
+def generate_stage(config: Config, run: Path, iteration: int, engine_for: Callable[[Path], GenerationEngine],
                    eval_only: bool = False, eval_k: int | None = None) -> GenerationEngine | None:
     """Evaluate v_i when due and sample iteration i's rollouts, skipping finished outputs.
 
-    `engine` is a resident one (orchestrator.mode: resident) that is pointed at v_i in place; without
-    one, an engine is opened on v_i. Returns the engine used (None when there was nothing to do).
+    `engine_for(checkpoint)` returns an engine holding that policy: a new one, or (resident mode)
+    the worker's engine pointed at it in place. Returns it, or None when there was nothing to do.
     """
     checkpoint = shards.checkpoint_dir(run, iteration)
     shards.verify_checkpoint(checkpoint)
@@ -157,17 +158,23 @@ def generate_stage(config: Config, run: Path, iteration: int, engine: Generation
     want_eval = (eval_only or eval_due(config, iteration)) and not shards.stage_finished(eval_dir)
     want_rollouts = not eval_only and not shards.stage_finished(shards.stage_dir(run, iteration, "rollouts"))
     if not (want_eval or want_rollouts):
-        return engine
+        return None
     version = policy_version(checkpoint)
-    if engine is None:
-        engine = open_engine(config, checkpoint)
-    elif engine.checkpoint != checkpoint:
-        engine.load_policy(checkpoint)
+    engine = engine_for(checkpoint)
     if want_eval:
         evaluate(config, run, iteration, engine, version, k)
     if want_rollouts:
         generate_rollouts(config, run, iteration, engine, version)
     return engine
+
+
+def generate_on_worker(run: Path, iteration: int, eval_only: bool = False, eval_k: int | None = None) -> None:
+    """Resident mode: the generate stage as a Dask task, on the worker's resident engine."""
+    config = load_run_config(run)
+    set_threads(config)
+    models = resident_models()
+    generate_stage(config, run, iteration, lambda checkpoint: models.generation_engine(config, checkpoint),
+                   eval_only, eval_k)
 
 
 def main() -> None:
@@ -182,7 +189,8 @@ def main() -> None:
         fail(str(error))
     set_threads(config)
     try:
-        engine = generate_stage(config, args.run, args.iteration, None, args.eval_only, args.eval_k)
+        engine = generate_stage(config, args.run, args.iteration, lambda checkpoint: open_engine(config, checkpoint),
+                                args.eval_only, args.eval_k)
     except shards.ContractError as error:
         fail(f"{error}: train iteration {args.iteration - 1} (again) first")
     except (ConfigError, ImportError) as error:
