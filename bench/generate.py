@@ -3,7 +3,8 @@
     python -m bench.generate [--repeats 3]
 
 On the tiny world (64 prompts x 4 samples, up to 64 new tokens, temperature 1, the default config):
-  * tokens/s of each engine over the same prompts, median of --repeats passes, engines alternating;
+  * tokens/s of each engine over the same prompts, median of --repeats passes; one engine at a time
+    (a live vLLM engine keeps its EngineCore busy, which would slow the HF passes beside it);
   * the per-iteration engine overhead of each orchestrator mode: subprocess mode pays a fresh
     process that imports the stack and opens the engine on v_i (timed as that process's wall time);
     resident mode pays `load_policy(v_i)` on the loaded engine (timed in process).
@@ -53,22 +54,15 @@ def main() -> None:
                                                   config.data.max_prompt_tokens, False).prompts[:64]]
     params = SamplingParams(n=4, max_new_tokens=config.generate.max_response_tokens, seed=0,
                             batch_size=config.generate.batch_size)
-    engines = {"hf": []} | ({"vllm": []} if vllm_available() else {})
-    opened = {name: open_engine(load_config("configs/tiny.yaml", [f"generate.engine={name}"]), STUDENT)
-              for name in engines}
-    for name, engine in opened.items():
-        engine.sample(prompts[:8], params)  # warm-up (vLLM's first batches compile)
-    for _ in range(args.repeats):
-        for name, engine in opened.items():
+    rows = []
+    for name in ["hf"] + (["vllm"] if vllm_available() else []):
+        engine = open_engine(load_config("configs/tiny.yaml", [f"generate.engine={name}"]), STUDENT)
+        engine.sample(prompts[:8], params)  # warm-up
+        rates = []
+        for _ in range(args.repeats):
             started = time.perf_counter()
             samples = engine.sample(prompts, params)
-            engines[name].append(sum(len(s.response_ids) for s in samples) / (time.perf_counter() - started))
-    rows = []
-    for name, rates in engines.items():
-        rows.append({"metric": f"tiny world: {name} engine tokens/s (64 x 4, 64 new tokens)",
-                     "value": round(statistics.median(rates)), "unit": "tokens/s", "goal": "", "met": None})
-        print(f"{name}: {statistics.median(rates):,.0f} tokens/s (passes: {[round(r) for r in rates]})", flush=True)
-    for name, engine in opened.items():
+            rates.append(sum(len(s.response_ids) for s in samples) / (time.perf_counter() - started))
         reloads = []
         for checkpoint in (OTHER, STUDENT) * 2:
             started = time.perf_counter()
@@ -76,12 +70,15 @@ def main() -> None:
             reloads.append(time.perf_counter() - started)
         engine.close()
         fresh = [fresh_process_seconds([f"generate.engine={name}"]) for _ in range(2)]
-        rows += [{"metric": f"{name} engine, per-iteration overhead, subprocess mode (fresh process + open)",
+        print(f"{name}: {statistics.median(rates):,.0f} tokens/s (passes: {[round(r) for r in rates]}); per-iteration "
+              f"overhead: subprocess {statistics.median(fresh):.2f}s, resident {statistics.median(reloads):.3f}s",
+              flush=True)
+        rows += [{"metric": f"tiny world: {name} engine tokens/s (64 x 4, 64 new tokens)",
+                  "value": round(statistics.median(rates)), "unit": "tokens/s", "goal": "", "met": None},
+                 {"metric": f"{name} engine, per-iteration overhead, subprocess mode (fresh process + open)",
                   "value": round(statistics.median(fresh), 2), "unit": "s", "goal": "", "met": None},
                  {"metric": f"{name} engine, per-iteration overhead, resident mode (load_policy)",
                   "value": round(statistics.median(reloads), 3), "unit": "s", "goal": "", "met": None}]
-        print(f"{name}: subprocess {statistics.median(fresh):.2f}s vs resident {statistics.median(reloads):.3f}s "
-              "per iteration", flush=True)
     if torch.cuda.is_available():
         rows.append(gpu_hf_generation())
     write_results("generate", "make bench-generate", rows)

