@@ -465,17 +465,63 @@ def decide(pred: str, gold: str) -> tuple[str, tuple[bool, str] | None]:
     return pred, (None if simple is None else (simple, "ok"))
 
 
-def symbolic_equal(pred: str, gold: str) -> tuple[bool, str]:
-    """(equal, status) via math-verify; status is ok or parse_error. Run it in a killable worker."""
+def symbolic_equal(pred: str, gold: str, golds: dict[str, list] | None = None) -> tuple[bool, str]:
+    """(equal, status) via math-verify; status is ok or parse_error. Run it in a killable worker.
+
+    `golds` caches parsed golds by their text (the same gold is graded once per sampled response);
+    the parse of a gold depends on nothing but its text, so a cached parse is the same parse.
+    """
     from math_verify import verify
 
     pred, decided = decide(pred, gold)
     if decided is not None:
         return decided
-    gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
+    if golds is None:
+        gold_parsed = parse_answer(gold)
+    elif (gold_parsed := golds.get(gold)) is None:
+        gold_parsed = golds[gold] = parse_answer(gold)
+    pred_parsed = parse_answer(pred)
     if not pred_parsed or not gold_parsed:
         return False, "parse_error"
     exact = _exact_numbers(gold_parsed, pred_parsed)
     if exact is not None:
         return exact, "ok"
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)), "ok"
+
+
+# Answer shapes common in math data (written for this purpose, not taken from any test set), graded
+# before any worker takes a timed job (in the forkserver, whose forks inherit the warm state, else in
+# the worker's initializer): the imports sympy defers (simplify, solve, sets) and the parser's
+# prediction DFA for these shapes then cost nothing inside the time bound.
+WARM_UP_PAIRS = [
+    ("\\frac{3}{7}", "\\dfrac{6}{14}"), ("2\\sqrt{5}", "\\sqrt{20}"), ("\\frac{\\pi}{3}", "60^\\circ"),
+    ("x^2 + 2x + 1", "(x+1)^2"), ("\\frac{1+\\sqrt{5}}{2}", "\\frac{\\sqrt{5}+1}{2}"), ("3 + 4i", "4i + 3"),
+    ("(2, -1)", "(2,-1)"), ("[0, 3)", "[0,3)"), ("(-\\infty, 1] \\cup [4, \\infty)", "(-\\infty,1]\\cup[4,\\infty)"),
+    ("\\{1, 2, 5\\}", "\\{5, 2, 1\\}"), ("x = 3, y = -2", "y=-2, x=3"), ("y = 2x - 5", "2x - y - 5 = 0"),
+    ("x \\geq 2", "x \\ge 2"), ("1 < x < 4", "(1, 4)"), ("a_n = 2^{n} - 1", "a_n=2^n-1"),
+    ("\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\-2\\end{pmatrix}"),
+    ("\\sin^2 x", "1 - \\cos^2 x"), ("\\log_2 8", "3"), ("e^{2}", "\\exp(2)"), ("\\text{(C)}", "C"),
+    ("\\frac{a+b}{2}", "\\frac{b+a}{2}"), ("The answer is $\\frac{5}{2}$.", "\\frac52"), ("10^{-3}", "0.001"),
+]
+_warm = False
+
+
+def warm_up() -> None:
+    """Grade WARM_UP_PAIRS once in this process (idempotent; a fork inherits the warm state). Never raises:
+    the forkserver runs it on import, where an exception would take the server down."""
+    global _warm
+    if _warm:
+        return
+    _warm = True
+    import logging
+
+    try:
+        from math_verify import verify
+
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+        for pred, gold in WARM_UP_PAIRS:  # straight to the parser and math-verify: the cheap tiers would decide most
+            gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
+            if gold_parsed and pred_parsed:
+                verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)
+    except Exception:
+        pass
