@@ -7,9 +7,11 @@ Tiers, cheapest first:
 3. `decide`: also without sympy, in the calling process: the number prose ends on, the
    \frac{2}{4} rule, and `simple_equal` for a few regex-recognised exact forms (\frac{a}{b}, a/b,
    a\sqrt{n}, \frac{a\pi}{b}, and bracketed lists of them with the same brackets).
-4. `symbolic_equal`: math-verify's LaTeX parser (ANTLR -> sympy objects) and its comparison,
-   after `guard` has rejected power towers, huge exponents and over-long answers. Only worker
-   processes (pool.py) call it, because sympy can still run long on legal input.
+4. `symbolic_equal`: first relations.py, which decides polynomial equations and inequalities and
+   an inequality against an interval exactly, on the text math-verify would parse; then
+   math-verify's LaTeX parser (ANTLR -> sympy objects) and its comparison, after `guard` has
+   rejected power towers, huge exponents and over-long answers. Only worker processes (pool.py)
+   call it, because sympy can still run long on legal input.
 
 Safety: math-verify's ExprExtractionConfig runs sympy `parse_expr` (which evaluates Python) on the
 text, so it is never used; only LatexExtractionConfig is, whose parser builds sympy objects from an
@@ -33,7 +35,9 @@ _INTEGER = re.compile(r"-?\d+")
 _THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:[, ]\d{3})+(?:\.\d+)?")
 _DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")
 _TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox|boldsymbol|operatorname)\s*\{([^{}]*)\}")
-_VARIABLE_PREFIX = re.compile(r"^\\?[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?\s*(?:=|\\approx)\s*")
+_NAME = r"\\?[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?"
+# `x =`, and a ratio of names such as `V_1 : V_2 =` (the gold states which ratio the number is)
+_VARIABLE_PREFIX = re.compile(rf"^{_NAME}(?:\s*:\s*{_NAME})*\s*(?:=|\\approx)\s*")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
 _SPACING = re.compile(r"\\[,;: ]|\\quad|\\qquad|~")
 _FACTORIAL = re.compile(r"(\d+)\s*!")
@@ -45,7 +49,7 @@ _BARE_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def normalize(answer: str) -> str:
-    """Strip the LaTeX noise that does not change a value: wrappers, sizing, degrees, %, `x =`, $."""
+    """Strip the LaTeX noise that does not change a value: wrappers, sizing, degrees, %, `x =`, `a:b =`, $."""
     s = _unbox(answer.strip())
     for _ in range(3):  # nested wrappers: \text{\textbf{5}}
         s = _TEXT_WRAPPERS.sub(r"\1", s)
@@ -288,9 +292,9 @@ def _exponent_groups(s: str):
 
 def guard(answer: str) -> str | None:
     """Why this answer must not reach sympy (power tower, huge exponent or factorial, too long), or None."""
-    if len(answer) > MAX_SYMBOLIC_CHARS and not _is_prose(answer):
+    if len(answer) > MAX_SYMBOLIC_CHARS and not is_prose(answer):
         return "answer too long"  # prose is only searched for its final formula, never parsed whole
-    if "\\uparrow" in answer or ("**" in answer and not _is_prose(answer)):
+    if "\\uparrow" in answer or ("**" in answer and not is_prose(answer)):
         return "power tower"
     for exponent, end in _exponent_groups(answer):
         if "^" in exponent or answer[end : end + 1] == "^" or answer[end : end + 2] in ("{^", "}^"):
@@ -382,13 +386,14 @@ def _parse(latex: str) -> list:
     return parse(latex, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
 
 
-def _is_prose(s: str) -> bool:
+def is_prose(s: str) -> bool:
+    """Text with boxes, `$`/`\\(`/`\\[` formulas or words: math-verify extracts the final formula from it."""
     return "\\boxed" in s or "\\fbox" in s or any(d in s for d in _DELIMITERS) or bool(_PROSE.search(s))
 
 
 def final_number(answer: str) -> str | None:
     """For prose: a plain number (or a/b) written after its last formula ("the largest $n$ is 34"), else None."""
-    if not _is_prose(answer) or "\\boxed" in answer or "\\fbox" in answer:
+    if not is_prose(answer) or "\\boxed" in answer or "\\fbox" in answer:
         return None
     numbers = list(_PROSE_NUMBER.finditer(answer))
     closers = ("$", "\\)", "\\]") if answer.count("$") >= 2 else ("\\)", "\\]")  # a lone $ is money
@@ -404,7 +409,7 @@ def parse_answer(answer: str) -> list:
     A bare answer is parsed as one LaTeX formula. An answer that is prose or holds its own boxes
     or `$...$` goes to math-verify's extraction, which finds the final formula in it.
     """
-    if not _is_prose(answer):
+    if not is_prose(answer):
         return _parse(f"${normalize(answer)}$")
     return _parse(answer)
 
@@ -473,9 +478,14 @@ def symbolic_equal(pred: str, gold: str, golds: dict[str, list] | None = None) -
     """
     from math_verify import verify
 
+    from stages.score.verifier.relations import relational_equal  # imports math-verify's normalizer: workers only
+
     pred, decided = decide(pred, gold)
     if decided is not None:
         return decided
+    relational = relational_equal(pred, gold)
+    if relational is not None:
+        return relational, "ok"
     if golds is None:
         gold_parsed = parse_answer(gold)
     elif (gold_parsed := golds.get(gold)) is None:
