@@ -65,9 +65,8 @@ def grade_batch(pairs: list[tuple[str, str]], mode: str = "correct", workers: in
             decided.append(decision)
             if decision is None:
                 slow.append((index, pred))
-    # Identical (pred, gold) pairs are graded once (a group of samples often agrees), and jobs with the
-    # same gold go out back to back, so that each worker parses a gold at most once per batch.
-    jobs = sorted({(pred, pairs[index][1].strip()) for index, pred in slow}, key=lambda job: (job[1], job[0]))
+    # Identical (pred, gold) pairs are graded once: the samples of a prompt often agree.
+    jobs = list(dict.fromkeys((pred, pairs[index][1].strip()) for index, pred in slow))
     results = dict(zip(jobs, run_symbolic(jobs, workers, timeout_s)))
     for index, pred in slow:
         decided[index] = results[(pred, pairs[index][1].strip())]

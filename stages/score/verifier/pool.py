@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -131,11 +132,25 @@ def _run(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[tu
     while len(_workers) < size:
         _workers.append(_start())
     pool = range(size)
-    pending = iter(range(len(jobs)))
+    # Jobs grouped by gold, and a worker keeps to its group: its parse of the gold is cached.
+    by_gold: dict[str, deque[int]] = {}
+    for index, (_, gold) in enumerate(jobs):
+        by_gold.setdefault(gold, deque()).append(index)
+    groups = deque(by_gold.values())
+    held: dict[int, deque[int]] = {}  # slot -> the group it works through
     remaining = len(jobs)
 
+    def next_job(slot: int) -> int | None:
+        if not held.get(slot):
+            if groups:
+                held[slot] = groups.popleft()
+            else:  # no group left to start: take from the end of the largest held one, so no worker idles
+                largest = max(held.values(), key=len, default=None)
+                return largest.pop() if largest else None
+        return held[slot].popleft()
+
     def assign(slot: int) -> None:
-        index = next(pending, None)
+        index = next_job(slot)
         if index is None:
             return
         worker = _workers[slot]
