@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -132,22 +133,29 @@ def _run(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[tu
     while len(_workers) < size:
         _workers.append(_start())
     pool = range(size)
-    # Jobs grouped by gold, and a worker keeps to its group: its parse of the gold is cached.
+    # Jobs are grouped by gold and each gold has a home worker (a stable hash), which works through
+    # its groups one at a time: the worker's parse of the gold is cached for the call, and a gold
+    # that comes back in a later call (an eval set graded again) meets the parser that learned its shape.
+    # A worker with nothing of its own left takes from the end of the busiest queue, so none idles.
+    queues: list[deque[deque[int]]] = [deque() for _ in pool]
     by_gold: dict[str, deque[int]] = {}
     for index, (_, gold) in enumerate(jobs):
-        by_gold.setdefault(gold, deque()).append(index)
-    groups = deque(by_gold.values())
-    held: dict[int, deque[int]] = {}  # slot -> the group it works through
+        if gold not in by_gold:
+            by_gold[gold] = deque()
+            queues[zlib.crc32(gold.encode()) % size].append(by_gold[gold])
+        by_gold[gold].append(index)
     remaining = len(jobs)
 
     def next_job(slot: int) -> int | None:
-        if not held.get(slot):
-            if groups:
-                held[slot] = groups.popleft()
-            else:  # no group left to start: take from the end of the largest held one, so no worker idles
-                largest = max(held.values(), key=len, default=None)
-                return largest.pop() if largest else None
-        return held[slot].popleft()
+        own = queues[slot]
+        while own and not own[0]:
+            own.popleft()
+        if own:
+            return own[0].popleft()
+        busiest = max(queues, key=lambda queue: sum(map(len, queue)))
+        while busiest and not busiest[-1]:
+            busiest.pop()
+        return busiest[-1].pop() if busiest else None
 
     def assign(slot: int) -> None:
         index = next_job(slot)
