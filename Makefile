@@ -69,7 +69,7 @@ faults: $(STAMP)  ## crash campaign: 20 kill -9 trials on the tiny world, each r
 bench-train: $(STAMP)  ## the train stage's step under DeepSpeed vs a plain torch loop (tiny model, CPU)
 	$(PY) -m bench.train
 
-bench-verifier: $(STAMP)  ## verifier throughput through its CLI: integer answers, public case mix, 1% adversarial
+bench-verifier: $(STAMP)  ## verifier throughput (CLI and grade_batch): integer answers, public mix cold and steady, 1% adversarial; writes bench/results/verifier.json
 	$(PY) bench/verifier.py
 
 clean-runs:
