@@ -75,7 +75,7 @@ bench-generate: $(STAMP)  ## HF vs vLLM engine tokens/s on the tiny world; engin
 bench-score: $(STAMP)  ## HF vs vLLM teacher scorer tokens/s on the tiny world (+ the 4B shape's MFU on a GPU)
 	$(PY) -m bench.score
 
-bench-verifier: $(STAMP)  ## verifier throughput through its CLI: integer answers, public case mix, 1% adversarial
+bench-verifier: $(STAMP)  ## verifier throughput (CLI and grade_batch): integer answers, public mix cold and steady, 1% adversarial; writes bench/results/verifier.json
 	$(PY) bench/verifier.py
 
 clean-runs:
