@@ -86,6 +86,7 @@ def test_scorer_matches_the_hf_scorer(teacher_scorer, prompts, student_engine):
     assert ours["teacher_topk_ids"][0][:5] == hf["teacher_topk_ids"][0][:5]
 
 
+@pytest.mark.slow  # three engine starts and two DeepSpeed steps: ~3 min here (`make test-slow`)
 def test_two_iterations_with_vllm_engines(tmp_path):
     """generate and score on vLLM in resident mode: the run finishes and holds every invariant."""
     run = tmp_path / "vllm"
