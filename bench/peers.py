@@ -1,7 +1,7 @@
 """This pipeline against TRL's on-policy distillation trainer on the same tiny task (issue 11).
 
     python -m bench.peers [--iterations 10] [--rounds 2] [--time-cap-s 540] [--eval-every 2]   (make bench-peers)
-    python -m bench.peers report      # the report again from the last run's runs.json and eval.json
+    python -m bench.peers report [--eval-missing]   # the report again (grading the checkpoints skipped first)
 
 Method. Both systems train the tiny student (assets/tiny/student) from the tiny teacher on the same
 prompts, on the same 2 cores, one run at a time, alternating: pipeline, TRL, pipeline, TRL, ...
@@ -383,10 +383,36 @@ def evaluate_main(paths: list[str], out: Path) -> None:
 
 
 def evaluate(paths: list[str], work: Path) -> dict[str, float]:
-    out = work / "eval.json"
-    command = [sys.executable, "-m", "bench.peers", "evaluate", "--out", str(out), *paths]
+    """Accuracies of `paths` (in a child process), merged into <work>/eval.json; returns all of them."""
+    out, batch = work / "eval.json", work / "eval-batch.json"
+    command = [sys.executable, "-m", "bench.peers", "evaluate", "--out", str(batch), *paths]
     subprocess.run(command, cwd=ROOT, check=True)
-    return json.loads(out.read_text())
+    accuracies = {**(json.loads(out.read_text()) if out.exists() else {}), **json.loads(batch.read_text())}
+    out.write_text(json.dumps(accuracies, indent=1))
+    return accuracies
+
+
+def apply_accuracies(runs: list[dict], accuracies: dict[str, float]) -> None:
+    for run in runs:
+        for checkpoint in run["checkpoints"]:
+            if checkpoint["path"] in accuracies:
+                checkpoint["accuracy"] = accuracies[checkpoint["path"]]
+
+
+def report_again(work: Path, eval_missing: bool) -> tuple[list[dict], dict, str]:
+    """`report`: the summary from <work>/runs.json, after evaluating the checkpoints not yet graded if asked."""
+    runs = json.loads((work / "runs.json").read_text())
+    command = json.loads((work / "command.json").read_text())["command"]
+    accuracies = json.loads((work / "eval.json").read_text())
+    if eval_missing:
+        missing = [c["path"] for r in runs for c in r["checkpoints"] if c["version"] > 0 and c["path"] not in accuracies]
+        if missing:
+            say(f"evaluating {len(missing)} more checkpoints with tiny_world.evaluate.accuracy")
+            accuracies = evaluate(missing, work)
+        command += "; python -m bench.peers report --eval-missing"
+    apply_accuracies(runs, accuracies)
+    (work / "runs.json").write_text(json.dumps(runs, indent=1))
+    return runs, summarise(runs, accuracies[str(ASSETS / "teacher")]), command
 
 
 # ---- figures ---------------------------------------------------------------------------------
@@ -400,11 +426,12 @@ def mean(values: list[float]) -> float:
 
 
 def system_curve(runs: list[dict]) -> list[dict]:
-    """Per sample budget (checkpoints every run has): mean accuracy and mean seconds over the runs."""
-    budgets = sorted(set.intersection(*[{c["samples"] for c in r["checkpoints"] if "accuracy" in c} for r in runs]))
+    """Per sample budget with an evaluated checkpoint: mean accuracy and mean clock over the runs that have
+    one there (a run the time cap stopped earlier has fewer budgets; the table lists each run's figure)."""
+    budgets = sorted({c["samples"] for r in runs for c in r["checkpoints"] if "accuracy" in c})
     curve = []
     for samples in budgets:
-        points = [next(c for c in r["checkpoints"] if c["samples"] == samples) for r in runs]
+        points = [c for r in runs for c in r["checkpoints"] if c["samples"] == samples and "accuracy" in c]
         curve.append({"samples": samples, "accuracy": mean([p["accuracy"] for p in points]),
                       "accuracies": [p["accuracy"] for p in points], "seconds": mean([p["seconds"] for p in points]),
                       "all_seconds": [p["seconds"] for p in points]})
@@ -443,7 +470,9 @@ def summarise(runs: list[dict], teacher: float) -> dict:
     at_common = {name: first_reaching(s["curve"], common) for name, s in systems.items()}
     ratio = at_common["trl"]["seconds"] / at_common["pipeline"]["seconds"]
     return {"teacher_accuracy": teacher, "target": target, "systems": systems, "common_accuracy": common,
-            "at_common": at_common, "speedup_vs_trl": ratio}
+            "at_common": at_common, "speedup_vs_trl": ratio,
+            "clock_pipeline": clock_per_iteration([r for r in runs if r["system"] == "pipeline"]),
+            "clock_trl": clock_per_iteration([r for r in runs if r["system"] == "trl"])}
 
 
 # ---- the whole benchmark -------------------------------------------------------------------
@@ -481,10 +510,7 @@ def run_benchmark(iterations: int, rounds: int, time_cap_s: float, work: Path, t
     say(f"evaluating {len(paths)} models (teacher, student, every {eval_every}. checkpoint and the last) "
         "with tiny_world.evaluate.accuracy")
     accuracies = evaluate(paths, work)
-    for run in runs:
-        for checkpoint in run["checkpoints"]:
-            if checkpoint["path"] in accuracies:
-                checkpoint["accuracy"] = accuracies[checkpoint["path"]]
+    apply_accuracies(runs, accuracies)
     (work / "runs.json").write_text(json.dumps(runs, indent=1))
     return runs, summarise(runs, accuracies[str(ASSETS / "teacher")])
 
@@ -524,21 +550,34 @@ def render_markdown(runs: list[dict], summary: dict, command: str, iterations: i
         f"- evaluator for every model: `tiny_world.evaluate.accuracy` (500 eval prompts, 1 sample at temperature 1, "
         f"64 tokens, seed 0); teacher {teacher:.3f}, target 80% of it = {target:.3f}",
         "",
+        "## Runs",
+        "",
+        "| run | system | samples reached | clock at its last checkpoint | wall (CPU) | mean load | stopped by |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {r['round']} | {r['system']} | {r['checkpoints'][-1]['samples']} | {r['checkpoints'][-1]['seconds']:.0f} s "
+          f"| {r['wall_s']:.0f} s ({r['cpu_s']:.0f} s) | {r['load_mean']:.2f} | "
+          f"{'the time cap' if r['time_capped'] else 'its sample budget'} |" for r in runs],
+        "",
         "## Accuracy after equal sample budgets",
         "",
         "Eval accuracy of the checkpoint after that many student samples (mean of the runs, each run in brackets), "
-        "and the run's clock at that checkpoint (launch to checkpoint, start-up included).",
+        "and the run's clock at that checkpoint (launch to checkpoint, start-up included). A run stopped by the "
+        "time cap has no figure past its last checkpoint; '-': no run of that system got there.",
         "",
         "| samples | pipeline accuracy | TRL accuracy | pipeline clock | TRL clock |",
         "|---|---|---|---|---|",
     ]
-    trl_points = {c["samples"]: c for c in t["curve"]}
-    for point in p["curve"]:
-        other = trl_points.get(point["samples"])
-        def cell(c):
-            return f"{c['accuracy']:.3f} ({', '.join(f'{a:.3f}' for a in c['accuracies'])})" if c else "-"
-        lines.append(f"| {point['samples']} | {cell(point)} | {cell(other)} | {point['seconds']:.0f} s | "
-                     + (f"{other['seconds']:.0f} s" if other else "-") + " |")
+    pipe_points, trl_points = ({c["samples"]: c for c in s["curve"]} for s in (p, t))
+
+    def cell(point: dict | None) -> str:
+        return f"{point['accuracy']:.3f} ({', '.join(f'{a:.3f}' for a in point['accuracies'])})" if point else "-"
+
+    def clock(point: dict | None) -> str:
+        return f"{point['seconds']:.0f} s ({', '.join(f'{x:.0f}' for x in point['all_seconds'])})" if point else "-"
+
+    for samples in sorted(set(pipe_points) | set(trl_points)):
+        mine, other = pipe_points.get(samples), trl_points.get(samples)
+        lines.append(f"| {samples} | {cell(mine)} | {cell(other)} | {clock(mine)} | {clock(other)} |")
     common = summary["common_accuracy"]
     lines += [
         "",
@@ -646,6 +685,16 @@ def result_rows(summary: dict) -> list[dict]:
          "met": p["final"]["accuracy"] >= summary["target"]},
         {"metric": f"TRL eval accuracy after {t['final']['samples']} samples", "value": t["final"]["accuracy"],
          "unit": "fraction", "goal": "", "met": None},
+    ]
+    same_budget = next((c for c in t["curve"] if c["samples"] == p["final"]["samples"]), None)
+    if same_budget is not None and t["final"]["samples"] != p["final"]["samples"]:
+        rows.append({"metric": f"TRL eval accuracy after {p['final']['samples']} samples (the pipeline's budget)",
+                     "value": same_budget["accuracy"], "unit": "fraction", "goal": "", "met": None})
+    rows += [
+        {"metric": "pipeline clock per iteration of 256 samples (after the first)", "value": summary["clock_pipeline"],
+         "unit": "s", "goal": "", "met": None},
+        {"metric": "TRL clock per iteration of 256 samples (after the first)", "value": summary["clock_trl"],
+         "unit": "s", "goal": "", "met": None},
         {"metric": f"pipeline wall time to {summary['common_accuracy']:.3f} accuracy",
          "value": summary["at_common"]["pipeline"]["seconds"], "unit": "s", "goal": "", "met": None},
         {"metric": f"TRL wall time to {summary['common_accuracy']:.3f} accuracy",
@@ -688,7 +737,8 @@ def main() -> None:
     trl.add_argument("--iterations", type=int, required=True)
     trl.add_argument("--launch", type=float, required=True)
     trl.add_argument("--threads", type=int, default=0)
-    commands.add_parser("report", help="write the report again from <work>/runs.json and <work>/eval.json")
+    report = commands.add_parser("report", help="write the report again from <work>/runs.json and <work>/eval.json")
+    report.add_argument("--eval-missing", action="store_true", help="first evaluate the checkpoints not yet graded")
     ev = commands.add_parser("evaluate", help="internal: eval accuracy of model folders")
     ev.add_argument("--out", type=Path, required=True)
     ev.add_argument("paths", nargs="+")
@@ -699,11 +749,9 @@ def main() -> None:
         evaluate_main(args.paths, args.out)
     else:
         started = time.time()
-        command = "python -m bench.peers " + " ".join(sys.argv[1:])
+        command = " ".join(["python -m bench.peers", *sys.argv[1:]])
         if args.command == "report":
-            runs = json.loads((args.work / "runs.json").read_text())
-            summary = summarise(runs, json.loads((args.work / "eval.json").read_text())[str(ASSETS / "teacher")])
-            command = json.loads((args.work / "command.json").read_text())["command"]
+            runs, summary, command = report_again(args.work, args.eval_missing)
         else:
             (args.work.parent).mkdir(parents=True, exist_ok=True)
             runs, summary = run_benchmark(args.iterations, args.rounds, args.time_cap_s, args.work, args.threads,
