@@ -19,8 +19,8 @@ RUNS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs \
-	faults bench bench-train bench-verifier bench-peers bench-summary
+.PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check \
+	clean-runs faults bench bench-train bench-verifier bench-peers bench-summary
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,7 +79,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[bench]"
 	touch $@
 
-bench-peers: $(STAMP) $(BENCH_STAMP)  ## this pipeline vs TRL's on-policy distillation, tiny world (~30 min): bench/results.md
+bench-peers: $(STAMP) $(BENCH_STAMP)  ## this pipeline vs TRL's on-policy distillation (~30 min): bench/results.md
 	$(PY) -m bench.peers $(BENCH_PEERS_ARGS)
 
 bench-summary: $(STAMP)  ## docs/benchmarks.md from bench/results/*.json

@@ -405,7 +405,8 @@ def report_again(work: Path, eval_missing: bool) -> tuple[list[dict], dict, str]
     command = json.loads((work / "command.json").read_text())["command"]
     accuracies = json.loads((work / "eval.json").read_text())
     if eval_missing:
-        missing = [c["path"] for r in runs for c in r["checkpoints"] if c["version"] > 0 and c["path"] not in accuracies]
+        missing = [c["path"] for r in runs for c in r["checkpoints"]
+                   if c["version"] > 0 and c["path"] not in accuracies]
         if missing:
             say(f"evaluating {len(missing)} more checkpoints with tiny_world.evaluate.accuracy")
             accuracies = evaluate(missing, work)
@@ -459,7 +460,8 @@ def summarise(runs: list[dict], teacher: float) -> dict:
             "runs": len(mine), "curve": curve, "final": curve[-1],
             "seconds_to_target": reached["seconds"] if reached else None,
             "samples_to_target": reached["samples"] if reached else None,
-            "rates": {key: mean([r[key] for r in rates if r.get(key)]) for key in rates[0] if any(r.get(key) for r in rates)},
+            "rates": {key: mean([r[key] for r in rates if r.get(key)])
+                      for key in rates[0] if any(r.get(key) for r in rates)},
             "peak_rss_largest_process_mib": max(r["peak_rss_largest_process_mib"] for r in mine),
             "peak_rss_tree_mib": max(r["peak_rss_tree_mib"] for r in mine),
             "wall_s": mean([r["wall_s"] for r in mine]), "cpu_s": mean([r["cpu_s"] for r in mine]),
@@ -499,7 +501,8 @@ def run_benchmark(iterations: int, rounds: int, time_cap_s: float, work: Path, t
                    if system == "pipeline" else trl_run(folder, iterations, time_cap_s, threads))
             run["round"] = round_
             last = run["checkpoints"][-1]
-            say(f"{system} round {round_}: {run['wall_s']:.1f}s wall, {last['samples']} samples by {last['seconds']:.1f}s, "
+            say(f"{system} round {round_}: {run['wall_s']:.1f}s wall, "
+                f"{last['samples']} samples by {last['seconds']:.1f}s, "
                 f"peak RSS {run['peak_rss_tree_mib']:.0f} MiB (tree), load {run['load_mean']:.2f}"
                 + (" [time cap]" if run["time_capped"] else ""))
             runs.append(run)
@@ -540,7 +543,8 @@ def render_markdown(runs: list[dict], summary: dict, command: str, iterations: i
         "",
         f"Written by `{command}` on {date.today().isoformat()}. Method: the docstring of `bench/peers.py`.",
         "",
-        f"- machine: {machine_description()}, {platform.system()} {platform.release()}; shared with other jobs: mean 1-min load average during the runs "
+        f"- machine: {machine_description()}, {platform.system()} {platform.release()}; shared with other jobs: "
+        "mean 1-min load average during the runs "
         f"{p['load_mean']:.2f} (pipeline) and {t['load_mean']:.2f} (TRL), against 2 cores",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"- each run: {iterations} x {SAMPLES_PER_ITERATION} student samples (64 prompts x 4, "
@@ -554,7 +558,8 @@ def render_markdown(runs: list[dict], summary: dict, command: str, iterations: i
         "",
         "| run | system | samples reached | clock at its last checkpoint | wall (CPU) | mean load | stopped by |",
         "|---|---|---|---|---|---|---|",
-        *[f"| {r['round']} | {r['system']} | {r['checkpoints'][-1]['samples']} | {r['checkpoints'][-1]['seconds']:.0f} s "
+        *[f"| {r['round']} | {r['system']} | {r['checkpoints'][-1]['samples']} | "
+          f"{r['checkpoints'][-1]['seconds']:.0f} s "
           f"| {r['wall_s']:.0f} s ({r['cpu_s']:.0f} s) | {r['load_mean']:.2f} | "
           f"{'the time cap' if r['time_capped'] else 'its sample budget'} |" for r in runs],
         "",
@@ -585,13 +590,16 @@ def render_markdown(runs: list[dict], summary: dict, command: str, iterations: i
         "",
         "| | pipeline | TRL |",
         "|---|---|---|",
-        f"| wall time to {target:.3f} (80% of the teacher) | {fmt_s(p['seconds_to_target'])} | {fmt_s(t['seconds_to_target'])} |",
+        f"| wall time to {target:.3f} (80% of the teacher) | {fmt_s(p['seconds_to_target'])} | "
+        f"{fmt_s(t['seconds_to_target'])} |",
         f"| accuracy at the last checkpoint ({p['final']['samples']} / {t['final']['samples']} samples) | "
         f"{p['final']['accuracy']:.3f} | {t['final']['accuracy']:.3f} |",
-        f"| wall time to {common:.3f} (best accuracy both reached) | {summary['at_common']['pipeline']['seconds']:.0f} s "
+        f"| wall time to {common:.3f} (best accuracy both reached) | "
+        f"{summary['at_common']['pipeline']['seconds']:.0f} s "
         f"({summary['at_common']['pipeline']['samples']} samples) | {summary['at_common']['trl']['seconds']:.0f} s "
         f"({summary['at_common']['trl']['samples']} samples) |",
-        f"| whole run, wall (CPU) | {p['wall_s']:.0f} s ({p['cpu_s']:.0f} s) | {t['wall_s']:.0f} s ({t['cpu_s']:.0f} s) |",
+        f"| whole run, wall (CPU) | {p['wall_s']:.0f} s ({p['cpu_s']:.0f} s) | "
+        f"{t['wall_s']:.0f} s ({t['cpu_s']:.0f} s) |",
         f"| peak RSS, largest process | {p['peak_rss_largest_process_mib']:.0f} MiB | "
         f"{t['peak_rss_largest_process_mib']:.0f} MiB |",
         f"| peak RSS, whole process tree (sampled every 0.5 s) | {p['peak_rss_tree_mib']:.0f} MiB | "
@@ -650,7 +658,8 @@ def bounds(runs: list[dict]) -> list[str]:
         rows.append(f"| pipeline {label} stage process, wall (own work + the rest) | {process[key]:.1f} "
                     f"({pipe[key]:.1f} + {process[key] - pipe[key]:.1f}) | - |")
     setup = steady(pipe_runs, "train", "setup_s")
-    rows.append(f"| of which the train stage's set-up (model load, DeepSpeed init, optimizer state) | {setup:.1f} | - |")
+    rows.append(f"| of which the train stage's set-up (model load, DeepSpeed init, optimizer state) | {setup:.1f} "
+                "| - |")
     pipe_clock, trl_clock = clock_per_iteration(pipe_runs), clock_per_iteration(trl_runs)
     rows.append(f"| clock per iteration, after the first | {pipe_clock:.1f} | {trl_clock:.1f} |")
     first_pipe = mean([r["checkpoints"][1]["seconds"] for r in pipe_runs if len(r["checkpoints"]) > 1])
@@ -704,7 +713,8 @@ def result_rows(summary: dict) -> list[dict]:
     ]
     for system, figures in (("pipeline", p), ("TRL", t)):
         if figures["seconds_to_target"] is not None:
-            rows.append({"metric": f"{system} wall time to 80% of teacher accuracy", "value": figures["seconds_to_target"],
+            rows.append({"metric": f"{system} wall time to 80% of teacher accuracy",
+                         "value": figures["seconds_to_target"],
                          "unit": "s", "goal": "", "met": None})
         for key, label in (("generate", "generation"), ("teacher", "teacher scoring"), ("train", "training")):
             if figures["rates"].get(key):
@@ -718,16 +728,19 @@ def result_rows(summary: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=10, help="iterations of 256 samples per run (default: %(default)s)")
+    parser.add_argument("--iterations", type=int, default=10,
+                        help="iterations of 256 samples per run (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="runs per system, alternating (default: %(default)s)")
     parser.add_argument("--time-cap-s", type=float, default=540, help="wall-time cap of one run (default: %(default)s)")
     parser.add_argument("--eval-every", type=int, default=2,
-                        help="evaluate checkpoints v_k with k a multiple of this, and each run's last (default: %(default)s)")
+                        help="evaluate checkpoints v_k with k a multiple of this, and each run's last "
+                             "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per process, both systems (default: %(default)s = torch's default)")
     parser.add_argument("--pipeline-override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for the pipeline, e.g. orchestrator.mode=resident (repeatable)")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-peers", help="run folders (default: %(default)s)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-peers",
+                        help="run folders (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md", help="report (default: %(default)s)")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="folder for peers.json, the summary rows (default: %(default)s)")
