@@ -20,7 +20,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check \
-	clean-runs faults bench bench-train bench-verifier bench-peers bench-summary
+	clean-runs faults bench bench-train bench-verifier bench-generate bench-score bench-peers bench-summary
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,7 +69,13 @@ faults: $(STAMP)  ## crash campaign: 20 kill -9 trials on the tiny world, each r
 bench-train: $(STAMP)  ## the train stage's step under DeepSpeed vs a plain torch loop (tiny model, CPU)
 	$(PY) -m bench.train
 
-bench-verifier: $(STAMP)  ## verifier throughput through its CLI: integer answers, public case mix, 1% adversarial
+bench-generate: $(STAMP)  ## HF vs vLLM engine tokens/s on the tiny world; engine overhead per iteration, subprocess vs resident
+	$(PY) -m bench.generate
+
+bench-score: $(STAMP)  ## HF vs vLLM teacher scorer tokens/s on the tiny world (+ the 4B shape's MFU on a GPU)
+	$(PY) -m bench.score
+
+bench-verifier: $(STAMP)  ## verifier throughput (CLI and grade_batch): integer answers, public mix cold and steady, 1% adversarial; writes bench/results/verifier.json
 	$(PY) bench/verifier.py
 
 # The peer systems the benchmarks compare against (TRL) come from the `bench` extra, installed only here,

@@ -21,7 +21,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.modeling import response_logprobs  # noqa: E402
-from stages.generate.hf_engine import SamplingParams, sample  # noqa: E402
+from stages.generate.hf_engine import sample  # noqa: E402
+from stages.generate.sampling import SamplingParams  # noqa: E402
 from stages.train.loss import TokenBatch, distillation_loss  # noqa: E402
 
 VOCAB = 151_936

@@ -64,7 +64,7 @@ from datetime import date
 from importlib import metadata
 from pathlib import Path
 
-from bench.summary import RESULTS, machine_description, write_result
+from bench.record import machine, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -543,7 +543,7 @@ def render_markdown(runs: list[dict], summary: dict, command: str, iterations: i
         "",
         f"Written by `{command}` on {date.today().isoformat()}. Method: the docstring of `bench/peers.py`.",
         "",
-        f"- machine: {machine_description()}, {platform.system()} {platform.release()}; shared with other jobs: "
+        f"- machine: {machine()}, {platform.system()} {platform.release()}; shared with other jobs: "
         "mean 1-min load average during the runs "
         f"{p['load_mean']:.2f} (pipeline) and {t['load_mean']:.2f} (TRL), against 2 cores",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
@@ -742,8 +742,6 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-peers",
                         help="run folders (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md", help="report (default: %(default)s)")
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="folder for peers.json, the summary rows (default: %(default)s)")
     commands = parser.add_subparsers(dest="command")
     trl = commands.add_parser("trl", help="internal: one TRL run")
     trl.add_argument("--out", type=Path, required=True)
@@ -772,7 +770,7 @@ def main() -> None:
             (args.work / "command.json").write_text(json.dumps({"command": command}))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(render_markdown(runs, summary, command.strip(), args.iterations, args.rounds))
-        written = write_result("peers", result_rows(summary), args.results)
+        written = write_results("peers", "make bench-peers", result_rows(summary))
         say(f"wrote {args.out} and {written} ({(time.time() - started) / 60:.1f} min); "
             f"speed-up vs TRL to {summary['common_accuracy']:.3f} accuracy: {summary['speedup_vs_trl']:.2f}x")
 

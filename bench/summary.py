@@ -7,49 +7,21 @@ Each benchmark writes bench/results/<name>.json:
     {"benchmark": name, "command": "make bench-<name>", "date": ISO date, "machine": "...",
      "rows": [{"metric": str, "value": float, "unit": str, "goal": str, "met": bool | null}]}
 
-`write_result` does that for a benchmark written in Python. The project's benchmarks that have no
-file yet are listed as "not run".
+(bench/record.py's `write_results` writes it). The project's benchmarks that have no file yet are
+listed as "not run".
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-from datetime import date
 from pathlib import Path
 
+from bench.record import RESULTS
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "docs" / "benchmarks.md"
 # The project's benchmarks, in the order `make bench` runs them.
 BENCHMARKS = ["verifier", "train", "generate", "score", "peers"]
-
-
-def machine_description() -> str:
-    """CPU model, cores, RAM: the `machine` field of a result."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    meminfo = Path("/proc/meminfo")
-    kib = next((int(line.split()[1]) for line in (meminfo.read_text().splitlines() if meminfo.exists() else [])
-                if line.startswith("MemTotal")), 0)
-    return f"{cpu}, {os.cpu_count()} cores, {kib / 2**20:.0f} GiB RAM"
-
-
-def write_result(name: str, rows: list[dict], results: Path = RESULTS) -> Path:
-    """bench/results/<name>.json in the shared format; rows: metric, value, unit, goal, met."""
-    for row in rows:
-        missing = {"metric", "value", "unit", "goal", "met"} - set(row)
-        if missing:
-            raise ValueError(f"result row {row} lacks {sorted(missing)}")
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / f"{name}.json"
-    document = {"benchmark": name, "command": f"make bench-{name}", "date": date.today().isoformat(),
-                "machine": machine_description(), "rows": rows}
-    path.write_text(json.dumps(document, indent=1) + "\n")
-    return path
 
 
 def format_value(value: float) -> str:

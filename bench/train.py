@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench.summary import write_result
+from bench.record import write_results
 from common.config import load_config
 from common.modeling import load_model
 from stages.train.__main__ import IterationData, deepspeed_engine, init_distributed, minibatch_backward
@@ -92,7 +92,7 @@ def main() -> None:
                "deepspeed_over_plain": round(deepspeed / plain, 3), "samples_per_engine": len(results["plain"])}
     print(json.dumps(summary))
     goal = 1.3  # DeepSpeed's step at most 1.3x the plain loop's (docs/training.md)
-    write_result("train", [
+    write_results("train", "make bench-train", [
         {"metric": "plain torch loop, median s per optimizer step", "value": round(plain, 4), "unit": "s",
          "goal": "", "met": None},
         {"metric": "DeepSpeed (ZeRO-1), median s per optimizer step", "value": round(deepspeed, 4), "unit": "s",

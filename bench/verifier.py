@@ -1,34 +1,47 @@
-"""Throughput of the math verifier through its batch CLI (`python -m stages.score.verifier`), on this machine.
+"""Throughput of the math verifier on this machine (`make bench-verifier`), in wall-clock responses/s.
 
-    python bench/verifier.py [--n 20000] [--workers 2] [--passes 10]
+    python bench/verifier.py [--n 20000] [--workers 2] [--passes 8] [--repeats 5] [--baseline ../main]
 
-Cases: 4 kB responses with integer answers (DAPO's case); the public case mix
-(/work/shared/data/verifier-cases-public.jsonl, each pred boxed in a short response), once per CLI
-call and then --passes times shuffled in one call; the integer case with 1% adversarial responses
-mixed in (power towers, a megabyte of nested braces). Prints responses/s, the adversarial slow-down
-and the slowest single adversarial response.
+What is timed, and through what:
+- 4 kB responses with integer answers (DAPO's case), and the same with 1% adversarial responses
+  (power towers, a megabyte of nested braces): whole calls of the batch CLI
+  (`python -m stages.score.verifier`), start-up included; median of --repeats calls each.
+- The public case mix (../shared/data/verifier-cases-public.jsonl, each pred boxed in a short response):
+  cold: one fresh CLI call per pass, so python start-up, imports, the worker pool's start and
+        warm-up and a first sight of every answer are all in it; median of --repeats calls.
+  steady: `grade_batch` (what the score stage calls) in one process: one pass to start the pool,
+        then --passes passes, each its own grade_batch call over the shuffled cases; median. The
+        pool keeps no results between calls (parsed golds are cached within a call only), but its
+        parser has met these answer shapes before, and sympy keeps its own cache. Also printed:
+        CPU time per response (workers and the calling process), which the other jobs on a shared
+        machine disturb less than wall time.
+- The adversarial slow-down again with grade_batch alone, in-process (without the CLI's JSON reading),
+  and the slowest single adversarial response (bound: the 5 s timeout).
+With --baseline DIR (another checkout, e.g. ../main), the CLI and steady figures are measured for
+it too, interleaved with ours, with the same protocol (printed only).
 
-Every figure is wall time of whole CLI calls, so each includes start-up (python, the sympy and
-math-verify imports, the forkserver), which is printed on its own. The steady-state figure of the
-public mix is the marginal rate: (rows of the long call - one pass) / (its time - the single-pass
-time). The verifier keeps no result cache of its own; sympy's internal cache and math-verify's
-20-entry parse cache do see the repeated answers (see the README for their share).
+Writes bench/results/verifier.json: {"benchmark", "command", "date", "machine", "rows": [{"metric",
+"value", "unit", "goal", "met"}]}.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
+import datetime
 import json
 import os
+import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC = Path("/work/shared/data/verifier-cases-public.jsonl")
+SHARED = ROOT.parent / "shared"  # the shared folder sits next to the repository (../shared), as in the tests
+PUBLIC = SHARED / "data" / "verifier-cases-public.jsonl"
+RESULTS = ROOT / "bench" / "results" / "verifier.json"
 FILLER = ("We expand $(x+1)^2 = x^2 + 2x + 1$ and compare coefficients: \\frac{a}{b} + \\sqrt{c} gives "
           "the constraint $a + b = 17$, so substituting back we obtain a quadratic in $t$. ")
 ADVERSARIAL = [
@@ -38,6 +51,47 @@ ADVERSARIAL = [
     "the answer is \\boxed{10^{10^{10^{10}}}}",
     "\\boxed{9^{99999999999}}",
 ]
+GOAL_PUBLIC = 200.0
+GOAL_INTEGER = 2_000.0
+GOAL_SLOWDOWN = 10.0
+TIMEOUT_S = 5.0
+
+# The steady-state passes, run in a process of the checkout under test: only grade_batch is assumed.
+STEADY = r'''
+import json, os, random, sys, time
+from pathlib import Path
+import stages.score.verifier as verifier
+
+def cpu():  # utime + stime of the workers (/proc: they are not our children) and of this process
+    pids = verifier.worker_pids() if hasattr(verifier, "worker_pids") else []
+    ticks = sum(sum(int(f) for f in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[11:13]) for p in pids)
+    return pids, ticks / os.sysconf("SC_CLK_TCK") + time.process_time()
+
+def main():
+    pairs, passes, workers = json.loads(sys.stdin.read()), int(sys.argv[1]), int(sys.argv[2])
+    rng = random.Random(0)
+    started = time.perf_counter()
+    grades = verifier.grade_batch(pairs, workers=workers, timeout_s=5.0)
+    first = [g.correct for g in grades]
+    out = {"first": len(pairs) / (time.perf_counter() - started), "correct": first, "rates": [], "cpu_s": [],
+           "timeouts": [sum(g.status == "timeout" for g in grades)], "changed": 0}
+    for _ in range(passes):
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+        pids, cpu_before = cpu()
+        started = time.perf_counter()
+        grades = verifier.grade_batch([pairs[i] for i in order], workers=workers, timeout_s=5.0)
+        out["rates"].append(len(pairs) / (time.perf_counter() - started))
+        after_pids, cpu_after = cpu()
+        if pids and after_pids == pids:  # a worker replaced mid-pass takes its CPU time with it
+            out["cpu_s"].append(cpu_after - cpu_before)
+        out["timeouts"].append(sum(g.status == "timeout" for g in grades))  # a loaded machine can push one past 5 s
+        out["changed"] += sum(grades[k].correct != first[i] for k, i in enumerate(order))
+    print(json.dumps(out))
+
+if __name__ == "__main__":
+    main()
+'''
 
 
 def integer_rows(n: int, rng: random.Random) -> list[dict]:
@@ -50,13 +104,8 @@ def integer_rows(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
-def become_subreaper() -> bool:
-    """Adopt orphaned descendants (Linux), so that the CLI's forkserver and its workers, which the CLI
-    does not wait for, are reaped here and their CPU time shows in RUSAGE_CHILDREN."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        return False
+def environment(checkout: Path) -> dict:
+    return dict(os.environ, PYTHONPATH=str(checkout))  # the checkout's own code, not an installed copy
 
 
 def _children_cpu() -> float:
@@ -64,78 +113,162 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_cli(rows: list[dict], workers: int) -> tuple[float, float, list[dict]]:
-    """(wall seconds, CPU seconds of the CLI and all its processes, output rows)."""
-    stdin = "".join(json.dumps(r) + "\n" for r in rows)
+def run_cli(checkout: Path, stdin: str, workers: int) -> tuple[float, float, list[dict]]:
+    """(wall seconds of the whole CLI call, CPU seconds of the CLI process, output rows). The CPU time
+    leaves out the forkserver and its workers (not our children), which integer answers never start."""
     cpu_before = _children_cpu()
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "stages.score.verifier", "--workers", str(workers)],
-                          input=stdin, capture_output=True, text=True, cwd=ROOT, check=True)
+    done = subprocess.run([sys.executable, "-m", "stages.score.verifier", "--workers", str(workers)], input=stdin,
+                          capture_output=True, text=True, cwd=checkout, env=environment(checkout), check=True)
     seconds = time.perf_counter() - started
-    while True:  # reap the adopted forkserver once it has seen the CLI exit
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
     return seconds, _children_cpu() - cpu_before, [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def run_steady(checkout: Path, pairs: list[tuple[str, str]], passes: int, workers: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", STEADY, str(passes), str(workers)], input=json.dumps(pairs),
+                          capture_output=True, text=True, cwd=checkout, env=environment(checkout))
+    if done.returncode:
+        sys.exit(f"error: the steady-state passes failed in {checkout}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def row(metric: str, value: float, unit: str, goal: str, met: bool) -> dict:
+    return {"metric": metric, "value": round(value, 4), "unit": unit, "goal": goal, "met": bool(met)}
+
+
+def rates(values: list[float]) -> str:
+    return ", ".join(f"{v:,.0f}" for v in values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--n", type=int, default=20_000, help="integer-answer responses per CLI call")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--passes", type=int, default=10, help="passes over the public mix for the steady state")
+    parser.add_argument("--passes", type=int, default=8, help="steady-state passes over the public mix")
+    parser.add_argument("--repeats", type=int, default=5, help="CLI calls per CLI figure (the median is reported)")
+    parser.add_argument("--baseline", type=Path, help="another checkout to measure alongside (e.g. ../main)")
     args = parser.parse_args()
+    if not PUBLIC.exists():
+        sys.exit(f"error: {PUBLIC} not found (the shared data folder sits next to the repository: ../shared)")
+    checkouts = {"this checkout": ROOT}
+    if args.baseline:
+        checkouts["baseline " + str(args.baseline)] = args.baseline.resolve()
     rng = random.Random(0)
-    print(f"load average before the runs (other jobs on this machine): {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
-    counted = become_subreaper()
+    loads = [os.getloadavg()[0]]
+    print(f"{os.cpu_count()} CPUs ({cpu_model()}), load average {loads[0]:.2f} before the runs (other jobs on this machine)")
 
     integers = integer_rows(args.n, rng)
-    seconds, _, out = run_cli(integers, args.workers)
-    base = len(integers) / seconds
-    print(f"integer answers, 4 kB responses: {base:,.0f} responses/s ({len(integers)} in {seconds:.2f}s, "
-          f"statuses {sorted({o['status'] for o in out})})")
-
-    startup, startup_cpu, _ = run_cli([{"gold": "x + 1", "response": "\\boxed{1 + x}"}], args.workers)
-    print(f"start-up (one symbolic response): {startup:.2f}s, {startup_cpu:.2f} CPU s")
-
-    cases = [json.loads(line) for line in PUBLIC.read_text().splitlines()]
-    public = [{"gold": c["gold"], "response": f"The final answer is \\boxed{{{c['pred']}}}.", "equal": c["equal"]}
-              for c in cases]
-    single, single_cpu, out = run_cli(public, args.workers)
-    agree = sum(o["correct"] == c["equal"] for o, c in zip(out, cases))
-    false_positives = sum(o["correct"] and not c["equal"] for o, c in zip(out, cases))
-    print(f"public case mix, one pass: {len(public) / single:,.0f} responses/s ({len(public)} in {single:.2f}s "
-          f"with start-up; agreement {agree}/{len(cases)} = {agree / len(cases):.3f}, false positives {false_positives})")
-    repeated = public * args.passes
-    rng.shuffle(repeated)
-    seconds, cpu, out = run_cli(repeated, args.workers)
-    wrong = sum(o["correct"] != r["equal"] for o, r in zip(out, repeated))
-    marginal = (len(repeated) - len(public)) / (seconds - single)
-    print(f"public case mix, {args.passes} passes shuffled in one call: {marginal:,.0f} responses/s steady state "
-          f"({len(repeated)} in {seconds:.2f}s, {len(repeated) / seconds:,.0f}/s with start-up; "
-          f"disagreements {wrong} = {args.passes} x {len(cases) - agree})")
-    if counted:  # wall time depends on what else runs here; CPU time much less
-        steady_cpu = (cpu - single_cpu) / (len(repeated) - len(public))
-        print(f"  CPU time: one pass {single_cpu:.1f} s, {args.passes} passes {cpu:.1f} s; steady state "
-              f"{1000 * steady_cpu:.2f} CPU ms/response = {args.workers / steady_cpu:,.0f} responses/s if "
-              f"{args.workers} cores were free")
-
     mixed = list(integers)
     for k in range(len(integers) // 100):  # 1% adversarial
         mixed[rng.randrange(len(mixed))] = {"gold": "3", "response": ADVERSARIAL[k % len(ADVERSARIAL)]}
-    seconds, _, out = run_cli(mixed, args.workers)
-    rate = len(mixed) / seconds
-    print(f"with 1% adversarial: {rate:,.0f} responses/s, slow-down {100 * (1 - rate / base):.1f}% "
-          f"(statuses {sorted({o['status'] for o in out})})")
+    cases = [json.loads(line) for line in PUBLIC.read_text().splitlines()]
+    pairs = [(f"The final answer is \\boxed{{{c['pred']}}}.", c["gold"]) for c in cases]
+    stdins = {name: "".join(json.dumps({"gold": r["gold"], "response": r["response"]}) + "\n" for r in rows)
+              for name, rows in [("integer", integers), ("mixed", mixed),
+                                 ("public", [{"gold": g, "response": r} for r, g in pairs])]}
 
+    # CLI calls, alternated (checkouts and cases) so that drifts of the machine's load hit all alike.
+    cli: dict[tuple[str, str], list[float]] = {}
+    cli_cpu: dict[tuple[str, str], list[float]] = {}
+    outputs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeats):
+        for name, checkout in checkouts.items():
+            for case in ("integer", "mixed", "public"):
+                seconds, cpu, outputs[(name, case)] = run_cli(checkout, stdins[case], args.workers)
+                cli.setdefault((name, case), []).append(len(integers if case != "public" else pairs) / seconds)
+                cli_cpu.setdefault((name, case), []).append(cpu)
+    steady = {name: run_steady(checkout, pairs, args.passes, args.workers) for name, checkout in checkouts.items()}
+    loads.append(os.getloadavg()[0])
+
+    results = {}
+    for name in checkouts:
+        base, with_adversarial = statistics.median(cli[(name, "integer")]), statistics.median(cli[(name, "mixed")])
+        cold, steady_rate = statistics.median(cli[(name, "public")]), statistics.median(steady[name]["rates"])
+        out = outputs[(name, "public")]
+        agree = sum(o["correct"] == c["equal"] for o, c in zip(out, cases))
+        false_positives = sum(o["correct"] and not c["equal"] for o, c in zip(out, cases))
+        differ = sum(a != o["correct"] for a, o in zip(steady[name]["correct"], out))
+        slowdown = 100 * (1 - with_adversarial / base)
+        print(f"\n{name}:")
+        print(f"  integer answers, 4 kB responses (CLI, {len(integers)} per call, start-up included): median "
+              f"{base:,.0f} responses/s ({rates(cli[(name, 'integer')])})")
+        cpu_slowdown = 100 * (statistics.median(cli_cpu[(name, "mixed")]) / statistics.median(cli_cpu[(name, "integer")]) - 1)
+        print(f"  with 1% adversarial: median {with_adversarial:,.0f} responses/s ({rates(cli[(name, 'mixed')])}), "
+              f"slow-down {slowdown:.1f}% (in CPU time of the CLI process: {cpu_slowdown:.1f}%; statuses "
+              f"{sorted({o['status'] for o in outputs[(name, 'mixed')]})})")
+        print(f"  public case mix, cold (a fresh CLI call per pass): median {cold:,.0f} responses/s "
+              f"({rates(cli[(name, 'public')])}); agreement {agree}/{len(cases)}, false positives {false_positives}")
+        print(f"  public case mix, steady (grade_batch, {args.workers} workers, one process): median {steady_rate:,.0f} "
+              f"responses/s over {args.passes} passes ({rates(steady[name]['rates'])}); the first call: "
+              f"{steady[name]['first']:,.0f}/s; timeouts per call {steady[name]['timeouts']}, answers that changed "
+              f"between calls {steady[name]['changed']}, first call vs the CLI {differ}")
+        if steady[name]["cpu_s"]:
+            cpu_ms = 1000 * statistics.median(steady[name]["cpu_s"]) / len(pairs)
+            print(f"    CPU time (workers and the calling process): median {cpu_ms:.2f} ms/response, so "
+                  f"{args.workers} free cores would give about {args.workers * 1000 / cpu_ms:,.0f} responses/s")
+        results[name] = (base, slowdown, cold, steady_rate, agree, false_positives)
+
+    sys.path.insert(0, str(ROOT))  # this checkout's verifier, in-process
     from stages.score.verifier import grade_batch
+
+    # The same slow-down without the CLI's reading of 80 MB more JSON: grade_batch alone, in this process.
+    integer_pairs = [(r["response"], r["gold"]) for r in integers]
+    mixed_pairs = [(r["response"], r["gold"]) for r in mixed]
+    in_process: dict[str, list[float]] = {"integer": [], "mixed": []}
+    for _ in range(args.repeats):
+        for case, case_pairs in (("integer", integer_pairs), ("mixed", mixed_pairs)):
+            started = time.perf_counter()
+            grade_batch(case_pairs, workers=args.workers, timeout_s=TIMEOUT_S)
+            in_process[case].append(len(case_pairs) / (time.perf_counter() - started))
+    grading_slowdown = 100 * (1 - statistics.median(in_process["mixed"]) / statistics.median(in_process["integer"]))
+    print(f"\ngrade_batch alone (in-process): integer answers median {statistics.median(in_process['integer']):,.0f} "
+          f"responses/s ({rates(in_process['integer'])}), with 1% adversarial {statistics.median(in_process['mixed']):,.0f} "
+          f"({rates(in_process['mixed'])}): slow-down {grading_slowdown:.1f}%")
+
     slowest = 0.0
     for text in ADVERSARIAL:
         started = time.perf_counter()
-        grade_batch([(text, "3")], timeout_s=5.0)
+        grade_batch([(text, "3")], timeout_s=TIMEOUT_S)
         slowest = max(slowest, time.perf_counter() - started)
-    print(f"slowest single adversarial response (in-process, bound 5 s): {slowest * 1000:.1f} ms")
+    print(f"\nslowest single adversarial response (in-process, bound {TIMEOUT_S:.0f} s): {slowest * 1000:.1f} ms")
+    print(f"load average: {loads[0]:.2f} before, {loads[1]:.2f} after")
+
+    base, slowdown, cold, steady_rate, agree, false_positives = results["this checkout"]
+    rows = [
+        row("integer answers, 4 kB responses (CLI, start-up included)", base, "responses/s",
+            f">= {GOAL_INTEGER:,.0f} responses/s", base >= GOAL_INTEGER),
+        row("slow-down from 1% adversarial responses (CLI, which also reads their 80 MB of JSON)", slowdown, "%",
+            f"< {GOAL_SLOWDOWN:.0f}%", slowdown < GOAL_SLOWDOWN),
+        row("slow-down from 1% adversarial responses (grade_batch alone)", grading_slowdown, "%",
+            f"< {GOAL_SLOWDOWN:.0f}%", grading_slowdown < GOAL_SLOWDOWN),
+        row("public case mix, cold pass (fresh CLI call, pool start included)", cold, "responses/s",
+            f">= {GOAL_PUBLIC:.0f} responses/s", cold >= GOAL_PUBLIC),
+        row("public case mix, steady state (grade_batch, warm pool)", steady_rate, "responses/s",
+            f">= {GOAL_PUBLIC:.0f} responses/s", steady_rate >= GOAL_PUBLIC),
+        row("public case mix, agreement with labels", agree / len(cases), "fraction", ">= 0.97", agree / len(cases) >= 0.97),
+        row("public case mix, false positives", false_positives, "count", "0", false_positives == 0),
+        row("slowest single adversarial response", slowest, "s", f"< {TIMEOUT_S:.0f} s", slowest < TIMEOUT_S),
+    ]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "benchmark": "verifier",
+        "command": "make bench-verifier",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPUs, {cpu_model()} (shared; 1-min load average {loads[0]:.1f} before, "
+                   f"{loads[1]:.1f} after)",
+        "rows": rows,
+    }, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import yaml
 
 # Loss modes, each defined in stages/train/loss.py.
 LOSSES = ("k1", "k2", "k3", "abs", "forward_kl_topk", "reverse_kl_topk")
+ENGINES = ("hf", "vllm")
 
 
 class ConfigError(ValueError):
@@ -38,20 +39,23 @@ class DataConfig:
 
 @dataclass
 class GenerateConfig:
-    engine: str = "hf"
+    engine: str = "hf"              # hf | vllm (stages/generate/sampling.py)
     prompts_per_iteration: int = 64
     n: int = 4                      # responses per prompt
     max_response_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 256           # sequences per engine call
+    rows_per_shard: int = 1024      # rollout shard size; the score stage maps over shards
     student_topk: int = 0           # also store the student's top-k ids and log-probs per token
     max_model_len: int = 0          # engine context (vLLM); 0 = max_prompt_tokens + max_response_tokens + 1
+    gpu_memory_utilization: float = 0.5  # vLLM: share of the GPU for weights + KV cache (the teacher needs room too)
+    enforce_eager: bool = False     # vLLM: skip torch.compile and CUDA graphs (faster start, slower decoding)
 
 
 @dataclass
 class ScoreConfig:
-    engine: str = "hf"
+    engine: str = "hf"              # hf | vllm (prompt log-probs; no top-k at the student's ids)
     batch_size: int = 64            # sequences per teacher forward
     logit_chunk_tokens: int = 4096  # rows of the LM head materialised at once
     teacher_topk: int = 0           # also store the teacher's own top-k ids and log-probs per token
@@ -59,6 +63,9 @@ class ScoreConfig:
     reward_mode: str = "correct"    # correct (1/0) | deepscaler (0.67 correct boxed + 0.33 format)
     verifier_workers: int = 2       # processes for answers that need symbolic comparison
     verifier_timeout_s: float = 5.0  # per response; a worker past it is killed and replaced
+    max_model_len: int = 0          # vLLM: 0 = data.max_prompt_tokens + generate.max_response_tokens + 1
+    gpu_memory_utilization: float = 0.3  # vLLM: share of the GPU for the teacher's weights + KV cache
+    enforce_eager: bool = False     # vLLM: skip torch.compile and CUDA graphs
 
 
 @dataclass
@@ -105,6 +112,19 @@ class EvalConfig:
 
 
 @dataclass
+class OrchestratorConfig:
+    # subprocess: a fresh process per stage (simple, nothing held between stages);
+    # resident: generation and teacher engines stay loaded in Dask workers across iterations.
+    mode: str = "subprocess"
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""               # Dask scheduler to join; empty = an embedded LocalCluster
+    workers: int = 1                # worker processes in resident mode (one per GPU)
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: str = ""          # empty: sqlite:///<runs root>/mlflow.db
     experiment: str = "opd"
@@ -120,6 +140,8 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def to_dict(self) -> dict:
@@ -175,8 +197,13 @@ def validate(config: Config) -> Config:
     """Cross-field rules that types alone cannot express."""
     g, t = config.generate, config.train
     rules = [
-        (g.engine in ("hf",), "generate.engine", f"'{g.engine}' is not available (choose: hf)"),
-        (config.score.engine in ("hf",), "score.engine", f"'{config.score.engine}' is not available (choose: hf)"),
+        (g.engine in ENGINES, "generate.engine", f"'{g.engine}' is not an engine (choose: {', '.join(ENGINES)})"),
+        (0 < g.gpu_memory_utilization <= 1, "generate.gpu_memory_utilization", "must be in (0, 1]"),
+        (config.score.engine in ENGINES, "score.engine",
+         f"'{config.score.engine}' is not an engine (choose: {', '.join(ENGINES)})"),
+        (config.score.engine != "vllm" or g.student_topk == 0, "generate.student_topk",
+         "score.engine 'vllm' cannot return the teacher's log-probs at the student's top-k ids: use score.engine hf"),
+        (0 < config.score.gpu_memory_utilization <= 1, "score.gpu_memory_utilization", "must be in (0, 1]"),
         (t.loss in LOSSES, "train.loss", f"'{t.loss}' is not a loss (choose: {', '.join(LOSSES)})"),
         (t.loss != "forward_kl_topk" or config.score.teacher_topk > 0, "score.teacher_topk",
          "forward_kl_topk needs the teacher's top-k: set it > 0"),
@@ -191,6 +218,10 @@ def validate(config: Config) -> Config:
         (t.loss != "k1" or t.policy_gradient, "train.policy_gradient",
          "k1 without the policy-gradient form has no gradient from the teacher; set it to true"),
         (g.n >= 1, "generate.n", "must be at least 1"),
+        (g.rows_per_shard >= 1, "generate.rows_per_shard", "must be at least 1"),
+        (config.orchestrator.mode in ("subprocess", "resident"), "orchestrator.mode",
+         f"'{config.orchestrator.mode}' is not a mode (choose: subprocess, resident)"),
+        (config.cluster.workers >= 1, "cluster.workers", "must be at least 1"),
         (g.prompts_per_iteration >= 1, "generate.prompts_per_iteration", "must be at least 1"),
         (t.mini_batch_prompts <= g.prompts_per_iteration, "train.mini_batch_prompts",
          f"{t.mini_batch_prompts} is larger than generate.prompts_per_iteration={g.prompts_per_iteration}"),

@@ -32,6 +32,25 @@ def load_inference_model(path: str | Path) -> torch.nn.Module:
     return load_model(path, torch.bfloat16).to("cuda")
 
 
+def load_weights_in_place(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Copy a checkpoint's safetensors weights into `model` (same architecture) without rebuilding it.
+
+    Tied weights (lm_head = embed_tokens) are absent from the file and stay tied; any other missing
+    or unexpected name is an error, so a checkpoint of another shape cannot half-load.
+    """
+    from safetensors.torch import load_file
+
+    files = sorted(Path(checkpoint).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint} holds no *.safetensors weights")
+    state = {name: tensor for f in files for name, tensor in load_file(str(f)).items()}
+    result = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise ValueError(f"{checkpoint} does not fit the loaded model (missing: {result.missing_keys[:3]}, "
+                         f"unexpected: {result.unexpected_keys[:3]})")
+
+
 def peak_gpu_gib() -> float:
     """Peak GPU memory allocated by this process so far (0 on the CPU)."""
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0

@@ -212,6 +212,12 @@ def stage_finished(out_dir: Path) -> bool:
         return False
 
 
+def read_files(out_dir: Path, stage: str) -> pa.Table:
+    """The rows of a stage's shards written so far (before its manifest seals them), in shard order."""
+    tables = [conform(pq.read_table(p), stage) for p in sorted(Path(out_dir).glob("part-*.parquet"))]
+    return pa.concat_tables(tables) if tables else SCHEMAS[stage].empty_table()
+
+
 def read_stage(out_dir: Path, stage: str) -> pa.Table:
     """All rows of a verified stage output, checked against the stage's schema."""
     manifest = verify_stage(out_dir)

@@ -1,8 +1,12 @@
-"""The loop: iterate N times over generate -> score -> train, each stage in its own process.
+"""The loop: iterate N times over generate -> score -> train.
 
 Strictly on-policy: iteration i samples from checkpoint v_i and trains v_i into v_{i+1}; the trainer
 checks it. Every stage output is sealed by a manifest, so a killed run resumes at the first stage
 without one, and finished stages are skipped.
+
+`orchestrator.mode: subprocess` runs each stage in its own process. `resident` keeps a Dask cluster
+for the whole `iterate`: generate and score run as tasks on workers whose engines stay loaded
+(common/cluster.py), and train still runs in its own process under DeepSpeed.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from common import shards
+from common.cluster import open_client
 from common.config import Config, ConfigError, config_from_dict, save_config
 from common.modeling import local_model_dir
 from common.run import RUN_CONFIG, free_port, load_run_config
@@ -119,6 +124,39 @@ def run_stage(stage: str, run: Path, iteration: int, extra: tuple[str, ...] = ()
     return time.time() - started
 
 
+def subprocess_stages(run: Path, config: Config):
+    """Subprocess mode: every stage is `python -m stages.<stage>` (train under the DeepSpeed launcher)."""
+    def runner(stage: str, iteration: int, extra: tuple[str, ...] = ()) -> float:
+        return run_stage(stage, run, iteration, extra, config.train.processes if stage == "train" else 1)
+    return runner
+
+
+class ResidentStages:
+    """Resident mode: generate and score as tasks on a Dask cluster that lives for the whole loop."""
+
+    def __init__(self, client, run: Path, config: Config):
+        self.client, self.run, self.config = client, run, config
+        # Generation stays on one worker, so one engine follows the policy; score maps over all.
+        self.generation_worker = sorted(client.scheduler_info()["workers"])[0]
+
+    def __call__(self, stage: str, iteration: int, extra: tuple[str, ...] = ()) -> float:
+        from stages.generate.__main__ import generate_on_worker
+        from stages.score.__main__ import score_stage
+
+        started = time.time()
+        try:
+            if stage == "generate":
+                self.client.submit(generate_on_worker, self.run, iteration, "--eval-only" in extra,
+                                   workers=[self.generation_worker], pure=False).result()
+            elif stage == "score":
+                score_stage(self.config, self.run, iteration, self.client)
+            else:
+                return run_stage(stage, self.run, iteration, extra, self.config.train.processes)
+        except (ConfigError, shards.ContractError) as error:
+            raise StageFailed(f"stage {stage} failed at iteration {iteration}: {error}") from error
+        return time.time() - started
+
+
 def log_iteration(tracker: Tracker, run: Path, iteration: int, wall: dict[str, float]) -> None:
     evals = sorted(p.name for p in shards.iteration_dir(run, iteration).glob("eval*"))
     for stage in ("rollouts", "scored", "train", *evals):
@@ -134,9 +172,9 @@ def log_iteration(tracker: Tracker, run: Path, iteration: int, wall: dict[str, f
         tracker.log_stage(out_dir, metrics, iteration)
 
 
-def evaluate_checkpoint(config: Config, run: Path, iteration: int, tracker: Tracker) -> None:
+def evaluate_checkpoint(config: Config, run: Path, iteration: int, tracker: Tracker, stage_runner) -> None:
     if config.eval.every > 0 and shards.read_manifest(shards.stage_dir(run, iteration, "eval")) is None:
-        run_stage("generate", run, iteration, ("--eval-only",))
+        stage_runner("generate", iteration, ("--eval-only",))
     log_iteration(tracker, run, iteration, {})
 
 
@@ -161,6 +199,15 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
     start = completed_iterations(run)
     print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
     loop_started = time.time()
+    if config.orchestrator.mode == "resident":
+        with open_client(config, processes=True) as client:
+            _loop(run, config, iterations, tracker, start, loop_started, ResidentStages(client, run, config))
+    else:
+        _loop(run, config, iterations, tracker, start, loop_started, subprocess_stages(run, config))
+
+
+def _loop(run: Path, config: Config, iterations: int, tracker: Tracker, start: int, loop_started: float,
+          stage_runner) -> None:
     try:
         for iteration in range(start):  # metrics a crash kept from MLflow (stages without _LOGGED)
             log_iteration(tracker, run, iteration, {})
@@ -171,8 +218,7 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
                 iterations = iteration - start
                 break
             began = time.time()
-            wall = {stage: run_stage(stage, run, iteration, processes=config.train.processes if stage == "train" else 1)
-                    for stage in STAGES}
+            wall = {stage: stage_runner(stage, iteration) for stage in STAGES}
             log_iteration(tracker, run, iteration, wall)
             # ETA from the mean iteration so far; eval iterations make it a little optimistic.
             eta = (time.time() - loop_started) / done * (iterations - done)
@@ -180,6 +226,6 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
                   f"(generate {wall['generate']:.1f}s, score {wall['score']:.1f}s, train {wall['train']:.1f}s)"
                   + (f", ETA {eta / 60:.1f} min" if done < iterations else ""), flush=True)
         # The last checkpoint has not been sampled yet: evaluate it so every run ends with a figure.
-        evaluate_checkpoint(config, run, start + iterations, tracker)
+        evaluate_checkpoint(config, run, start + iterations, tracker, stage_runner)
     finally:
         tracker.close()

@@ -45,7 +45,8 @@ def teacher_eval(run: Path) -> dict:
     from common.data import prepared_prompts
     from common.modeling import load_inference_model, load_tokenizer, local_model_dir, policy_version
     from common.run import quiet_libraries, set_threads
-    from stages.generate.hf_engine import SamplingParams, sample
+    from stages.generate.hf_engine import sample
+    from stages.generate.sampling import SamplingParams
     from stages.score.verifier import grade_batch
 
     config = run_config(run)

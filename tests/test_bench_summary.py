@@ -1,37 +1,42 @@
-"""bench/summary.py: the shared result format and the one table rendered from it."""
+"""bench/summary.py: the one table rendered from every benchmark's bench/results/<name>.json."""
 from __future__ import annotations
 
 import json
 
-import pytest
-
-from bench.summary import BENCHMARKS, render, write_result
+from bench.summary import BENCHMARKS, render
 
 
-def test_write_result_and_render(tmp_path):
-    path = write_result("peers", [
+def write(folder, name: str, rows: list[dict]) -> None:
+    (folder / f"{name}.json").write_text(json.dumps({"benchmark": name, "command": f"make bench-{name}",
+                                                     "date": "2026-01-02", "machine": "2 x CPU, 24 GiB",
+                                                     "rows": rows}))
+
+
+def test_rows_and_benchmarks_not_run(tmp_path):
+    write(tmp_path, "peers", [
         {"metric": "speed-up vs TRL to the same accuracy", "value": 0.4567, "unit": "x", "goal": ">= 2", "met": False},
         {"metric": "pipeline peak RSS", "value": 1234.6, "unit": "MiB", "goal": "", "met": None},
-    ], tmp_path)
-    document = json.loads(path.read_text())
-    assert document["benchmark"] == "peers" and document["command"] == "make bench-peers"
-    assert set(document) == {"benchmark", "command", "date", "machine", "rows"} and "cores" in document["machine"]
+    ])
     text = render(tmp_path)
-    assert "| 0.457 | x | >= 2 | **no** |" in text
+    assert "| [peers](../bench/results/peers.json) | speed-up vs TRL to the same accuracy | 0.457 | x | >= 2 | **no** " \
+           "| 2026-01-02 | 2 x CPU, 24 GiB |" in text
     assert "| pipeline peak RSS | 1,235 | MiB |" in text
     for name in set(BENCHMARKS) - {"peers"}:
         assert f"| {name} | not run (`make bench-{name}`) |" in text
 
 
 def test_unknown_benchmark_listed_after_the_known_ones(tmp_path):
-    (tmp_path / "extra.json").write_text(json.dumps({"benchmark": "extra", "date": "2026-01-01", "machine": "m",
-                                                     "rows": [{"metric": "m", "value": 1, "unit": "", "goal": "",
-                                                               "met": True}]}))
+    write(tmp_path, "extra", [{"metric": "m", "value": 1, "unit": "", "goal": "", "met": True}])
     lines = render(tmp_path).splitlines()
-    assert lines.index(next(line for line in lines if line.startswith("| [extra]"))) > \
-        lines.index(next(line for line in lines if line.startswith("| peers |")))
+    extra = next(k for k, line in enumerate(lines) if line.startswith("| [extra]"))
+    peers = next(k for k, line in enumerate(lines) if line.startswith("| peers |"))
+    assert extra > peers and "| yes |" in lines[extra]
 
 
-def test_rows_missing_a_field_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="met"):
-        write_result("x", [{"metric": "m", "value": 1.0, "unit": "s", "goal": ""}], tmp_path)
+def test_the_committed_results_render(tmp_path):
+    # Every file in bench/results/ (written by bench/record.py) must render.
+    from bench.record import RESULTS
+
+    text = render(RESULTS)
+    for path in RESULTS.glob("*.json"):
+        assert f"[{json.loads(path.read_text())['benchmark']}]" in text

@@ -3,7 +3,8 @@ import torch
 
 from common.data import load_prompts
 from common.modeling import load_model, load_tokenizer, response_logprobs
-from stages.generate.hf_engine import SamplingParams, sample
+from stages.generate.hf_engine import sample
+from stages.generate.sampling import SamplingParams
 
 STUDENT = "assets/tiny/student"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import orchestrate
+from pipeline_helpers import assert_same_as_reference, orchestrate
 
 from common import shards
 from common.config import ConfigError
@@ -27,18 +27,6 @@ def copy_run(reference: Path, run: Path) -> None:
     """The run folder and its MLflow database (the run id inside the folder points into it)."""
     shutil.copytree(reference, run)
     shutil.copy(reference.parent / "mlflow.db", run.parent / "mlflow.db")
-
-
-def rollout_digests(run: Path) -> list[str]:
-    return [f["sha256"] for i in range(2) for f in shards.read_manifest(shards.stage_dir(run, i, "rollouts"))["files"]]
-
-
-def assert_same_as_reference(run: Path, reference: Path) -> None:
-    finished, problems = check_run(run)
-    assert finished == 2 and problems == []
-    assert rollout_digests(run) == rollout_digests(reference)
-    for version in range(3):
-        assert policy_version(shards.checkpoint_dir(run, version)) == policy_version(shards.checkpoint_dir(reference, version))
 
 
 def test_reference_run_holds_every_invariant(reference_run):

@@ -2,23 +2,27 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
+from fractions import Fraction
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from common.config import ConfigError, config_from_dict
-from stages.score.verifier import grade, grade_batch
-from stages.score.verifier.equivalence import decide, guard, parse_answer, use_two_stage_parsing
+from stages.score.verifier import grade, grade_batch, shutdown, worker_pids
+from stages.score.verifier.equivalence import _exact_numbers, decide, guard, parse_answer, use_two_stage_parsing
 from stages.score.verifier.extract import extract_answer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data")
+DATA = ROOT.parent / "shared" / "data"  # the shared folder sits next to the repository (../shared)
 PUBLIC_CASES = DATA / "verifier-cases-public.jsonl"
 DISAGREEMENTS = ROOT / "tests" / "data" / "verifier_disagreements.jsonl"
 needs_data = pytest.mark.skipif(not PUBLIC_CASES.exists(), reason="shared verifier data not present")
@@ -106,6 +110,90 @@ def test_simple_forms_are_decided_without_sympy_and_agree_with_math_verify(pred,
         assert verify(parse_answer(gold), parse_answer(pred), timeout_seconds=None, strict=True) == expected
 
 
+def math_verify_equal(pred: str, gold: str) -> bool:
+    """What the workers answer without relations.py: math-verify on parse_answer's parses."""
+    from math_verify import verify
+
+    gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
+    if not gold_parsed or not pred_parsed:
+        return False
+    exact = _exact_numbers(gold_parsed, pred_parsed)
+    return exact if exact is not None else bool(verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True))
+
+
+RELATIONS = [  # (pred, gold, decided by relations.py: equal / None = left to math-verify)
+    ("$y = -\\frac{1}{2}x + \\frac{3}{4}$", "$2x+4y-3=0$", True), ("$x^2/16 + y^2/12 = 1/4$", "$x^2/4 + y^2/3 = 1$", True),
+    ("$-34x-45y+20z-100=0$", "$34x+45y-20z+100=0$", True), ("x + y - z + 2 = 0", "5x - 7y + 11z + 4 = 0", False),
+    ("3x + 4y + 14=0", "3*x-1*y+13=0", False), ("$y=x$", "$x=y$", True), ("$x=1$", "$y=1$", False), ("x - 2 = 0", "2 - x = 0", True),
+    ("(x+1)^2 = 0", "x^2+2x+1=0", True), ("\\frac{x}{3} + \\frac{y}{4} = 1", "4x + 3y = 12", True),
+    ("$x > -1$", "$x < 1$", False), ("x < 5", "5 > x", True), ("x \\le 5", "x < 5", False), ("x + y > 1", "x + y < 1", False),
+    ("[-2,7]", "-2 \\le x \\le 7", True), ("$x \\in [-2,7]$", "$-2 \\\\le x \\\\le 7$", True), ("(-2,7]", "-2 \\le x \\le 7", False),
+    ("x \\in (0, 1)", "0 < x < 1", True), ("$$(-793, 10)$$", "$$-793 < a < 10$$", True), ("(-\\infty, 3]", "x<3", False),
+    ("[\\sqrt{2}, +\\infty)", "x \\ge \\sqrt{2}", True), ("(\\sqrt{2}, \\infty)", "x \\ge \\sqrt{2}", False),
+    # left to math-verify: it compares these differently from mathematics, or reads them its own way
+    ("2x<10", "x<5", None), ("x^2=4", "2x^2=8", None), ("X+1=0", "x+1=0", None), ("f(x)=2x", "f(x)=2x", None),
+    ("0 = 6y+3t", "2y + t = 0", None), ("1/2x=1", "x=2", None), ("y \\in (5, \\infty)", "x > 5", None), ("0.5x = 1", "x = 2", None),
+    ("(0,1)", "0<f(x)<1", None), ("x = 2", "x + 0 = 2", None), ("$-2 \\le x \\le 7$", "$[-2,7]$", None), ("x^2 = 1", "x = 1", None),
+]
+
+
+@pytest.mark.parametrize("pred, gold, expected", RELATIONS)
+def test_relations_are_decided_exactly_and_agree_with_math_verify(pred, gold, expected):
+    from stages.score.verifier.relations import relational_equal
+
+    assert relational_equal(pred, gold) is expected
+    if expected is not None:
+        assert math_verify_equal(pred, gold) is expected
+
+
+def test_relations_agree_with_math_verify_on_generated_relations():
+    """Random linear and quadratic relations, rescaled, flipped or perturbed: wherever relations.py
+    decides, math-verify (the worker's answer without it) must give the same answer."""
+    from stages.score.verifier.relations import relational_equal
+
+    rng = random.Random(7)
+    names = {"=": ["="], "<": ["<", "\\lt"], "<=": ["\\le", "\\leq"], ">": [">"], ">=": ["\\ge", "\\geq"]}
+    flipped = {"=": "=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+
+    def render(terms, scale):
+        out = ""
+        for coefficient, variable in terms:
+            c = coefficient * scale
+            if c == 0:
+                continue
+            sign = "-" if c < 0 else ("+" if out else "")
+            c = abs(c)
+            body = (f"\\frac{{{c.numerator}}}{{{c.denominator}}}" if c.denominator != 1 else "" if c == 1 and variable else str(c))
+            out += sign + body + rng.choice(["", " ", "\\cdot ", "*"] if body and variable else [""]) + variable
+        return out or "0"
+
+    decided = 0
+    for _ in range(60):
+        variables = rng.sample(["x", "y", "z", "a_1"], rng.choice([1, 2, 3]))
+        terms = [(Fraction(rng.choice([1, -1, 2, 3, -5]), rng.choice([1, 1, 2])), v) for v in variables]
+        if rng.random() < 0.3:
+            terms.append((Fraction(rng.choice([1, -2])), f"{variables[0]}^2"))
+        terms.append((Fraction(rng.choice([0, 1, -4, 6])), ""))
+        kind = rng.choice(["=", "=", "<", "<=", ">", ">="])
+        gold = f"{render(terms, 1)} {rng.choice(names[kind])} 0"
+        roll = rng.random()
+        if roll < 0.5:  # rescaled, sometimes written the other way round
+            scale = Fraction(rng.choice([1, 1, -1, 2, -3])) / rng.choice([1, 2])
+            if rng.random() < 0.3:
+                pred = f"0 {rng.choice(names[flipped[kind] if scale > 0 else kind])} {render(terms, scale)}"
+            else:
+                pred = f"{render(terms, scale)} {rng.choice(names[kind])} 0"
+        else:  # perturbed
+            terms = [(c + (rng.random() < 0.4), v) for c, v in terms]
+            pred = f"{render(terms, 1)} {rng.choice(names[rng.choice(list(names)) if roll > 0.8 else kind])} 0"
+        pred, gold = rng.choice([pred, f"${pred}$"]), rng.choice([gold, f"${gold}$"])
+        ours = relational_equal(pred, gold)
+        if ours is not None:
+            decided += 1
+            assert ours is math_verify_equal(pred, gold), (pred, gold)
+    assert decided >= 30
+
+
 def test_two_stage_parsing_gives_the_same_sympy_objects_as_ll():
     import sympy
     from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
@@ -120,6 +208,39 @@ def test_two_stage_parsing_gives_the_same_sympy_objects_as_ll():
     converter = _Latex2Sympy(is_real=True)
     for number in ["0", "7", "12", "123456789012345678901234567890", "1.5", ".25"]:  # digits only: sympy.Integer
         assert sympy.srepr(converter.parse_number(number)) == sympy.srepr(_Latex2Sympy.parse_number.original(converter, number))
+
+
+def test_remembered_full_context_predictions_give_the_same_trees_as_ll():
+    import sympy
+    from antlr4.atn.ParserATNSimulator import ParserATNSimulator
+    from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
+
+    use_two_stage_parsing()
+    remembering = ParserATNSimulator.execATNWithFullContext
+    assert remembering.remembers
+    # Subscripts send these to LL; pairs of the same token types (other names and digits) reuse a prediction.
+    formulas = ["F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}", "G_m = \\sum_{j=1}^{m-2} G_j G_{m-j-2}", "a_{37} = 19, a_3 = 2",
+                "b_{12} = 5, b_7 = 1", "S_{MBCN}:S=7:32", "V_{1}:V_{2}=11:21", "x_1 + x_2 = 3", "y_1 - y_2 = 10",
+                "x_{1}=10^{\\frac{-5+\\sqrt{13}}{6}}, x_{2}=10^{\\frac{-5-\\sqrt{13}}{6}}", "F_k F_{n-k-1}", "F_k + F_{n-k-1}",
+                "f(x_1) = x_1^2", "a_n = a_{n-1} + a_{n-2}", "a_n = a_{n-1} a_{n-2}", "p_1 p_2 p_3", "(x_1, x_2) = (1, 2)",
+                "x_1 \\leq x_2 < 3", "\\{x_1, x_2\\}", "F_n = F_k", "F_n F_k = 1"]
+
+    def trees(predict) -> list[str]:
+        ParserATNSimulator.execATNWithFullContext = predict
+        out = []
+        try:
+            for formula in formulas:
+                try:
+                    out.append(sympy.srepr(_Latex2Sympy(is_real=True).parse(formula)))
+                except Exception as error:  # the same failure either way
+                    out.append(type(error).__name__)
+        finally:
+            ParserATNSimulator.execATNWithFullContext = remembering
+        return out
+
+    plain_ll = trees(remembering.original)
+    assert trees(remembering) == plain_ll  # filling the memory (shapes repeat within the list)
+    assert trees(remembering) == plain_ll  # every prediction remembered
 
 
 def test_power_towers_and_huge_exponents_are_rejected_before_symbolic_work():
@@ -173,12 +294,19 @@ def test_responses_that_try_to_execute_code_do_not_run(tmp_path):
     assert not any(g.correct for g in grades)
 
 
+# 0.5-1.6 s of parsing and sympy here (full-LL parsing of the subscripts, simplify of two sums): a
+# bound of 0.1 s always cuts it off, on any machine. Bare, so `F_n =` is dropped and both sums are parsed.
+SLOW = "F_n = \\sum_{k=0}^{n-2} F_k F_{n-k-2} + \\sum_{j=1}^{n} G_j G_{n-j}"
+SLOW_GOLD = "F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1} + \\sum_{j=0}^{n} G_j G_{n-j}"
+# Pairs that only math-verify decides (so they reach the workers), each equal.
+SYMBOLIC = [(boxed("\\frac{2}{3} + x"), "x + \\dfrac{2}{3}"), (boxed("\\sin^2 x + \\cos^2 x"), "1"),
+            (boxed("(x+1)^2"), "x^2+2x+1"), (boxed("\\sqrt{2}\\cdot\\sqrt{3}"), "\\sqrt{6}")]
+
+
 def test_a_slow_response_times_out_its_worker_is_replaced_and_the_batch_completes():
-    slow = boxed("F_n = \\sum_{k=0}^{n-2} F_k F_{n-k-2}")          # 0.4-1 s of parsing and sympy here, always > 0.3 s
-    slow_gold = "F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}"
     after = [(boxed("\\frac{1}{2}"), "0.5"), (boxed("\\sqrt{4}"), "2"), (boxed("7"), "7")]
     started = time.perf_counter()
-    grades = grade_batch([(slow, slow_gold), (slow, slow_gold)] + after, workers=1, timeout_s=0.3)
+    grades = grade_batch([(boxed(SLOW), SLOW_GOLD), (boxed(SLOW + " "), SLOW_GOLD)] + after, workers=1, timeout_s=0.1)
     elapsed = time.perf_counter() - started
     assert [g.status for g in grades[:2]] == ["timeout", "timeout"]
     assert all(g.status == "ok" and g.correct for g in grades[2:])
@@ -186,16 +314,103 @@ def test_a_slow_response_times_out_its_worker_is_replaced_and_the_batch_complete
 
 
 def test_grading_from_a_non_main_thread():
+    shutdown()  # so that the pool is started from the thread
     results = {}
 
     def work():
-        results["grades"] = grade_batch([(boxed("\\frac{2}{3}"), "\\dfrac{2}{3}"), (boxed("\\sqrt{2}"), "1.5")])
+        results["grades"] = grade_batch([(boxed("\\frac{2}{3}"), "\\dfrac{2}{3}"), (boxed("\\sqrt{2}"), "1.5")] + SYMBOLIC)
+        results["pids"] = worker_pids()
 
     thread = threading.Thread(target=work)
     thread.start()
-    thread.join(60)
-    assert [g.correct for g in results["grades"]] == [True, False]
-    assert [g.status for g in results["grades"]] == ["ok", "ok"]
+    thread.join(120)
+    assert [g.correct for g in results["grades"]] == [True, False] + [True] * len(SYMBOLIC)
+    assert {g.status for g in results["grades"]} == {"ok"}
+    assert len(results["pids"]) == 2
+    # The pool a thread started serves the main thread too, and another thread after it.
+    assert all(g.correct for g in grade_batch(SYMBOLIC)) and worker_pids() == results["pids"]
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(120)
+    assert results["pids"] == worker_pids()
+
+
+# --- the persistent pool ------------------------------------------------------------------------
+
+def _gone(pid: int, wait_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):  # dead, and its parent (the forkserver) is about to reap it
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_pool_is_reused_across_batches():
+    first = grade_batch(SYMBOLIC, workers=2)
+    pids = worker_pids()
+    second = grade_batch(list(reversed(SYMBOLIC)), workers=2)
+    assert len(pids) == 2 and worker_pids() == pids
+    assert all(g.correct for g in first + second)
+    assert grade(boxed("x^{2}+2x+1"), "(x+1)^2").correct and worker_pids() == pids  # one worker of the same pool
+
+
+def test_a_timed_out_worker_is_replaced_and_its_replacement_kept():
+    grade_batch(SYMBOLIC, workers=2)
+    before = worker_pids()
+    grades = grade_batch([(boxed(SLOW), SLOW_GOLD)], workers=1, timeout_s=0.1)
+    replaced = worker_pids()
+    assert grades[0].status == "timeout"
+    assert len(before) == len(replaced) == 2
+    assert replaced[0] != before[0] and replaced[1] == before[1]  # only the worker that ran over
+    assert _gone(before[0])
+    assert all(g.correct for g in grade_batch(SYMBOLIC, workers=2))
+    assert worker_pids() == replaced
+
+
+def test_no_worker_outlives_shutdown_or_the_interpreter():
+    grade_batch(SYMBOLIC, workers=2)
+    pids = worker_pids()
+    shutdown()
+    assert worker_pids() == [] and len(pids) == 2
+    assert all(_gone(pid) for pid in pids)
+    assert all(g.correct for g in grade_batch(SYMBOLIC, workers=2))  # and the next call starts it again
+    assert set(worker_pids()).isdisjoint(pids)
+    # A process that exits without calling shutdown(): its workers go with it (atexit).
+    script = textwrap.dedent(f"""
+        from stages.score.verifier import grade_batch, worker_pids
+        grade_batch({SYMBOLIC!r}, workers=2)
+        print(*worker_pids())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    child_pids = [int(pid) for pid in done.stdout.split()]
+    assert len(child_pids) == 2 and all(_gone(pid) for pid in child_pids)
+
+
+def test_a_forked_process_starts_its_own_pool_and_leaves_the_parents_alone():
+    script = textwrap.dedent(f"""
+        import os, sys
+        from stages.score.verifier import grade_batch, worker_pids
+        pairs = {SYMBOLIC!r}
+        assert all(g.correct for g in grade_batch(pairs))
+        parent = worker_pids()
+        child = os.fork()
+        if child == 0:
+            ok = all(g.correct for g in grade_batch(pairs))
+            print("child", ok, *worker_pids(), flush=True)
+            os._exit(0 if ok and set(worker_pids()).isdisjoint(parent) else 1)
+        _, status = os.waitpid(child, 0)
+        ok = all(g.correct for g in grade_batch(pairs))
+        print("parent", ok, *parent, "|", *worker_pids(), flush=True)
+        sys.exit(0 if status == 0 and ok and worker_pids() == parent else 1)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_cli_round_trip_through_a_subprocess():

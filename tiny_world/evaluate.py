@@ -12,7 +12,8 @@ from common.data import load_prompts
 from common.modeling import load_model, load_tokenizer
 from stages.score.verifier import grade_batch
 from common.run import quiet_libraries
-from stages.generate.hf_engine import SamplingParams, sample
+from stages.generate.hf_engine import sample
+from stages.generate.sampling import SamplingParams
 
 
 def accuracy(model_dir: Path, eval_path: Path, temperature: float, seed: int = 0, max_new_tokens: int = 64) -> dict:

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 
 from common import shards
+from common.cluster import resident_models
 from common.config import Config, ConfigError
 from common.data import Prompt, iteration_prompts, prepared_prompts
-from common.modeling import load_inference_model, load_tokenizer, peak_gpu_gib, policy_version
+from common.modeling import peak_gpu_gib, policy_version
 from common.progress import Progress, stage_summary
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
-from stages.generate.hf_engine import SamplingParams, sample
+from stages.generate.sampling import GenerationEngine, SamplingParams, open_engine
 from stages.score.verifier import grade_batch
 
-SHARD_ROWS = 1024
 
 
 def rollout_rows(prompts: list[Prompt], samples, tokenizer, iteration: int, version: str) -> list[dict]:
@@ -41,19 +42,19 @@ def rollout_rows(prompts: list[Prompt], samples, tokenizer, iteration: int, vers
     return rows
 
 
-def write_rows(rows: list[dict], stage: str, out_dir: Path) -> None:
+def write_rows(rows: list[dict], stage: str, out_dir: Path, rows_per_shard: int) -> None:
     schema = shards.schema_with_optional(stage, list(rows[0]) if rows else [])
-    for index, start in enumerate(range(0, max(len(rows), 1), SHARD_ROWS)):
-        shards.write_shard(pa.Table.from_pylist(rows[start : start + SHARD_ROWS], schema=schema), out_dir, index)
+    for index, start in enumerate(range(0, max(len(rows), 1), rows_per_shard)):
+        shards.write_shard(pa.Table.from_pylist(rows[start : start + rows_per_shard], schema=schema), out_dir, index)
 
 
-def run_sampling(model, tokenizer, prompts: list[Prompt], params: SamplingParams, label: str):
-    eos_ids = sorted({tokenizer.eos_token_id, tokenizer.pad_token_id})
+def run_sampling(engine: GenerationEngine, prompts: list[Prompt], params: SamplingParams, label: str):
     with Progress(len(prompts) * params.n, label) as bar:
-        return sample(model, [p.prompt_ids for p in prompts], params, eos_ids, tokenizer.pad_token_id, bar.update)
+        return engine.sample([p.prompt_ids for p in prompts], params, bar.update)
 
 
-def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenizer, version: str) -> dict:
+def generate_rollouts(config: Config, run: Path, iteration: int, engine: GenerationEngine, version: str) -> dict:
+    tokenizer = engine.tokenizer
     out_dir = shards.stage_dir(run, iteration, "rollouts")
     shards.reset_stage(out_dir)
     started = time.time()
@@ -68,17 +69,17 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
                             top_p=g.top_p, seed=config.seed * 100_003 + iteration, batch_size=g.batch_size,
                             topk=g.student_topk)
     sample_started = time.time()
-    samples = run_sampling(model, tokenizer, prompts, params, f"generate iter {iteration}")
+    samples = run_sampling(engine, prompts, params, f"generate iter {iteration}")
     sample_seconds = time.time() - sample_started
     rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
-    write_rows(rows, "rollouts", out_dir)
+    write_rows(rows, "rollouts", out_dir, g.rows_per_shard)
     tokens = sum(len(r["response_ids"]) for r in rows)
     metrics = {
         "generate/response_tokens": tokens,
         "generate/mean_response_length": tokens / len(rows),
         "generate/truncated_fraction": sum(r["finish_reason"] == "length" for r in rows) / len(rows),
         "generate/tokens_per_s": tokens / max(sample_seconds, 1e-9),
-        "generate/peak_gpu_gib": peak_gpu_gib(),
+        "generate/peak_gpu_gib": peak_gpu_gib(),  # the HF engine's (vLLM's lives in its EngineCore)
         **{f"generate/dropped_{reason}": count for reason, count in prompt_set.dropped.items()},
     }
     manifest = shards.write_manifest(out_dir, "rollouts", iteration, config.hash(), started, metrics,
@@ -88,13 +89,14 @@ def generate_rollouts(config: Config, run: Path, iteration: int, model, tokenize
     return manifest
 
 
-def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, version: str, k: int | None = None) -> dict:
+def evaluate(config: Config, run: Path, iteration: int, engine: GenerationEngine, version: str,
+             k: int | None = None) -> dict:
     """avg@k accuracy of checkpoint v_i on every set of `eval.sets`, graded by the verifier.
 
     Writes iter=i/eval/ (or iter=i/eval-k{K}/ when `k` differs from the config's eval.k) with one row
     per sample; metrics per set are `<folder>/<data_source>/accuracy` and an overall mean.
     """
-    e = config.eval
+    e, tokenizer = config.eval, engine.tokenizer
     k = k or e.k
     folder = "eval" if k == e.k else f"eval-k{k}"
     out_dir = shards.stage_dir(run, iteration, folder)
@@ -111,7 +113,7 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
         if not prompts:
             raise ConfigError(f"config key 'eval.sets': no usable prompts in {path} (dropped: {prompt_set.dropped_summary()})")
         sample_started = time.time()
-        samples = run_sampling(model, tokenizer, prompts, params, f"eval {Path(path).stem} iter {iteration}")
+        samples = run_sampling(engine, prompts, params, f"eval {Path(path).stem} iter {iteration}")
         sample_seconds += time.time() - sample_started
         set_rows = rollout_rows(prompts, samples, tokenizer, iteration, version)
         verdicts = grade_batch([(r["response_text"], r["ground_truth"]) for r in set_rows], config.score.reward_mode,
@@ -124,7 +126,7 @@ def evaluate(config: Config, run: Path, iteration: int, model, tokenizer, versio
         metrics[f"{folder}/{name}/boxed_fraction"] = sum(r["verifier_status"] != "no_answer" for r in set_rows) / len(set_rows)
         metrics[f"{folder}/{name}/mean_response_length"] = sum(len(r["response_ids"]) for r in set_rows) / len(set_rows)
         rows += set_rows
-    write_rows(rows, "eval", out_dir)
+    write_rows(rows, "eval", out_dir, config.generate.rows_per_shard)
     accuracies = [value for key, value in metrics.items() if key.endswith("/accuracy")]
     metrics[f"{folder}/accuracy"] = sum(accuracies) / len(accuracies)  # mean over sets
     metrics[f"{folder}/mean_response_length"] = sum(len(r["response_ids"]) for r in rows) / len(rows)
@@ -142,6 +144,39 @@ def eval_due(config: Config, iteration: int) -> bool:
     return config.eval.every > 0 and iteration % config.eval.every == 0
 
 
+def generate_stage(config: Config, run: Path, iteration: int, engine_for: Callable[[Path], GenerationEngine],
+                   eval_only: bool = False, eval_k: int | None = None) -> GenerationEngine | None:
+    """Evaluate v_i when due and sample iteration i's rollouts, skipping finished outputs.
+
+    `engine_for(checkpoint)` returns an engine holding that policy: a new one, or (resident mode)
+    the worker's engine pointed at it in place. Returns it, or None when there was nothing to do.
+    """
+    checkpoint = shards.checkpoint_dir(run, iteration)
+    shards.verify_checkpoint(checkpoint)
+    k = eval_k or config.eval.k
+    eval_dir = shards.stage_dir(run, iteration, "eval" if k == config.eval.k else f"eval-k{k}")
+    want_eval = (eval_only or eval_due(config, iteration)) and not shards.stage_finished(eval_dir)
+    want_rollouts = not eval_only and not shards.stage_finished(shards.stage_dir(run, iteration, "rollouts"))
+    if not (want_eval or want_rollouts):
+        return None
+    version = policy_version(checkpoint)
+    engine = engine_for(checkpoint)
+    if want_eval:
+        evaluate(config, run, iteration, engine, version, k)
+    if want_rollouts:
+        generate_rollouts(config, run, iteration, engine, version)
+    return engine
+
+
+def generate_on_worker(run: Path, iteration: int, eval_only: bool = False, eval_k: int | None = None) -> None:
+    """Resident mode: the generate stage as a Dask task, on the worker's resident engine."""
+    config = load_run_config(run)
+    set_threads(config)
+    models = resident_models()
+    generate_stage(config, run, iteration, lambda checkpoint: models.generation_engine(config, checkpoint),
+                   eval_only, eval_k)
+
+
 def main() -> None:
     parser = stage_arguments(__doc__)
     parser.add_argument("--eval-only", action="store_true", help="only evaluate checkpoint v_i")
@@ -153,23 +188,15 @@ def main() -> None:
     except ConfigError as error:
         fail(str(error))
     set_threads(config)
-    checkpoint = shards.checkpoint_dir(args.run, args.iteration)
     try:
-        shards.verify_checkpoint(checkpoint)
+        engine = generate_stage(config, args.run, args.iteration, lambda checkpoint: open_engine(config, checkpoint),
+                                args.eval_only, args.eval_k)
     except shards.ContractError as error:
         fail(f"{error}: train iteration {args.iteration - 1} (again) first")
-    version = policy_version(checkpoint)
-    tokenizer, model = load_tokenizer(checkpoint), load_inference_model(checkpoint)
-    k = args.eval_k or config.eval.k
-    eval_dir = shards.stage_dir(args.run, args.iteration, "eval" if k == config.eval.k else f"eval-k{k}")
-    want_eval = args.eval_only or eval_due(config, args.iteration)
-    try:
-        if want_eval and not shards.stage_finished(eval_dir):
-            evaluate(config, args.run, args.iteration, model, tokenizer, version, k)
-        if not args.eval_only and not shards.stage_finished(shards.stage_dir(args.run, args.iteration, "rollouts")):
-            generate_rollouts(config, args.run, args.iteration, model, tokenizer, version)
-    except ConfigError as error:
+    except (ConfigError, ImportError) as error:
         fail(str(error))
+    if engine is not None:
+        engine.close()
 
 
 if __name__ == "__main__":

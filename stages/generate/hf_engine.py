@@ -1,42 +1,48 @@
 """Sampling with Hugging Face transformers: the engine that runs everywhere (the CPU default).
 
-Returns, for every sampled response, its token ids (EOS included when sampled), the log-prob of
-each sampled token under the sampling distribution, and why it stopped. With temperature 1,
-top_p 1 and top_k 0 those log-probs are the policy's own.
+See stages/generate/sampling.py for what an engine returns. Jobs (prompt, sample) are batched by
+prompt length, so left padding stays small; on a GPU the KV cache is static, which lets
+transformers compile the decoding step once per batch shape.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from common.modeling import load_inference_model, load_tokenizer, load_weights_in_place
+from stages.generate.sampling import Progress, Sampled, SamplingParams
 
-@dataclass
-class Sampled:
-    prompt_index: int
-    sample_idx: int
-    response_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # stop | length
-    topk_ids: list[list[int]] | None = None  # [tokens][k] the policy's top-k at each step (student_topk)
-    topk_logprobs: list[list[float]] | None = None
+# Batch widths are rounded up to this many tokens so a static cache sees few distinct shapes.
+WIDTH_MULTIPLE = 64
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    n: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 256  # sequences per generate call
-    topk: int = 0          # also record the top-k ids and log-probs at each step
+class HfEngine:
+    name = "hf"
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = Path(checkpoint)
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.model = load_inference_model(checkpoint)
+
+    def sample(self, prompts: list[list[int]], params: SamplingParams, progress: Progress | None = None
+               ) -> list[Sampled]:
+        eos_ids = sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id})
+        return sample(self.model, prompts, params, eos_ids, self.tokenizer.pad_token_id, progress)
+
+    def load_policy(self, checkpoint: Path) -> None:
+        load_weights_in_place(self.model, checkpoint)
+        self.checkpoint = Path(checkpoint)
+
+    def close(self) -> None:
+        self.model = None
 
 
 def _generation_config(params: SamplingParams, eos_ids: list[int], pad_id: int) -> GenerationConfig:
     greedy = params.temperature == 0
     return GenerationConfig(
+        cache_implementation="static" if torch.cuda.is_available() else None,
         do_sample=not greedy,
         temperature=None if greedy else params.temperature,
         top_p=None if greedy else params.top_p,
@@ -94,17 +100,22 @@ def sample(
     params: SamplingParams,
     eos_ids: list[int],
     pad_id: int,
-    progress=None,
+    progress: Progress | None = None,
 ) -> list[Sampled]:
     """n samples for each prompt (token ids); `progress(k, tokens)` is called after each batch of k sequences."""
     config = _generation_config(params, eos_ids, pad_id)
     device = next(model.parameters()).device
-    jobs = [(p, s) for p in range(len(prompts)) for s in range(params.n)]
+    # Shortest prompts first: a batch pads to its longest prompt. The order is a pure function of the
+    # prompts, and each batch's seed of its position, so a rerun samples the same tokens.
+    jobs = sorted(((p, s) for p in range(len(prompts)) for s in range(params.n)),
+                  key=lambda job: (len(prompts[job[0]]), job))
     results: list[Sampled] = []
     generator_seed = params.seed
     for start in range(0, len(jobs), params.batch_size):
         batch = jobs[start : start + params.batch_size]
         width = max(len(prompts[p]) for p, _ in batch)
+        if torch.cuda.is_available():
+            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, (p, _) in enumerate(batch):
@@ -128,4 +139,4 @@ def sample(
                                    None if topk_logprobs is None else topk_logprobs[row, :length].tolist()))
         if progress is not None:
             progress(len(batch), sum(len(r.response_ids) for r in results[-len(batch):]))
-    return results
+    return sorted(results, key=lambda r: (r.prompt_index, r.sample_idx))

@@ -5,7 +5,8 @@
 
 Extraction (extract.py) and the sympy-free tiers of equivalence.py (integers, decimals, simple
 fractions and surds, the number prose ends on) run in the calling process; everything else goes
-to killable worker processes (pool.py) with a hard time bound.
+to a persistent pool of killable worker processes (pool.py) with a hard time bound.
+`shutdown()` stops the pool (it also runs at interpreter exit); the next call starts it again.
 `python -m stages.score.verifier` is the batch CLI over JSON lines.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from stages.score.verifier.equivalence import decide, fast_equal, guard
 from stages.score.verifier.extract import extract_answer, has_think_answer_format
-from stages.score.verifier.pool import run_symbolic
+from stages.score.verifier.pool import run_symbolic, shutdown, worker_pids
 
 MODES = ("correct", "deepscaler")
 DEFAULT_WORKERS = 2
@@ -64,9 +65,11 @@ def grade_batch(pairs: list[tuple[str, str]], mode: str = "correct", workers: in
             decided.append(decision)
             if decision is None:
                 slow.append((index, pred))
-    for (index, _), result in zip(slow, run_symbolic([(pred, pairs[i][1].strip()) for i, pred in slow],
-                                                      workers, timeout_s)):
-        decided[index] = result
+    # Identical (pred, gold) pairs are graded once: the samples of a prompt often agree.
+    jobs = list(dict.fromkeys((pred, pairs[index][1].strip()) for index, pred in slow))
+    results = dict(zip(jobs, run_symbolic(jobs, workers, timeout_s)))
+    for index, pred in slow:
+        decided[index] = results[(pred, pairs[index][1].strip())]
     grades = []
     for (response, _), (answer, from_box), (correct, status) in zip(pairs, extracted, decided):
         grades.append(Grade(_reward(mode, correct, from_box, response), correct, answer, status))
@@ -78,4 +81,4 @@ def grade(response: str, gold: str, mode: str = "correct", timeout_s: float = DE
     return grade_batch([(response, gold)], mode, workers=1, timeout_s=timeout_s)[0]
 
 
-__all__ = ["Grade", "MODES", "grade", "grade_batch"]
+__all__ = ["Grade", "MODES", "grade", "grade_batch", "shutdown", "worker_pids"]

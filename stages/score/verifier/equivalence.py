@@ -7,9 +7,11 @@ Tiers, cheapest first:
 3. `decide`: also without sympy, in the calling process: the number prose ends on, the
    \frac{2}{4} rule, and `simple_equal` for a few regex-recognised exact forms (\frac{a}{b}, a/b,
    a\sqrt{n}, \frac{a\pi}{b}, and bracketed lists of them with the same brackets).
-4. `symbolic_equal`: math-verify's LaTeX parser (ANTLR -> sympy objects) and its comparison,
-   after `guard` has rejected power towers, huge exponents and over-long answers. Only worker
-   processes (pool.py) call it, because sympy can still run long on legal input.
+4. `symbolic_equal`: first relations.py, which decides polynomial equations and inequalities and
+   an inequality against an interval exactly, on the text math-verify would parse; then
+   math-verify's LaTeX parser (ANTLR -> sympy objects) and its comparison, after `guard` has
+   rejected power towers, huge exponents and over-long answers. Only worker processes (pool.py)
+   call it, because sympy can still run long on legal input.
 
 Safety: math-verify's ExprExtractionConfig runs sympy `parse_expr` (which evaluates Python) on the
 text, so it is never used; only LatexExtractionConfig is, whose parser builds sympy objects from an
@@ -33,7 +35,9 @@ _INTEGER = re.compile(r"-?\d+")
 _THOUSANDS = re.compile(r"[+-]?[1-9]\d{0,2}(?:[, ]\d{3})+(?:\.\d+)?")
 _DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")
 _TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox|boldsymbol|operatorname)\s*\{([^{}]*)\}")
-_VARIABLE_PREFIX = re.compile(r"^\\?[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?\s*(?:=|\\approx)\s*")
+_NAME = r"\\?[A-Za-z]+(?:_\{?[A-Za-z0-9]+\}?)?"
+# `x =`, and a ratio of names such as `V_1 : V_2 =` (the gold states which ratio the number is)
+_VARIABLE_PREFIX = re.compile(rf"^{_NAME}(?:\s*:\s*{_NAME})*\s*(?:=|\\approx)\s*")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
 _SPACING = re.compile(r"\\[,;: ]|\\quad|\\qquad|~")
 _FACTORIAL = re.compile(r"(\d+)\s*!")
@@ -45,7 +49,7 @@ _BARE_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def normalize(answer: str) -> str:
-    """Strip the LaTeX noise that does not change a value: wrappers, sizing, degrees, %, `x =`, $."""
+    """Strip the LaTeX noise that does not change a value: wrappers, sizing, degrees, %, `x =`, `a:b =`, $."""
     s = _unbox(answer.strip())
     for _ in range(3):  # nested wrappers: \text{\textbf{5}}
         s = _TEXT_WRAPPERS.sub(r"\1", s)
@@ -288,9 +292,9 @@ def _exponent_groups(s: str):
 
 def guard(answer: str) -> str | None:
     """Why this answer must not reach sympy (power tower, huge exponent or factorial, too long), or None."""
-    if len(answer) > MAX_SYMBOLIC_CHARS and not _is_prose(answer):
+    if len(answer) > MAX_SYMBOLIC_CHARS and not is_prose(answer):
         return "answer too long"  # prose is only searched for its final formula, never parsed whole
-    if "\\uparrow" in answer or ("**" in answer and not _is_prose(answer)):
+    if "\\uparrow" in answer or ("**" in answer and not is_prose(answer)):
         return "power tower"
     for exponent, end in _exponent_groups(answer):
         if "^" in exponent or answer[end : end + 1] == "^" or answer[end : end + 2] in ("{^", "}^"):
@@ -326,7 +330,8 @@ def use_two_stage_parsing() -> None:
     that SLL prediction returns either the same parse tree as LL or a syntax error, so
     "SLL, then LL on a syntax error" (the two-stage strategy of the ANTLR book) gives the same
     sympy objects with 3-5x less parsing time; tests check it against plain LL. The hook wraps two methods of
-    latex2sympy2_extended==1.11.0 (pinned); without them parsing stays plain LL.
+    latex2sympy2_extended==1.11.0 (pinned); without them parsing stays plain LL. What LL still costs
+    is cut by remember_full_context_predictions.
     """
     from antlr4.atn.PredictionMode import PredictionMode
     from antlr4.error.ErrorListener import ErrorListener
@@ -359,6 +364,52 @@ def use_two_stage_parsing() -> None:
     _Latex2Sympy.parse_ll, _Latex2Sympy.two_stage = parse, True  # parse_ll: for the tests
     if hasattr(_Latex2Sympy, "parse_number"):
         _Latex2Sympy.parse_number = _integer_number(_Latex2Sympy.parse_number)
+    remember_full_context_predictions()
+
+
+MAX_REMEMBERED_PREDICTIONS = 20_000
+
+
+def remember_full_context_predictions() -> None:
+    """Remember the outcome of ANTLR's full-context (LL) predictions, which its DFA cache never keeps.
+
+    Answers with subscripts (`x_1`, `a_{37}`, `F_{n-k-1}`) fail SLL and need LL prediction, which
+    costs 20-150 ms per formula every time (about a quarter of all warm symbolic time on the public
+    cases). A full-context prediction is a function of the decision, the parser's call stack (the
+    invoking states of the rule contexts, which fix the start configurations), the precedence stack
+    (the grammar's only predicates are precedence predicates of its left-recursive rules) and the
+    token types it reads, from its start to where it stopped: the same inputs give the same
+    alternative. So the alternative is kept under that key and reused when the next formula of the
+    same shape (the same token types, whatever the names and digits) reaches the same decision in
+    the same context. Tests check the trees against plain LL. Wraps one method of
+    antlr4-python3-runtime (4.13.2, pinned with latex2sympy2_extended).
+    """
+    from antlr4.atn.ParserATNSimulator import ParserATNSimulator
+
+    predict = ParserATNSimulator.execATNWithFullContext
+    if getattr(predict, "remembers", False):
+        return
+    remembered: dict[tuple, list[tuple[tuple[int, ...], int]]] = {}
+
+    def remembering_predict(self, dfa, D, s0, input, startIndex, outerContext):
+        stack, ctx = [], outerContext
+        while ctx is not None:
+            stack.append(ctx.invokingState)
+            ctx = ctx.parentCtx
+        key = (id(dfa), tuple(stack), tuple(self.parser._precedenceStack))
+        for types, alt in remembered.get(key, ()):
+            input.seek(startIndex)
+            if all(input.LA(offset + 1) == kind for offset, kind in enumerate(types)):
+                return alt  # adaptivePredict seeks back to where prediction started
+        alt = predict(self, dfa, D, s0, input, startIndex, outerContext)  # raises on no viable alternative
+        types = tuple(input.get(index).type for index in range(startIndex, input.index + 1))
+        if len(remembered) > MAX_REMEMBERED_PREDICTIONS:
+            remembered.clear()
+        remembered.setdefault(key, []).insert(0, (types, alt))
+        return alt
+
+    remembering_predict.remembers, remembering_predict.original = True, predict
+    ParserATNSimulator.execATNWithFullContext = remembering_predict
 
 
 def _integer_number(parse_number):
@@ -382,13 +433,14 @@ def _parse(latex: str) -> list:
     return parse(latex, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
 
 
-def _is_prose(s: str) -> bool:
+def is_prose(s: str) -> bool:
+    """Text with boxes, `$`/`\\(`/`\\[` formulas or words: math-verify extracts the final formula from it."""
     return "\\boxed" in s or "\\fbox" in s or any(d in s for d in _DELIMITERS) or bool(_PROSE.search(s))
 
 
 def final_number(answer: str) -> str | None:
     """For prose: a plain number (or a/b) written after its last formula ("the largest $n$ is 34"), else None."""
-    if not _is_prose(answer) or "\\boxed" in answer or "\\fbox" in answer:
+    if not is_prose(answer) or "\\boxed" in answer or "\\fbox" in answer:
         return None
     numbers = list(_PROSE_NUMBER.finditer(answer))
     closers = ("$", "\\)", "\\]") if answer.count("$") >= 2 else ("\\)", "\\]")  # a lone $ is money
@@ -404,7 +456,7 @@ def parse_answer(answer: str) -> list:
     A bare answer is parsed as one LaTeX formula. An answer that is prose or holds its own boxes
     or `$...$` goes to math-verify's extraction, which finds the final formula in it.
     """
-    if not _is_prose(answer):
+    if not is_prose(answer):
         return _parse(f"${normalize(answer)}$")
     return _parse(answer)
 
@@ -465,17 +517,68 @@ def decide(pred: str, gold: str) -> tuple[str, tuple[bool, str] | None]:
     return pred, (None if simple is None else (simple, "ok"))
 
 
-def symbolic_equal(pred: str, gold: str) -> tuple[bool, str]:
-    """(equal, status) via math-verify; status is ok or parse_error. Run it in a killable worker."""
+def symbolic_equal(pred: str, gold: str, golds: dict[str, list] | None = None) -> tuple[bool, str]:
+    """(equal, status) via math-verify; status is ok or parse_error. Run it in a killable worker.
+
+    `golds` caches parsed golds by their text (the same gold is graded once per sampled response);
+    the parse of a gold depends on nothing but its text, so a cached parse is the same parse.
+    """
     from math_verify import verify
+
+    from stages.score.verifier.relations import relational_equal  # imports math-verify's normalizer: workers only
 
     pred, decided = decide(pred, gold)
     if decided is not None:
         return decided
-    gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
+    relational = relational_equal(pred, gold)
+    if relational is not None:
+        return relational, "ok"
+    if golds is None:
+        gold_parsed = parse_answer(gold)
+    elif (gold_parsed := golds.get(gold)) is None:
+        gold_parsed = golds[gold] = parse_answer(gold)
+    pred_parsed = parse_answer(pred)
     if not pred_parsed or not gold_parsed:
         return False, "parse_error"
     exact = _exact_numbers(gold_parsed, pred_parsed)
     if exact is not None:
         return exact, "ok"
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)), "ok"
+
+
+# Answer shapes common in math data (written for this purpose, not taken from any test set), graded
+# before any worker takes a timed job (in the forkserver, whose forks inherit the warm state, else in
+# the worker's initializer): the imports sympy defers (simplify, solve, sets) and the parser's
+# prediction DFA for these shapes then cost nothing inside the time bound.
+WARM_UP_PAIRS = [
+    ("\\frac{3}{7}", "\\dfrac{6}{14}"), ("2\\sqrt{5}", "\\sqrt{20}"), ("\\frac{\\pi}{3}", "60^\\circ"),
+    ("x^2 + 2x + 1", "(x+1)^2"), ("\\frac{1+\\sqrt{5}}{2}", "\\frac{\\sqrt{5}+1}{2}"), ("3 + 4i", "4i + 3"),
+    ("(2, -1)", "(2,-1)"), ("[0, 3)", "[0,3)"), ("(-\\infty, 1] \\cup [4, \\infty)", "(-\\infty,1]\\cup[4,\\infty)"),
+    ("\\{1, 2, 5\\}", "\\{5, 2, 1\\}"), ("x = 3, y = -2", "y=-2, x=3"), ("y = 2x - 5", "2x - y - 5 = 0"),
+    ("x \\geq 2", "x \\ge 2"), ("1 < x < 4", "(1, 4)"), ("a_n = 2^{n} - 1", "a_n=2^n-1"),
+    ("\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\-2\\end{pmatrix}"),
+    ("\\sin^2 x", "1 - \\cos^2 x"), ("\\log_2 8", "3"), ("e^{2}", "\\exp(2)"), ("\\text{(C)}", "C"),
+    ("\\frac{a+b}{2}", "\\frac{b+a}{2}"), ("The answer is $\\frac{5}{2}$.", "\\frac52"), ("10^{-3}", "0.001"),
+]
+_warm = False
+
+
+def warm_up() -> None:
+    """Grade WARM_UP_PAIRS once in this process (idempotent; a fork inherits the warm state). Never raises:
+    the forkserver runs it on import, where an exception would take the server down."""
+    global _warm
+    if _warm:
+        return
+    _warm = True
+    import logging
+
+    try:
+        from math_verify import verify
+
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+        for pred, gold in WARM_UP_PAIRS:  # straight to the parser and math-verify: the cheap tiers would decide most
+            gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
+            if gold_parsed and pred_parsed:
+                verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)
+    except Exception:
+        pass

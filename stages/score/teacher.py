@@ -1,0 +1,123 @@
+"""The teacher behind one interface: `open_scorer(config, teacher_dir)` -> `.score(columns)`.
+
+Both scorers return, for rows of prompt_ids + response_ids, the teacher's log-prob of every sampled
+response token (`teacher_logprobs`), and optionally the teacher's own top-k. The HF scorer can also
+return the teacher's log-probs at the student's top-k ids; vLLM cannot be asked for arbitrary ids,
+so that combination is refused at config load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from common.config import Config
+from common.modeling import load_inference_model, load_tokenizer, response_logprobs
+from common.progress import Progress
+
+
+class TeacherScorer(Protocol):
+    name: str
+
+    def score(self, columns: dict) -> dict[str, list]:
+        """{"teacher_logprobs": [...], + top-k columns} in row order for `columns` (pydict of rollouts)."""
+
+    def close(self) -> None: ...
+
+
+def open_scorer(config: Config, teacher_dir: Path) -> TeacherScorer:
+    if config.score.engine == "vllm":
+        return VllmScorer(teacher_dir, config)
+    return HfScorer(teacher_dir, config)
+
+
+class HfScorer:
+    """Chunked LM head and log-softmax, so peak memory does not grow with vocab x tokens."""
+    name = "hf"
+
+    def __init__(self, teacher_dir: Path, config: Config):
+        self.model, self.pad_id = load_inference_model(teacher_dir), load_tokenizer(teacher_dir).pad_token_id
+        s = config.score
+        self.batch_size, self.chunk_tokens, self.topk, self.packed = (s.batch_size, s.logit_chunk_tokens,
+                                                                      s.teacher_topk, s.packing)
+
+    @torch.no_grad()
+    def score(self, columns: dict) -> dict[str, list]:
+        prompts, responses = columns["prompt_ids"], columns["response_ids"]
+        student_topk = columns.get("student_topk_ids")
+        # Sorting by length keeps micro-batches homogeneous; results go back to row order.
+        order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]) + len(responses[k]))
+        result: dict[str, list] = {"teacher_logprobs": [None] * len(prompts)}
+        if student_topk is not None:
+            result["teacher_student_topk_logprobs"] = [None] * len(prompts)
+        if self.topk:
+            result["teacher_topk_ids"], result["teacher_topk_logprobs"] = [None] * len(prompts), [None] * len(prompts)
+        with Progress(len(order), "score") as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                out = response_logprobs(self.model, [prompts[k] for k in batch], [responses[k] for k in batch],
+                                        self.pad_id, self.chunk_tokens, self.packed,
+                                        at_ids=None if student_topk is None else [student_topk[k] for k in batch],
+                                        topk=self.topk)
+                for position, k in enumerate(batch):
+                    result["teacher_logprobs"][k] = out.sampled[position].tolist()
+                    if student_topk is not None:
+                        result["teacher_student_topk_logprobs"][k] = out.at_ids[position].tolist()
+                    if self.topk:
+                        result["teacher_topk_ids"][k] = out.topk_ids[position].tolist()
+                        result["teacher_topk_logprobs"][k] = out.topk_logprobs[position].tolist()
+                bar.update(len(batch), sum(len(prompts[k]) + len(responses[k]) for k in batch))
+        return result
+
+    def close(self) -> None:
+        self.model = None
+
+
+class VllmScorer:
+    """vLLM's prompt log-probs over prompt + response (`prompt_logprobs`), generating one dummy token.
+
+    Prefix caching is off: cached blocks would skip the positions whose log-probs we ask for.
+    """
+    name = "vllm"
+
+    def __init__(self, teacher_dir: Path, config: Config):
+        from stages.generate.vllm_engine import open_llm
+
+        s = config.score
+        self.topk = s.teacher_topk
+        max_model_len = s.max_model_len or (config.data.max_prompt_tokens
+                                            + config.generate.max_response_tokens + 1)
+        self.llm = open_llm(teacher_dir, max_model_len, s.gpu_memory_utilization, s.enforce_eager,
+                            config.seed, self.topk, prefix_caching=False)
+
+    def score(self, columns: dict) -> dict[str, list]:
+        return vllm_response_logprobs(self.llm, columns["prompt_ids"], columns["response_ids"], self.topk)
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+
+def vllm_response_logprobs(llm, prompts: list[list[int]], responses: list[list[int]], topk: int = 0) -> dict[str, list]:
+    """Log-probs of each response token given prompt + earlier response tokens, from vLLM's prompt log-probs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)], params,
+                           use_tqdm=False)
+    result: dict[str, list] = {"teacher_logprobs": []}
+    if topk:
+        result["teacher_topk_ids"], result["teacher_topk_logprobs"] = [], []
+    for output, response in zip(outputs, responses):
+        # prompt_logprobs[j] is log p(token j | tokens < j); the response's are the last len(response).
+        steps = output.prompt_logprobs[len(output.prompt_logprobs) - len(response):] if response else []
+        result["teacher_logprobs"].append([step[token].logprob for step, token in zip(steps, response)])
+        if topk:
+            ranked = [sorted((lp.rank, token, lp.logprob) for token, lp in step.items() if lp.rank <= topk)
+                      for step in steps]
+            result["teacher_topk_ids"].append([[token for _, token, _ in step] for step in ranked])
+            result["teacher_topk_logprobs"].append([[value for _, _, value in step] for step in ranked])
+    return result
