@@ -19,8 +19,8 @@ RUNS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check clean-runs \
-	faults bench-train bench-verifier bench-generate bench-score
+.PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check \
+	clean-runs faults bench bench-train bench-verifier bench-generate bench-score bench-peers bench-summary
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,30 @@ bench-score: $(STAMP)  ## HF vs vLLM teacher scorer tokens/s on the tiny world (
 
 bench-verifier: $(STAMP)  ## verifier throughput (CLI and grade_batch): integer answers, public mix cold and steady, 1% adversarial; writes bench/results/verifier.json
 	$(PY) bench/verifier.py
+
+# The peer systems the benchmarks compare against (TRL) come from the `bench` extra, installed only here,
+# so `make test` and CI never need them.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(VENV)/bin/pip install --quiet -e ".[bench]"
+	touch $@
+
+bench-peers: $(STAMP) $(BENCH_STAMP)  ## this pipeline vs TRL's on-policy distillation (~30 min): bench/results.md
+	$(PY) -m bench.peers $(BENCH_PEERS_ARGS)
+
+bench-summary: $(STAMP)  ## docs/benchmarks.md from bench/results/*.json
+	$(PY) -m bench.summary
+
+# Every benchmark in turn, then the one summary table (also after a failure, which then fails `make bench`).
+# A benchmark whose target has not landed yet is skipped and shown as "not run".
+BENCHES := verifier train generate score peers
+bench: $(STAMP)  ## every benchmark, then docs/benchmarks.md
+	@failed=""; for b in $(BENCHES); do \
+		if ! $(MAKE) -n bench-$$b >/dev/null 2>&1; then echo "bench-$$b: no such target yet, skipped"; \
+		elif ! $(MAKE) bench-$$b; then failed="$$failed bench-$$b"; fi; \
+	done; \
+	$(MAKE) bench-summary; \
+	if [ -n "$$failed" ]; then echo "error: failed:$$failed" >&2; exit 1; fi
 
 clean-runs:
 	rm -rf runs

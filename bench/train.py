@@ -5,7 +5,8 @@
 Both sides run the very same micro-batching and loss code (stages/train) on the tiny student in
 fp32 on CPU; only the engine differs: DeepSpeed (ZeRO-1, gloo, our config) against
 `loss.backward()` + `clip_grad_norm_` + `torch.optim.AdamW.step()`. Reports the median seconds per
-optimizer step (first two steps dropped as warm-up) and the ratio.
+optimizer step (first two steps dropped as warm-up) and the ratio, and writes
+bench/results/train.json for `make bench`'s summary (bench/summary.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from bench.record import write_results
 from common.config import load_config
 from common.modeling import load_model
 from stages.train.__main__ import IterationData, deepspeed_engine, init_distributed, minibatch_backward
@@ -89,6 +91,15 @@ def main() -> None:
                "plain_median_s": round(plain, 4), "deepspeed_median_s": round(deepspeed, 4),
                "deepspeed_over_plain": round(deepspeed / plain, 3), "samples_per_engine": len(results["plain"])}
     print(json.dumps(summary))
+    goal = 1.3  # DeepSpeed's step at most 1.3x the plain loop's (docs/training.md)
+    write_results("train", "make bench-train", [
+        {"metric": "plain torch loop, median s per optimizer step", "value": round(plain, 4), "unit": "s",
+         "goal": "", "met": None},
+        {"metric": "DeepSpeed (ZeRO-1), median s per optimizer step", "value": round(deepspeed, 4), "unit": "s",
+         "goal": "", "met": None},
+        {"metric": "DeepSpeed / plain", "value": round(deepspeed / plain, 3), "unit": "x", "goal": f"<= {goal}",
+         "met": deepspeed / plain <= goal},
+    ])
 
 
 if __name__ == "__main__":
