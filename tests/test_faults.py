@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import assert_same_as_reference, orchestrate
+from pipeline_helpers import assert_same_as_reference, orchestrate, rollout_digests
 
 from common import shards
 from common.config import ConfigError
