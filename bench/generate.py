@@ -45,13 +45,18 @@ def fresh_process_seconds(overrides: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def tiny_world_prompts(config, count: int = 64) -> list[list[int]]:
+    """The first `count` training prompts of the tiny world, as token ids (shared with bench/score.py)."""
+    return [p.prompt_ids for p in load_prompts(config.data.train, load_tokenizer(STUDENT),
+                                               config.data.max_prompt_tokens, False).prompts[:count]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     config = load_config("configs/tiny.yaml")
-    prompts = [p.prompt_ids for p in load_prompts(config.data.train, load_tokenizer(STUDENT),
-                                                  config.data.max_prompt_tokens, False).prompts[:64]]
+    prompts = tiny_world_prompts(config)
     params = SamplingParams(n=4, max_new_tokens=config.generate.max_response_tokens, seed=0,
                             batch_size=config.generate.batch_size)
     rows = []

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
+from bench.generate import tiny_world_prompts
 from bench.record import write_results
 from common.config import load_config
-from common.data import load_prompts
-from common.modeling import load_tokenizer
 from stages.generate.sampling import SamplingParams, open_engine
 from stages.generate.vllm_engine import vllm_available
 from stages.score.teacher import open_scorer
@@ -33,8 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     config = load_config("configs/tiny.yaml")
-    prompts = [p.prompt_ids for p in load_prompts(config.data.train, load_tokenizer(STUDENT),
-                                                  config.data.max_prompt_tokens, False).prompts[:64]]
+    prompts = tiny_world_prompts(config)
     engine = open_engine(config, STUDENT)
     samples = engine.sample(prompts, SamplingParams(n=4, max_new_tokens=config.generate.max_response_tokens))
     columns = {"prompt_ids": [prompts[s.prompt_index] for s in samples],

@@ -116,15 +116,18 @@ def reload_in_place(llm, checkpoint: Path) -> None:
     llm.reset_prefix_cache()
 
 
+def ranked_topk(steps: list[dict], k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Top-k ids and log-probs per step from vLLM's per-step {token: Logprob} dicts.
+
+    Each step holds the top-k plus the scored/sampled token (when it ranks lower); ranks 1..k are kept.
+    """
+    ranked = [sorted((lp.rank, token, lp.logprob) for token, lp in step.items() if lp.rank <= k) for step in steps]
+    return [[token for _, token, _ in step] for step in ranked], [[value for _, _, value in step] for step in ranked]
+
+
 def _sampled(prompt_index: int, sample_idx: int, completion, topk: int) -> Sampled:
     ids = list(completion.token_ids)
     logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-    topk_ids = topk_logprobs = None
-    if topk:
-        # Each step holds the top-k plus the sampled token (when it ranks lower); keep ranks 1..k.
-        ranked = [sorted(((lp.rank, token, lp.logprob) for token, lp in step.items() if lp.rank <= topk))
-                  for step in completion.logprobs]
-        topk_ids = [[token for _, token, _ in step] for step in ranked]
-        topk_logprobs = [[value for _, _, value in step] for step in ranked]
+    topk_ids, topk_logprobs = ranked_topk(completion.logprobs, topk) if topk else (None, None)
     finish = "stop" if completion.finish_reason == "stop" else "length"
     return Sampled(prompt_index, sample_idx, ids, logprobs, finish, topk_ids, topk_logprobs)

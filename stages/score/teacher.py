@@ -105,6 +105,8 @@ def vllm_response_logprobs(llm, prompts: list[list[int]], responses: list[list[i
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from stages.generate.vllm_engine import ranked_topk
+
     params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)], params,
                            use_tqdm=False)
@@ -116,8 +118,7 @@ def vllm_response_logprobs(llm, prompts: list[list[int]], responses: list[list[i
         steps = output.prompt_logprobs[len(output.prompt_logprobs) - len(response):] if response else []
         result["teacher_logprobs"].append([step[token].logprob for step, token in zip(steps, response)])
         if topk:
-            ranked = [sorted((lp.rank, token, lp.logprob) for token, lp in step.items() if lp.rank <= topk)
-                      for step in steps]
-            result["teacher_topk_ids"].append([[token for _, token, _ in step] for step in ranked])
-            result["teacher_topk_logprobs"].append([[value for _, _, value in step] for step in ranked])
+            ids, values = ranked_topk(steps, topk)
+            result["teacher_topk_ids"].append(ids)
+            result["teacher_topk_logprobs"].append(values)
     return result
