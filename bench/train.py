@@ -21,7 +21,8 @@ import torch
 from bench.record import write_results
 from common.config import load_config
 from common.modeling import load_model
-from stages.train.__main__ import IterationData, deepspeed_engine, init_distributed, minibatch_backward
+from stages.train.engine import PolicyLogprobs, init_distributed, open_engine
+from stages.train.iteration import IterationData, minibatch_backward
 from stages.train.loss import LossConfig
 
 STUDENT = "assets/tiny/student"
@@ -41,10 +42,13 @@ def tiny_world_batch(sequences: int, seed: int = 0) -> IterationData:
 class PlainEngine:
     """A plain torch training loop with the interface `minibatch_backward` drives."""
 
-    def __init__(self, module, lr: float, grad_clip: float):
-        self.module = module
-        self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr)
+    def __init__(self, model, lr: float, grad_clip: float):
+        self.module = PolicyLogprobs(model)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=lr)
         self.grad_clip = grad_clip
+
+    def __call__(self, *inputs):
+        return self.module(*inputs)
 
     def backward(self, loss, scale_wrt_gas=True):
         loss.backward()
@@ -80,10 +84,12 @@ def main() -> None:
     for round_ in range(2):
         for name in ("plain", "deepspeed"):
             torch.manual_seed(0)
-            model = load_model(STUDENT)
-            model.train()
-            engine = (PlainEngine(model, config.train.lr, config.train.grad_clip) if name == "plain"
-                      else deepspeed_engine(config, model))
+            if name == "plain":
+                model = load_model(STUDENT)
+                model.train()
+                engine = PlainEngine(model, config.train.lr, config.train.grad_clip)
+            else:
+                engine = open_engine(config, STUDENT)
             results.setdefault(name, []).extend(time_steps(engine, data, config, args.steps))
     plain, deepspeed = statistics.median(results["plain"]), statistics.median(results["deepspeed"])
     tokens = sum(len(p) + len(r) for p, r in zip(data.prompts, data.responses))

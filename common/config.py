@@ -11,12 +11,17 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-# Loss modes, each defined in stages/train/loss.py.
-LOSSES = ("k1", "k2", "k3", "abs", "forward_kl_topk", "reverse_kl_topk")
-ENGINES = ("hf", "vllm")
+# Every choice a key can take, once: `Literal` fields are checked on load against these.
+Loss = Literal["k1", "k2", "k3", "abs", "forward_kl_topk", "forward_kl_topk_renorm", "reverse_kl_topk"]
+Engine = Literal["hf", "vllm"]
+RewardMode = Literal["correct", "deepscaler"]
+Mode = Literal["subprocess", "resident"]
+LOSSES: tuple[str, ...] = typing.get_args(Loss)  # each defined in stages/train/loss.py
+TOPK_LOSSES = {"forward_kl_topk": "teacher", "forward_kl_topk_renorm": "teacher", "reverse_kl_topk": "student"}
 
 
 class ConfigError(ValueError):
@@ -39,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class GenerateConfig:
-    engine: str = "hf"              # hf | vllm (stages/generate/sampling.py)
+    engine: Engine = "hf"           # stages/generate/sampling.py
     prompts_per_iteration: int = 64
     n: int = 4                      # responses per prompt
     max_response_tokens: int = 64
@@ -55,12 +60,12 @@ class GenerateConfig:
 
 @dataclass
 class ScoreConfig:
-    engine: str = "hf"              # hf | vllm (prompt log-probs; no top-k at the student's ids)
+    engine: Engine = "hf"           # vllm: prompt log-probs (no top-k at the student's ids)
     batch_size: int = 64            # sequences per teacher forward
     logit_chunk_tokens: int = 4096  # rows of the LM head materialised at once
     teacher_topk: int = 0           # also store the teacher's own top-k ids and log-probs per token
     packing: bool = False           # as train.packing, for the teacher forward
-    reward_mode: str = "correct"    # correct (1/0) | deepscaler (0.67 correct boxed + 0.33 format)
+    reward_mode: RewardMode = "correct"  # correct (1/0) | deepscaler (0.67 correct boxed + 0.33 format)
     verifier_workers: int = 2       # processes for answers that need symbolic comparison
     verifier_timeout_s: float = 5.0  # per response; a worker past it is killed and replaced
     max_model_len: int = 0          # vLLM: 0 = data.max_prompt_tokens + generate.max_response_tokens + 1
@@ -70,7 +75,7 @@ class ScoreConfig:
 
 @dataclass
 class TrainConfig:
-    loss: str = "k1"                # k1 | k2 | k3 | abs | forward_kl_topk | reverse_kl_topk (stages/train/loss.py)
+    loss: Loss = "k1"               # stages/train/loss.py
     policy_gradient: bool = True    # k1 only: k1 is only meaningful in policy-gradient form
     use_task_rewards: bool = False  # add a PPO term on the GRPO advantage of the rule reward
     distill_coef: float = 1.0       # with task rewards: loss = ppo(task) + distill_coef * distillation
@@ -94,7 +99,9 @@ class TrainConfig:
     offload_params: bool = False     # ZeRO 3: parameters on the CPU between uses
     processes: int = 1              # data-parallel ranks on this machine (DeepSpeed launcher)
     keep_checkpoint_every: int = 0  # keep v_k for k % N == 0 (and the latest two); 0 = keep every one
-    kl_clamp: float = 10.0
+    # verl's clamps: k1's |lp - lq| before it becomes an advantage, every other mode's per-token loss.
+    loss_max_clamp: float = 10.0
+    log_prob_min_clamp: float = -10.0  # forward_kl_topk: floor of both models' log-probs at the top-k ids
     clip_ratio: float = 0.2
     dual_clip: float = 3.0
     logit_chunk_tokens: int = 4096
@@ -115,7 +122,7 @@ class EvalConfig:
 class OrchestratorConfig:
     # subprocess: a fresh process per stage (simple, nothing held between stages);
     # resident: generation and teacher engines stay loaded in Dask workers across iterations.
-    mode: str = "subprocess"
+    mode: Mode = "subprocess"
 
 
 @dataclass
@@ -166,6 +173,11 @@ def _build(cls, raw: dict, prefix: str):
         key, value, kind = prefix + f.name, raw[f.name], hints[f.name]
         if dataclasses.is_dataclass(kind):
             values[f.name] = _build(kind, value, key + ".")
+        elif typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            if value not in choices:
+                raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+            values[f.name] = value
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[f.name] = float(value)
         elif kind is float and isinstance(value, str):
@@ -197,18 +209,17 @@ def validate(config: Config) -> Config:
     """Cross-field rules that types alone cannot express."""
     g, t = config.generate, config.train
     rules = [
-        (g.engine in ENGINES, "generate.engine", f"'{g.engine}' is not an engine (choose: {', '.join(ENGINES)})"),
         (0 < g.gpu_memory_utilization <= 1, "generate.gpu_memory_utilization", "must be in (0, 1]"),
-        (config.score.engine in ENGINES, "score.engine",
-         f"'{config.score.engine}' is not an engine (choose: {', '.join(ENGINES)})"),
         (config.score.engine != "vllm" or g.student_topk == 0, "generate.student_topk",
          "score.engine 'vllm' cannot return the teacher's log-probs at the student's top-k ids: use score.engine hf"),
         (0 < config.score.gpu_memory_utilization <= 1, "score.gpu_memory_utilization", "must be in (0, 1]"),
-        (t.loss in LOSSES, "train.loss", f"'{t.loss}' is not a loss (choose: {', '.join(LOSSES)})"),
-        (t.loss != "forward_kl_topk" or config.score.teacher_topk > 0, "score.teacher_topk",
-         "forward_kl_topk needs the teacher's top-k: set it > 0"),
-        (t.loss != "reverse_kl_topk" or g.student_topk > 0, "generate.student_topk",
-         "reverse_kl_topk needs the student's top-k: set it > 0"),
+        (TOPK_LOSSES.get(t.loss) != "teacher" or config.score.teacher_topk > 0, "score.teacher_topk",
+         f"{t.loss} needs the teacher's top-k: set it > 0"),
+        (TOPK_LOSSES.get(t.loss) != "student" or g.student_topk > 0, "generate.student_topk",
+         f"{t.loss} needs the student's top-k: set it > 0"),
+        (t.loss_max_clamp > 0, "train.loss_max_clamp", "must be positive"),
+        (t.zero_stage > 0 or t.processes == 1, "train.zero_stage",
+         "stage 0 with train.processes > 1 cannot report the global gradient norm: use stage 1 (same communication)"),
         (t.max_tokens_per_micro_batch >= 1, "train.max_tokens_per_micro_batch", "must be at least 1"),
         (t.processes >= 1, "train.processes", "must be at least 1"),
         (t.tis_cap >= 1.0, "train.tis_cap", "must be >= 1"),
@@ -219,8 +230,6 @@ def validate(config: Config) -> Config:
          "k1 without the policy-gradient form has no gradient from the teacher; set it to true"),
         (g.n >= 1, "generate.n", "must be at least 1"),
         (g.rows_per_shard >= 1, "generate.rows_per_shard", "must be at least 1"),
-        (config.orchestrator.mode in ("subprocess", "resident"), "orchestrator.mode",
-         f"'{config.orchestrator.mode}' is not a mode (choose: subprocess, resident)"),
         (config.cluster.workers >= 1, "cluster.workers", "must be at least 1"),
         (g.prompts_per_iteration >= 1, "generate.prompts_per_iteration", "must be at least 1"),
         (t.mini_batch_prompts <= g.prompts_per_iteration, "train.mini_batch_prompts",
@@ -230,7 +239,14 @@ def validate(config: Config) -> Config:
         (t.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1"),
         (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3"),
         (t.lr > 0, "train.lr", "must be positive"),
-        (0 < g.temperature, "generate.temperature", "must be positive for on-policy sampling"),
+        # The trainer's and the teacher's log-probs are of the untempered, untruncated distribution:
+        # rollouts sampled from another one would be off-policy for the loss (eval has its own sampling).
+        (g.temperature == 1.0, "generate.temperature",
+         f"{g.temperature} != 1: the loss compares temperature-1 log-probs, so training rollouts must be sampled "
+         "at temperature 1 (eval.temperature sets the evaluation's)"),
+        (g.top_p == 1.0, "generate.top_p",
+         f"{g.top_p} != 1: top-p truncates the sampling distribution the loss assumes; use 1.0 (eval.top_p sets the "
+         "evaluation's)"),
         (config.eval.every >= 0, "eval.every", "must be >= 0"),
         (config.eval.k >= 1, "eval.k", "must be at least 1"),
         (all(isinstance(path, str) for path in config.eval.sets), "eval.sets", "must be a list of parquet paths"),
@@ -238,8 +254,6 @@ def validate(config: Config) -> Config:
         (t.keep_checkpoint_every >= 0, "train.keep_checkpoint_every", "must be >= 0"),
         (g.max_model_len == 0 or g.max_model_len >= config.data.max_prompt_tokens + g.max_response_tokens + 1,
          "generate.max_model_len", f"{g.max_model_len} < data.max_prompt_tokens + generate.max_response_tokens + 1"),
-        (config.score.reward_mode in ("correct", "deepscaler"), "score.reward_mode",
-         f"'{config.score.reward_mode}' is not a reward mode (choose: correct, deepscaler)"),
         (config.score.verifier_workers >= 1, "score.verifier_workers", "must be at least 1"),
         (config.score.verifier_timeout_s > 0, "score.verifier_timeout_s", "must be positive"),
     ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 
@@ -111,6 +111,21 @@ class ResponseLogprobs:
     topk_logprobs: list[torch.Tensor] | None = None
 
 
+def _logprobs_at(logits: torch.Tensor, targets: torch.Tensor, at_ids: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(log p at targets, log p at at_ids, log of the normaliser) of fp32 logits [rows, vocab]."""
+    normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+    sampled = (logits.gather(-1, targets[:, None]) - normaliser).squeeze(-1)
+    return sampled, None if at_ids is None else logits.gather(-1, at_ids) - normaliser, normaliser
+
+
+def _chunk_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    at_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(lm_head(hidden)) at `targets` and `at_ids`, for one chunk of rows, in fp32."""
+    sampled, at, _ = _logprobs_at(lm_head(hidden).float(), targets, at_ids)
+    return sampled, at
+
+
 def gather_logprobs(
     hidden: torch.Tensor,
     lm_head: torch.nn.Module,
@@ -122,21 +137,32 @@ def gather_logprobs(
     """log softmax(lm_head(hidden)) at `targets` (and at `at_ids`, and its top-k), chunk by chunk.
 
     hidden: [T, H] (already flattened), targets: [T], at_ids: [T, k]. The log-softmax runs in fp32
-    per chunk so the peak extra memory is chunk_tokens x vocab floats, whatever T is.
+    per chunk, so at most chunk_tokens x vocab logits exist at once, whatever T is. With gradients,
+    each chunk is checkpointed: autograd keeps only the chunk's hidden rows and recomputes its
+    logits in backward, one chunk at a time (otherwise it would keep every chunk's fp32 logits for
+    the backward: 4.3 GB for a 7k-token micro-batch at Qwen3's 151,936-token vocabulary).
     Returns (sampled [T], at_ids [T, k] | None, topk ids [T, topk] | None, topk log-probs | None).
     """
+    # Top-k ids are for scoring (no gradient): that path keeps its logits for the top-k.
+    track = torch.is_grad_enabled() and hidden.requires_grad and not topk
     sampled, at, top_ids, top_values = [], [], [], []
     for start in range(0, hidden.shape[0], chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        logits = lm_head(hidden[piece]).float()
-        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
-        sampled.append((logits.gather(-1, targets[piece, None]) - normaliser).squeeze(-1))
-        if at_ids is not None:
-            at.append(logits.gather(-1, at_ids[piece]) - normaliser)
-        if topk:
-            values, ids = logits.detach().topk(topk, dim=-1)
+        chunk_ids = None if at_ids is None else at_ids[piece]
+        if track:
+            values, at_values = checkpoint(_chunk_logprobs, lm_head, hidden[piece], targets[piece], chunk_ids,
+                                           use_reentrant=False)
+        elif topk:
+            logits = lm_head(hidden[piece]).float()
+            values, at_values, normaliser = _logprobs_at(logits, targets[piece], chunk_ids)
+            best, ids = logits.detach().topk(topk, dim=-1)
             top_ids.append(ids)
-            top_values.append(values - normaliser.detach())
+            top_values.append(best - normaliser.detach())
+        else:
+            values, at_values = _chunk_logprobs(lm_head, hidden[piece], targets[piece], chunk_ids)
+        sampled.append(values)
+        if at_values is not None:
+            at.append(at_values)
     if not sampled:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, None if at_ids is None else empty.reshape(0, at_ids.shape[-1]), None, None

@@ -36,3 +36,19 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
     assert rollout_digests(run) == rollout_digests(reference)
     for version in range(3):
         assert policy_version(shards.checkpoint_dir(run, version)) == policy_version(shards.checkpoint_dir(reference, version))
+
+
+# What real checkpoints put in generation_config.json; none of it may shape on-policy sampling.
+SHAPING_GENERATION_CONFIG = {"do_sample": True, "repetition_penalty": 1.8, "top_k": 3, "top_p": 0.5,
+                             "temperature": 0.5, "min_p": 0.2}
+
+
+def shaped_copy(checkpoint: str | Path, target: Path) -> Path:
+    """A copy of `checkpoint` whose generation_config.json sets sampling options (SHAPING_GENERATION_CONFIG)."""
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint, target)
+    config = json.loads((target / "generation_config.json").read_text())
+    (target / "generation_config.json").write_text(json.dumps({**config, **SHAPING_GENERATION_CONFIG}, indent=1))
+    return target

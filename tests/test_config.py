@@ -17,10 +17,22 @@ def test_tiny_config_loads_and_overrides_apply():
     ("train.mini_batch_prompts=128", "train.mini_batch_prompts"),
     ("train.policy_gradient=false", "train.policy_gradient"),
     ("train.zero_stage=5", "train.zero_stage"),
+    ("train.loss=kl", "train.loss"),                      # a Literal choice: the error lists the choices
+    ("generate.engine=trt", "generate.engine"),
+    ("orchestrator.mode=threads", "orchestrator.mode"),
+    ("generate.temperature=0.7", "generate.temperature"),  # the loss is at temperature 1: refused
+    ("generate.top_p=0.9", "generate.top_p"),
+    ("train.zero_stage=0", "train.zero_stage"),          # with 2 ranks (below): no global grad norm
 ])
 def test_bad_values_name_the_key(override, key):
+    extra = ["train.processes=2"] if override == "train.zero_stage=0" else []
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config("configs/tiny.yaml", [override])
+        load_config("configs/tiny.yaml", [override, *extra])
+
+
+def test_literal_choices_are_listed_in_the_error():
+    with pytest.raises(ConfigError, match="not one of k1, k2, k3, abs, forward_kl_topk"):
+        load_config("configs/tiny.yaml", ["train.loss=kl"])
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

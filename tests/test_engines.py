@@ -1,9 +1,10 @@
 """The HF sampling engine and the chunked log-prob gather agree with each other on the tiny student."""
 import torch
+from pipeline_helpers import SHAPING_GENERATION_CONFIG, shaped_copy
 
 from common.data import load_prompts
 from common.modeling import load_model, load_tokenizer, response_logprobs
-from stages.generate.hf_engine import sample
+from stages.generate.hf_engine import _generation_config, sample
 from stages.generate.sampling import SamplingParams
 
 STUDENT = "assets/tiny/student"
@@ -36,3 +37,30 @@ def test_same_seed_same_samples():
     greedy = SamplingParams(n=1, max_new_tokens=32, temperature=0.0)
     assert all(lp <= 0 for s in sample(model, prompts, greedy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
                for lp in s.logprobs)
+
+
+def test_a_checkpoints_generation_config_does_not_shape_sampling(tmp_path):
+    """A checkpoint whose generation_config.json sets a repetition penalty, top_k, top_p, min_p and a
+    temperature samples exactly what the same weights without them sample."""
+    shaped_dir = shaped_copy(STUDENT, tmp_path / "shaped")
+    tokenizer = load_tokenizer(STUDENT)
+    prompts = [p.prompt_ids for p in load_prompts("assets/tiny/data/eval.parquet", tokenizer, 1024, False).prompts[:8]]
+    params = SamplingParams(n=2, max_new_tokens=32, seed=11)
+    eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    shaped = load_model(shaped_dir)
+    assert shaped.generation_config.repetition_penalty == SHAPING_GENERATION_CONFIG["repetition_penalty"]
+    plain_samples, shaped_samples = sample(load_model(STUDENT), prompts, params, eos, pad), sample(shaped, prompts,
+                                                                                                     params, eos, pad)
+    assert [s.response_ids for s in shaped_samples] == [s.response_ids for s in plain_samples]
+    assert [s.logprobs for s in shaped_samples] == [s.logprobs for s in plain_samples]
+    # The control: transformers' own merge of that file into our options does change the samples.
+    inherited = load_model(shaped_dir)
+    width = max(map(len, prompts[:1]))
+    torch.manual_seed(params.seed)
+    out = inherited.generate(input_ids=torch.tensor([prompts[0]] * 2), attention_mask=torch.ones(2, width, dtype=torch.long),
+                             generation_config=_generation_config(params, eos, pad))
+    torch.manual_seed(params.seed)
+    neutral = load_model(STUDENT).generate(input_ids=torch.tensor([prompts[0]] * 2),
+                                           attention_mask=torch.ones(2, width, dtype=torch.long),
+                                           generation_config=_generation_config(params, eos, pad))
+    assert out.sequences.tolist() != neutral.sequences.tolist()

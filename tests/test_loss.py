@@ -9,7 +9,7 @@ import torch
 from common.config import ConfigError, load_config
 from stages.train.loss import LossConfig, TokenBatch, distillation_loss, grpo_advantages, truncated_is_weights
 
-KL_CLAMP, CLIP, DUAL = 10.0, 0.2, 3.0
+LOSS_CLAMP, LOG_PROB_FLOOR, CLIP, DUAL = 10.0, -10.0, 0.2, 3.0
 
 
 # ---- references: (value, d value / d lp) per token ----------------------------------------
@@ -26,18 +26,25 @@ def ref_ppo(p, o, advantage):
     return value, grad
 
 
+def loss_clamp(value, grad):
+    """verl's loss_max_clamp on a direct loss: beyond it the token's loss is flat (no gradient)."""
+    return (value, grad) if -LOSS_CLAMP <= value <= LOSS_CLAMP else (max(min(value, LOSS_CLAMP), -LOSS_CLAMP),
+                                                                     0.0 * grad if isinstance(grad, float) else
+                                                                     [0.0] * len(grad))
+
+
 def ref_token(mode, p, o, q):
     if mode == "k1":
-        return ref_ppo(p, o, -min(max(p - q, -KL_CLAMP), KL_CLAMP))
+        return ref_ppo(p, o, -min(max(p - q, -LOSS_CLAMP), LOSS_CLAMP))
     if mode == "k2":
-        return 0.5 * (p - q) ** 2, p - q
+        return loss_clamp(0.5 * (p - q) ** 2, p - q)
     if mode == "k3":
         x = q - p
-        inside = -KL_CLAMP < x < KL_CLAMP
-        x = min(max(x, -KL_CLAMP), KL_CLAMP)
-        return math.exp(x) - x - 1, -(math.exp(x) - 1) if inside else 0.0
+        inside = -20 < x < 20  # the log-ratio's own clamp (verl's), before the loss clamp
+        x = min(max(x, -20.0), 20.0)
+        return loss_clamp(math.exp(x) - x - 1, -(math.exp(x) - 1) if inside else 0.0)
     if mode == "abs":
-        return abs(p - q), (1.0 if p > q else -1.0)
+        return loss_clamp(abs(p - q), 1.0 if p > q else -1.0)
     raise ValueError(mode)
 
 
@@ -48,13 +55,18 @@ def ref_renormalised(values):
 
 
 def ref_topk(mode, student, teacher):
-    """KL over k ids after renormalising; gradient with respect to the student's k log-probs."""
+    """The loss over k ids; gradient with respect to the student's k log-probs."""
+    if mode == "forward_kl_topk":  # verl's: sum_j pt_j (t_j - s_j), both floored at -10, never negative
+        s, t = [max(v, LOG_PROB_FLOOR) for v in student], [max(v, LOG_PROB_FLOOR) for v in teacher]
+        value = sum(math.exp(y) * (y - x) for x, y in zip(s, t))
+        grad = [-math.exp(y) if x > LOG_PROB_FLOOR else 0.0 for x, y in zip(student, t)]
+        return loss_clamp(*((value, grad) if value >= 0 else (0.0, [0.0] * len(grad))))
     s, t = ref_renormalised(student), ref_renormalised(teacher)
     ps, pt = [math.exp(v) for v in s], [math.exp(v) for v in t]
-    if mode == "forward_kl_topk":  # KL(teacher || student): d/ds_j = ps_j - pt_j
-        return sum(b * (y - x) for b, x, y in zip(pt, s, t)), [a - b for a, b in zip(ps, pt)]
+    if mode == "forward_kl_topk_renorm":  # KL(teacher || student) after renormalising: d/ds_j = ps_j - pt_j
+        return loss_clamp(sum(b * (y - x) for b, x, y in zip(pt, s, t)), [a - b for a, b in zip(ps, pt)])
     value = sum(a * (x - y) for a, x, y in zip(ps, s, t))  # KL(student || teacher)
-    return value, [a * (x - y - value) for a, x, y in zip(ps, s, t)]
+    return loss_clamp(value, [a * (x - y - value) for a, x, y in zip(ps, s, t)])
 
 
 def random_case(seed, tokens):
@@ -90,7 +102,7 @@ def test_token_losses_and_gradients_match_reference(mode, seed, tis):
     assert torch.allclose(lp_t.grad, f64(expected_grad), atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", ["forward_kl_topk", "reverse_kl_topk"])
+@pytest.mark.parametrize("mode", ["forward_kl_topk", "forward_kl_topk_renorm", "reverse_kl_topk"])
 @pytest.mark.parametrize("seed", range(3))
 def test_topk_losses_and_gradients_match_reference(mode, seed):
     rng = random.Random(seed)
@@ -140,8 +152,34 @@ def test_regions_are_hit():
     advantages = [-min(max(p - q, -10), 10) for p, q in zip(lp, lq)]
     ratios = [math.exp(p - o) for p, o in zip(lp, old)]
     assert any(abs(p - q) > 10 for p, q in zip(lp, lq)), "KL clamp"
+    assert any(0.5 * (p - q) ** 2 > 10 for p, q in zip(lp, lq)), "k2's loss clamp"
+    assert any(math.exp(q - p) - (q - p) - 1 > 10 for p, q in zip(lp, lq)), "k3's loss clamp"
     assert any(r > 1.2 for r in ratios) and any(r < 0.8 for r in ratios), "PPO clip"
     assert any(a < 0 and -a * r > -3 * a for a, r in zip(advantages, ratios)), "dual clip"
+
+
+def test_topk_regions_are_hit():
+    """The top-k cases reach verl's floor, its clamp at 0 and the loss clamp, and leave them too."""
+    values = {mode: [] for mode in ("forward_kl_topk", "forward_kl_topk_renorm", "reverse_kl_topk")}
+    floored = False
+    for seed in range(3):
+        rng = random.Random(seed)
+        student = [[rng.uniform(-12, 0) for _ in range(5)] for _ in range(50)]
+        teacher = [[rng.uniform(-12, 0) for _ in range(5)] for _ in range(50)]
+        floored |= any(v < LOG_PROB_FLOOR for row in student for v in row)
+        for mode in values:
+            values[mode] += [ref_topk(mode, s, t)[0] for s, t in zip(student, teacher)]
+    assert floored
+    assert any(v == 0.0 for v in values["forward_kl_topk"]) and any(0 < v < 10 for v in values["forward_kl_topk"])
+    assert any(v == LOSS_CLAMP for mode in values for v in values[mode])
+
+
+def test_a_k3_token_far_from_the_teacher_is_bounded_by_the_loss_clamp():
+    """Without verl's clamp one k3 token reached ~2e4 (lq - lp = 10 -> e^10); now it is 10 with no gradient."""
+    lp = f64([-12.0]).requires_grad_(True)
+    out = distillation_loss(TokenBatch(lp, lp.detach(), f64([-2.0])), normaliser=1, config=LossConfig(mode="k3"))
+    out.loss.backward()
+    assert out.loss.item() == LOSS_CLAMP and lp.grad.item() == 0.0
 
 
 def test_zero_when_student_equals_teacher():

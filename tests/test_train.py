@@ -3,6 +3,8 @@ changes nothing, resume continues the same optimizer trajectory, and bad numbers
 
 Most tests train on a synthetic scored shard (random responses, random teacher log-probs) written
 through the shard contract, so they exercise the real stage process without the other stages."""
+import json
+import os
 import random
 import shutil
 import subprocess
@@ -18,7 +20,8 @@ from common import shards
 from common.config import load_config
 from common.modeling import load_model, policy_version, response_logprobs
 from orchestrator.loop import prepare_run
-from stages.train.__main__ import IterationData, minibatch_backward
+from stages.train.engine import PolicyLogprobs
+from stages.train.iteration import IterationData, minibatch_backward
 from stages.train.loss import LossConfig
 
 BASE = ["generate.prompts_per_iteration=8", "generate.n=2", "train.mini_batch_prompts=4", "train.lr=1e-3",
@@ -72,11 +75,15 @@ def weights(run: Path, version: int) -> dict[str, torch.Tensor]:
 
 # ---- in-process: the accumulation code itself, in float64 -------------------------------
 
-class PlainEngine:
-    """Just enough of a DeepSpeed engine for `minibatch_backward`: the module and backward()."""
+class Float64Engine:
+    """The engine interface `minibatch_backward` drives (forward, backward), in plain float64 torch:
+    the independent reference the accumulation code is checked against."""
 
-    def __init__(self, module):
-        self.module = module
+    def __init__(self, model):
+        self.module = PolicyLogprobs(model)
+
+    def __call__(self, *inputs):
+        return self.module(*inputs)
 
     def backward(self, loss, scale_wrt_gas=True):
         loss.backward()
@@ -96,7 +103,7 @@ def gradients_for(micro_batch_size: int, max_tokens: int, packing: bool) -> tupl
                                                f"train.max_tokens_per_micro_batch={max_tokens}",
                                                f"train.packing={str(packing).lower()}"]).train
     rows = list(range(16))
-    stats = minibatch_backward(PlainEngine(model), data, rows, sum(map(len, responses)), config, LossConfig(), 0,
+    stats = minibatch_backward(Float64Engine(model), data, rows, sum(map(len, responses)), config, LossConfig(), 0,
                                [0], "test")
     return stats["loss"], [p.grad.clone() for p in model.parameters()]
 
@@ -124,27 +131,65 @@ def test_packed_and_padded_logprobs_agree():
     assert all(torch.equal(a, b) for a, b in zip(packed.topk_ids, padded.topk_ids))
 
 
+# ---- real DeepSpeed: a mini-batch cut into micro-batches under every ZeRO stage ------------
+
+def accumulation(tmp_path: Path, *cases: str) -> dict:
+    out = tmp_path / "accumulation.json"
+    result = subprocess.run([sys.executable, "tests/accumulation_probe.py", str(out), *cases],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def assert_exact_accumulation(results: dict, gradient_tolerance: float, weights_tolerance: float) -> None:
+    for case, entry in results.items():
+        for split, figures in entry["splits"].items():
+            assert figures["micro_batches"] >= 4, (case, split)
+            for error in (figures["gradient_error"], figures["norm_error"]):
+                assert error is None or error < gradient_tolerance, (case, split, figures)
+            assert figures["weights_vs_single"] < weights_tolerance, (case, split, figures)
+        # Each stage shows its gradient one way at least: in full before step(), or its norm after.
+        assert any(entry["single"][key] is not None for key in ("gradient_error", "norm_error")), case
+
+
+def test_every_zero_stage_keeps_the_gradient_of_every_micro_batch(tmp_path):
+    """Four micro-batches (by count and by token budget) give the gradient of the whole mini-batch
+    (DeepSpeed's safe_get_full_grad before step(), its grad norm after) and the weights of one
+    micro-batch. Under ZeRO-3 a forward around the engine kept only the last micro-batch: errors
+    of 0.6-0.7 here; fp32 rounding is ~1e-7."""
+    assert_exact_accumulation(accumulation(tmp_path, "0", "1", "2", "3", "3+ckpt+pack"), 1e-5, 1e-2)
+
+
+@pytest.mark.slow  # the first use compiles DeepSpeed's CPU Adam (~4 minutes on 2 cores); bf16 is slow on CPUs
+def test_offload_and_bf16_keep_every_micro_batch_and_accumulate_in_fp32(tmp_path):
+    results = accumulation(tmp_path, "2+offload", "3+offload+ckpt+pack", "1+bf16", "3+bf16")
+    assert_exact_accumulation({k: v for k, v in results.items() if "bf16" not in k}, 1e-5, 1e-2)
+    # bf16 forward/backward: errors of bf16 rounding against the fp32 reference, not of a lost micro-batch.
+    assert_exact_accumulation({k: v for k, v in results.items() if "bf16" in k}, 5e-2, 5e-2)
+    assert all(results[case]["dtypes"] == ["bfloat16", "float32"] for case in ("1+bf16", "3+bf16"))
+
+
 # ---- the stage process ---------------------------------------------------------------------
 
 STRAIGHT = """
 import sys, torch
 from pathlib import Path
 from common import shards
-from common.modeling import load_model, load_tokenizer
+from common.modeling import load_tokenizer
 from common.run import load_run_config
-from stages.train.__main__ import deepspeed_engine, init_distributed, iteration_data, train_iteration
+from common.seeds import minibatch_seed, train_seed
+from stages.train.engine import init_distributed, open_engine
+from stages.train.iteration import iteration_data, train_iteration
 run = Path(sys.argv[1])
 config = load_run_config(run)
-torch.manual_seed(config.seed * 100_003)
 init_distributed()
-tokenizer, model = load_tokenizer(shards.checkpoint_dir(run, 0)), load_model(shards.checkpoint_dir(run, 0))
-model.train()
-engine = deepspeed_engine(config, model)
+tokenizer, engine = load_tokenizer(shards.checkpoint_dir(run, 0)), open_engine(config, shards.checkpoint_dir(run, 0))
 for iteration in (0, 1):
+    torch.manual_seed(train_seed(config.seed, iteration))
     columns = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored").to_pydict()
     train_iteration(config, engine, iteration_data(columns, config.train), columns["prompt_id"],
-                    tokenizer.pad_token_id, config.seed * 7 + iteration, iteration)
-engine.module.save_pretrained(sys.argv[2])
+                    tokenizer.pad_token_id, minibatch_seed(config.seed, iteration), iteration)
+engine.module.policy.save_pretrained(sys.argv[2])
 """
 
 
@@ -185,8 +230,10 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[name] - b[name]).abs().max().item() for name in a)
 
 
-def test_two_ranks_reach_the_weights_of_one_rank(tmp_path):
-    """Data parallel through the DeepSpeed launcher (CPU, gloo): same global batch, same weights."""
+def test_two_ranks_reach_the_loss_gradient_norm_and_weights_of_one_rank(tmp_path):
+    """Data parallel through the DeepSpeed launcher (CPU, gloo): same global batch, same numbers.
+    AdamW's update is blind to a constant gradient scale, so the weights alone would not catch a
+    wrong normaliser (a missing or extra `/ world`): the loss and the gradient norm do."""
     from orchestrator.loop import stage_command
 
     one, two = new_run(tmp_path, "one"), new_run(tmp_path, "two", "train.processes=2")
@@ -196,6 +243,9 @@ def test_two_ranks_reach_the_weights_of_one_rank(tmp_path):
     result = subprocess.run(stage_command("train", two, 0, processes=2), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dist_world_size=2" in result.stdout + result.stderr
+    metrics = [shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"] for run in (one, two)]
+    for name in ("train/loss", "train/grad_norm", "train/reverse_kl", "train/clip_fraction"):
+        assert metrics[1][name] == pytest.approx(metrics[0][name], rel=1e-5), name
     moved = max_difference(weights(one, 1), load_file(f"{STUDENT}/model.safetensors"))
     assert max_difference(weights(one, 1), weights(two, 1)) < 1e-6 < moved
 
@@ -225,3 +275,42 @@ def test_zero3_with_offload_and_gradient_checkpointing_matches_zero1(tmp_path):
         result = train(run, 0)
         assert result.returncode == 0, result.stderr[-3000:]
     assert max_difference(weights(plain, 1), weights(offload, 1)) < 1e-6
+
+
+# ---- memory: the LM head never holds more than one chunk of fp32 logits ----------------------
+
+PEAK_MEMORY = """
+import resource, sys, torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+from stages.train.engine import PolicyLogprobs
+grad = sys.argv[1] == "train"
+torch.manual_seed(0)
+config = Qwen3Config(vocab_size=20_000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
+policy = PolicyLogprobs(Qwen3ForCausalLM(config))
+# ru_maxrss only rises: each run is larger than the last, so its peak shows (and never an earlier one's).
+for tokens, chunk in ((1024, 256), (4096, 256), (1024, 1024), (4096, 4096)):
+    prompts, responses = [[1] * 16] * (tokens // 256), [list(range(2, 242))] * (tokens // 256)
+    with torch.set_grad_enabled(grad):
+        logprobs, _ = policy(prompts, responses, 0, chunk, False)
+        if grad:
+            logprobs.sum().backward()
+    del logprobs
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["train", "score"])
+def test_peak_memory_does_not_grow_with_the_micro_batch_beyond_one_chunk_of_logits(mode):
+    """Forward (and backward) over 1,024 and 4,096 tokens at vocab 20,000 with 256-row chunks: one
+    fp32 logits chunk is 20 MB, the larger micro-batch's logits 330 MB. The peak grows by the hidden
+    states only; the control, one chunk as large as the micro-batch, grows by the logits."""
+    # Blocks of 1 MB and more come from mmap and go back on free: otherwise glibc's sliding threshold
+    # keeps freed chunks in its heap, and the peak RSS would count them as if they were still live.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY, mode], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    small, large, small_whole, large_whole = map(int, result.stdout.split())
+    logits_growth = (4096 - 1024) * 20_000 * 4
+    assert large - small < 0.2 * logits_growth, (small, large)
+    assert large_whole - small_whole > 0.9 * logits_growth, (small_whole, large_whole)  # it sees a whole tensor

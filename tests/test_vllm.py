@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from pipeline_helpers import orchestrate
+from pipeline_helpers import orchestrate, shaped_copy
 
 from common import shards
 from common.config import load_config
@@ -38,8 +38,11 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def student_engine():
-    engine = VllmEngine(STUDENT, CONFIG)
+def student_engine(tmp_path_factory):
+    """The student from a copy whose generation_config.json sets top_k 3, a repetition penalty, ...:
+    were vLLM to take them up, the sampled log-probs (vLLM's processed ones) would not match HF's
+    recomputation of the policy below."""
+    engine = VllmEngine(shaped_copy(STUDENT, tmp_path_factory.mktemp("shaped") / "student"), CONFIG)
     yield engine
     engine.close()
 

@@ -103,6 +103,10 @@ def sample(
     progress: Progress | None = None,
 ) -> list[Sampled]:
     """n samples for each prompt (token ids); `progress(k, tokens)` is called after each batch of k sequences."""
+    # transformers fills every option we leave unset from the checkpoint's generation_config.json, and
+    # real checkpoints set some (repetition_penalty, top_k, temperature, ...): any of them would make
+    # the samples, and their log-probs, those of another distribution than the policy's.
+    model.generation_config = GenerationConfig()
     config = _generation_config(params, eos_ids, pad_id)
     device = next(model.parameters()).device
     # Shortest prompts first: a batch pads to its longest prompt. The order is a pure function of the

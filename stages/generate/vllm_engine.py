@@ -51,7 +51,10 @@ def open_llm(model_dir: Path, max_model_len: int, gpu_memory_utilization: float,
     return LLM(model=str(model_dir), tokenizer=str(model_dir), dtype="bfloat16" if on_gpu else "float32",
                max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                enforce_eager=enforce_eager, seed=seed, max_logprobs=max(max_logprobs, 1),
-               logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching, **cpu_only)
+               logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching,
+               # Default sampling options from vLLM, never from the checkpoint's generation_config.json
+               # (a repetition penalty or top_k there would change the distribution sampled).
+               generation_config="vllm", **cpu_only)
 
 
 class VllmEngine:

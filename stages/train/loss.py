@@ -4,12 +4,16 @@ The card's loss is `k1` in policy-gradient form: the per-token advantage is the 
 detached log-ratio between student and teacher on the student's own sampled token, fed to a PPO
 surrogate with clip 0.2 and dual clip 3. Its gradient is the reverse-KL gradient.
 
-The other modes are direct (supervised) losses on the same tokens:
-    k2               0.5 (lp - lq)^2
-    k3               exp(lq - lp) - (lq - lp) - 1       (log-ratio clamped at +-kl_clamp against overflow)
-    abs              |lp - lq|
-    forward_kl_topk  KL(teacher || student) over the teacher's top-k ids, both renormalised on that set
-    reverse_kl_topk  KL(student || teacher) over the student's top-k ids (from sampling), both renormalised
+The other modes are direct (supervised) losses on the same tokens, each clamped at
+`loss_max_clamp` (10) as verl clamps every estimator (a clamped token contributes no gradient):
+    k2                      0.5 (lp - lq)^2
+    k3                      exp(lq - lp) - (lq - lp) - 1   (log-ratio clamped at +-20 first, as verl)
+    abs                     |lp - lq|
+    forward_kl_topk         verl's form: sum_k p_t,k (log p_t,k - log p_s,k) over the teacher's top-k ids,
+                            with the student's full-vocabulary log-probs at those ids and the teacher's
+                            values as given, both clamped below at `log_prob_min_clamp` (-10), then >= 0
+    forward_kl_topk_renorm  KL(teacher || student) over the teacher's top-k ids, both renormalised on that set
+    reverse_kl_topk         KL(student || teacher) over the student's top-k ids (from sampling), both renormalised
 
 Aggregation is the token mean over the whole mini-batch: callers pass `normaliser`, the number of
 response tokens in the global mini-batch (divided by the data-parallel world size, since DeepSpeed
@@ -24,14 +28,17 @@ import torch
 
 from common.config import LOSSES
 
+LOG_RATIO_CLAMP = 20.0  # exp() of a log-ratio beyond this overflows nothing but means nothing either (verl's bound)
+
 
 @dataclass(frozen=True)
 class LossConfig:
     mode: str = "k1"
-    kl_clamp: float = 10.0          # |lp - lq| bound before it becomes an advantage
+    loss_max_clamp: float = 10.0    # k1: |lp - lq| bound before it becomes an advantage; others: loss_t bound
+    log_prob_min_clamp: float = -10.0  # forward_kl_topk: log-probs floor (verl's)
     clip_ratio: float = 0.2         # PPO clip: r in [1 - c, 1 + c]
     dual_clip: float = 3.0          # where A < 0 the loss is capped at -dual_clip * A
-    log_ratio_clamp: float = 20.0
+    log_ratio_clamp: float = LOG_RATIO_CLAMP
     use_task_rewards: bool = False  # add a PPO term on the GRPO advantage of the rule reward
     distill_coef: float = 1.0       # with task rewards: loss = ppo(task) + distill_coef * distill
 
@@ -57,9 +64,9 @@ class LossOutput:
     reverse_kl_sum: float     # sum over tokens of lp - lq, for logging
 
 
-def k1_advantage(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, kl_clamp: float) -> torch.Tensor:
+def k1_advantage(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, clamp: float) -> torch.Tensor:
     """A_t = -clamp(lp_t - lq_t): immediate, per token; no reward-to-go, discount or normalisation."""
-    return -(logprobs.detach() - teacher_logprobs).clamp(-kl_clamp, kl_clamp)
+    return -(logprobs.detach() - teacher_logprobs).clamp(-clamp, clamp)
 
 
 def ppo_dual_clip(
@@ -90,27 +97,35 @@ def _required(value: torch.Tensor | None, mode: str, column: str) -> torch.Tenso
     return value
 
 
+def _direct_loss(batch: TokenBatch, config: LossConfig) -> torch.Tensor:
+    """loss_t of the direct (supervised) modes, before the loss clamp."""
+    lp, lq, mode = batch.logprobs, batch.teacher_logprobs, config.mode
+    if mode == "k2":
+        return 0.5 * (lp - lq) ** 2
+    if mode == "k3":
+        log_ratio = (lq - lp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    if mode == "abs":
+        return (lp - lq).abs()
+    student = _required(batch.student_at_ids, mode, "the student's log-probs at the top-k ids")
+    teacher = _required(batch.teacher_at_ids, mode, "the teacher's log-probs at the top-k ids")
+    if mode == "forward_kl_topk":  # verl's form: unnormalised over the top-k, floored, never negative
+        student, teacher = student.clamp_min(config.log_prob_min_clamp), teacher.clamp_min(config.log_prob_min_clamp)
+        return (teacher.exp() * (teacher - student)).sum(-1).clamp_min(0.0)
+    if mode == "forward_kl_topk_renorm":
+        return _renormalised_kl(teacher, student)
+    return _renormalised_kl(student, teacher)  # reverse_kl_topk
+
+
 def distillation_per_token(batch: TokenBatch, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_t, clipped_t) of the distillation term alone."""
-    lp, lq = batch.logprobs, batch.teacher_logprobs
-    no_clip = torch.zeros_like(lp, dtype=torch.bool)
-    mode = config.mode
-    if mode == "k1":
-        return ppo_dual_clip(lp, batch.old_logprobs, k1_advantage(lp, lq, config.kl_clamp), config)
-    if mode == "k2":
-        return 0.5 * (lp - lq) ** 2, no_clip
-    if mode == "k3":
-        log_ratio = (lq - lp).clamp(-config.kl_clamp, config.kl_clamp)
-        return torch.exp(log_ratio) - log_ratio - 1.0, no_clip
-    if mode == "abs":
-        return (lp - lq).abs(), no_clip
-    if mode in ("forward_kl_topk", "reverse_kl_topk"):
-        student = _required(batch.student_at_ids, mode, "the student's log-probs at the top-k ids")
-        teacher = _required(batch.teacher_at_ids, mode, "the teacher's log-probs at the top-k ids")
-        if mode == "forward_kl_topk":
-            return _renormalised_kl(teacher, student), no_clip
-        return _renormalised_kl(student, teacher), no_clip
-    raise ValueError(f"unknown loss '{mode}' (choose: {', '.join(LOSSES)})")
+    if config.mode not in LOSSES:
+        raise ValueError(f"unknown loss '{config.mode}' (choose: {', '.join(LOSSES)})")
+    if config.mode == "k1":
+        advantages = k1_advantage(batch.logprobs, batch.teacher_logprobs, config.loss_max_clamp)
+        return ppo_dual_clip(batch.logprobs, batch.old_logprobs, advantages, config)
+    loss = _direct_loss(batch, config)
+    return loss.clamp(-config.loss_max_clamp, config.loss_max_clamp), torch.zeros_like(loss, dtype=torch.bool)
 
 
 def distillation_loss(batch: TokenBatch, normaliser: float, config: LossConfig = LossConfig()) -> LossOutput:

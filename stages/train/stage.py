@@ -1,0 +1,139 @@
+"""The train stage: scored shards of iteration i + checkpoint v_i -> checkpoint v_{i+1}.
+
+`Trainer` is one rank's DeepSpeed engine. A stage process (`python -m stages.train`) makes one for
+one iteration; a resident trainer (orchestrator.mode: resident) keeps it across iterations, so the
+model, the optimizer state and DeepSpeed's set-up are not rebuilt each time. Both write the same
+checkpoint: in memory the engine holds exactly what v_{i+1} holds on disk (weights, Adam moments,
+step count, lr schedule), so continuing from memory and reloading from disk give the same bytes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common import shards
+from common.config import Config
+from common.faults import fault_point
+from common.modeling import load_tokenizer, peak_gpu_gib, policy_version
+from common.progress import stage_summary
+from common.seeds import minibatch_seed, train_seed
+from stages.train.engine import OPTIMIZER_STATE, export_policy, init_distributed, open_engine
+from stages.train.iteration import iteration_data, train_iteration
+
+
+class StalePolicyError(RuntimeError):
+    pass
+
+
+def check_on_policy(table, version: str) -> None:
+    """Strict on-policy guard: every row must have been sampled by exactly the policy being trained."""
+    versions = set(table.column("policy_version").to_pylist())
+    if versions != {version}:
+        stale = sorted(versions - {version})
+        raise StalePolicyError(f"refusing to train: rows sampled by {stale} but the trainer starts from {version}")
+
+
+class Trainer:
+    """One rank's engine, opened on v_i when first needed and kept while it follows the run."""
+
+    def __init__(self, config: Config, rank: int | None = None, world: int | None = None,
+                 address: str | None = None):
+        self.config = config
+        self.rank, self.world = init_distributed(rank, world, address)
+        self.engine = None
+        self.tokenizer = None
+        self.holds: str | None = None  # the policy version the engine's state equals, if any
+
+    def engine_at(self, checkpoint: Path):
+        """The engine holding `checkpoint`'s weights and optimizer state: the resident one when it
+        holds that version already (it wrote it), else opened afresh from the files."""
+        version = policy_version(checkpoint)
+        if self.engine is None or self.holds != version:
+            self.close()
+            self.tokenizer = load_tokenizer(checkpoint)
+            self.engine = open_engine(self.config, checkpoint)
+            self.holds = version
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine, self.holds = None, None
+
+
+def save_checkpoint(trainer: Trainer, target: Path) -> None:
+    """Write v_{i+1} beside its final name, mark it DONE, then rename: readers never see half of it."""
+    rank = trainer.rank
+    staging = target.with_name(f".{target.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+    dist.barrier()
+    export_policy(trainer.engine, trainer.tokenizer, staging)
+    dist.barrier()
+    if rank == 0:
+        shards.seal_checkpoint(staging)
+        fault_point("checkpoint")
+        os.replace(staging, target)
+    dist.barrier()
+
+
+def prune_checkpoints(run: Path, keep: tuple[Path, ...], keep_every: int) -> None:
+    """Optimizer states are only needed to continue or redo training: keep the last two. With
+    `keep_every` = N, older checkpoints survive only when their version is a multiple of N."""
+    for checkpoint in sorted(Path(run, "checkpoints").glob("v[0-9]*")):
+        if checkpoint in keep:
+            continue
+        if keep_every and int(checkpoint.name[1:]) % keep_every:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        else:
+            shutil.rmtree(checkpoint / OPTIMIZER_STATE, ignore_errors=True)
+
+
+def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> dict | None:
+    """Train iteration i on this rank; rank 0 seals iter=i/train/. None when it was done already.
+
+    Raises shards.ContractError (missing or altered inputs), StalePolicyError (rows of another
+    policy) and NonFiniteError (nothing is written then).
+    """
+    out_dir = shards.stage_dir(run, iteration, "train")
+    if shards.stage_finished(out_dir):
+        return None
+    source, target = shards.checkpoint_dir(run, iteration), shards.checkpoint_dir(run, iteration + 1)
+    shards.verify_checkpoint(source)  # the optimizer state is a pickle: load only what we wrote
+    scored = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored")
+    version = policy_version(source)
+    check_on_policy(scored, version)
+    columns = scored.to_pydict()
+    data = iteration_data(columns, config.train)
+    started = time.time()
+    if trainer.rank == 0:
+        shards.reset_stage(out_dir)
+    engine = trainer.engine_at(source)
+    setup_seconds = time.time() - started
+    torch.manual_seed(train_seed(config.seed, iteration))  # after any loading: the same stream resident or not
+    train_started = time.time()
+    metrics = train_iteration(config, engine, data, columns["prompt_id"], trainer.tokenizer.pad_token_id,
+                              minibatch_seed(config.seed, iteration), iteration)
+    metrics["train/tokens_per_s"] = metrics["train/response_tokens"] / max(time.time() - train_started, 1e-9)
+    metrics["train/setup_seconds"] = setup_seconds
+    metrics["train/peak_gpu_gib"] = peak_gpu_gib()
+    save_checkpoint(trainer, target)
+    trainer.holds = policy_version(target)
+    if trainer.rank != 0:
+        return None
+    produced = trainer.holds
+    manifest = shards.write_manifest(out_dir, "train", iteration, config.hash(), started, metrics,
+                                     {"policy_version": version, "produced_checkpoint": str(target),
+                                      "produced_version": produced})
+    prune_checkpoints(run, (source, target), config.train.keep_checkpoint_every)
+    stage_summary("train", iteration, len(columns["prompt_id"]), int(metrics["train/response_tokens"]),
+                  metrics["train/tokens_per_s"], manifest["seconds"],
+                  f"{metrics['train/optimizer_steps']} steps, loss {metrics['train/loss']:.4f}, "
+                  f"grad norm {metrics['train/grad_norm']:.3f} -> {produced}")
+    return manifest
