@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from common.modeling import render_prompt
 from rehearsal import tokenizer as qwen3
+from rehearsal.prompt_lengths import measure, percentile, summarize
 from tiny_world.tokenizer import CHAT_TEMPLATE as TINY_CHAT_TEMPLATE
 
 ASSET = Path("assets/qwen3-tokenizer")
@@ -242,3 +243,20 @@ def test_a_wheel_with_another_digest_is_refused(tmp_path):
     (tmp_path / qwen3.DASHSCOPE_WHEEL).write_bytes(b"not the pinned wheel")
     with pytest.raises(qwen3.BuildError, match=r"^error: .* \(fix: delete it and build again\)$"):
         qwen3.fetch_wheel(tmp_path)
+
+
+def test_prompt_length_percentiles_are_nearest_rank_token_counts():
+    values = list(range(1, 101))  # 1..100: the p-th percentile is p itself
+    assert [percentile(values, p) for p in (1, 10, 50, 99, 100)] == [1, 10, 50, 99, 100]
+    assert percentile([7], 50) == 7 and percentile([3, 9], 50) == 3 and percentile([3, 9], 51) == 9
+    assert summarize([5, 2000, 1024, 1025, 3])["over_1024"] == 2
+
+
+def test_prompt_lengths_count_what_the_pipeline_renders(tokenizer):
+    figures = measure(Path("assets/tiny/data/eval.parquet"), tokenizer)  # 500 distinct "What is a + b?" rows
+    assert (figures["rows"], figures["kept"], sum(figures["dropped"].values())) == (500, 500, 0)
+    # Digits are single tokens, so the shortest prompt has two 1-digit operands and the longest two 3-digit ones.
+    rendered = lambda a, b: len(render_prompt(tokenizer, [{"role": "user", "content": (  # noqa: E731
+        f"What is {a} + {b}? Please reason step by step, and put your final answer within \\boxed{{}}.")}], False))
+    assert (figures["prompt_tokens"]["min"], figures["prompt_tokens"]["max"]) == (rendered(1, 2), rendered(123, 456))
+    assert figures["prompt_tokens"]["over_1024"] == 0
