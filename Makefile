@@ -66,6 +66,11 @@ tiny-assets: $(STAMP)  ## rebuild assets/tiny from scratch (task, tokenizer, tea
 qwen3-tokenizer: $(STAMP)  ## assets/qwen3-tokenizer: Qwen3's tokenizer (151,669 tokens, chat template), checksummed
 	$(PY) -m rehearsal.tokenizer --out assets/qwen3-tokenizer
 
+# Random seeded weights at Qwen3-1.7B-Base's and Qwen3-4B-Base's real widths and vocabulary, 2 layers deep
+# unless LAYERS says otherwise (~2 GiB of bf16 safetensors, about a minute on two cores).
+rehearsal-models: $(STAMP) qwen3-tokenizer  ## assets/rehearsal/{student,teacher}: real-width Qwen3 1.7B/4B, random weights [LAYERS=2]
+	$(PY) -m rehearsal.models --out assets/rehearsal --tokenizer assets/qwen3-tokenizer $(if $(LAYERS),--layers $(LAYERS))
+
 tiny-eval: $(STAMP)  ## one line: teacher/student accuracy, greedy and sampled, on the eval split
 	$(PY) -m tiny_world.evaluate --assets assets/tiny
 
