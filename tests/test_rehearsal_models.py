@@ -8,6 +8,8 @@ import torch
 
 from common.modeling import load_model
 from rehearsal import models
+from rehearsal import prompt_lengths as lengths_cli
+from rehearsal import tokenizer as tokenizer_cli
 from rehearsal.tokenizer import ensure_tokenizer
 
 # The public config.json values each rehearsal model copies (all but the depth).
@@ -78,3 +80,18 @@ def test_a_seeded_build_is_reproducible_and_loads_with_the_pipelines_loader(tmp_
         models.model_config(models.SHAPES["student"], 1))["total"]
     logits = model(torch.tensor([[9707, 11, 1879, 0]])).logits
     assert logits.shape == (1, 4, 151936) and torch.isfinite(logits).all()
+
+
+
+@pytest.mark.parametrize("cli", [tokenizer_cli, models, lengths_cli], ids=["tokenizer", "models", "prompt_lengths"])
+def test_rehearsal_entry_points_answer_help(cli, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m {cli.__name__}")
+
+
+def test_a_missing_data_folder_is_one_error_line_naming_the_fix(capsys):
+    assert lengths_cli.main(["--data", "/nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: /nonexistent lacks dapo-math-17k-boxed-template.parquet")
+    assert "(fix: " in err
