@@ -107,14 +107,15 @@ CHAT_TEMPLATE = """\
 {#- The last real user turn: assistant turns after it keep their think block. #}
 {%- set ns = namespace(last_query=messages|length - 1) %}
 {%- for message in messages %}
-    {%- if message['role'] == 'user' and not (message['content'].startswith('<tool_response>') and message['content'].endswith('</tool_response>')) %}
+    {%- if message['content'] is not string %}
+        {{- raise_exception('this Qwen3 chat template renders string contents only') }}
+    {%- endif %}
+    {%- set content = message['content'] %}
+    {%- if message['role'] == 'user' and not (content.startswith('<tool_response>') and content.endswith('</tool_response>')) %}
         {%- set ns.last_query = loop.index0 %}
     {%- endif %}
 {%- endfor %}
 {%- for message in messages %}
-    {%- if message['content'] is not string %}
-        {{- raise_exception('this Qwen3 chat template renders string contents only') }}
-    {%- endif %}
     {%- if message['role'] == 'system' or message['role'] == 'user' %}
         {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}
     {%- elif message['role'] == 'assistant' %}
@@ -133,7 +134,7 @@ CHAT_TEMPLATE = """\
         {%- endif %}
         {{- '<|im_end|>\\n' }}
     {%- else %}
-        {{- raise_exception('this Qwen3 chat template renders system, user and assistant turns only, not ' + message['role']) }}
+        {{- raise_exception('this Qwen3 chat template renders system, user and assistant turns, not ' + message['role']) }}
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}

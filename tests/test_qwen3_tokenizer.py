@@ -66,10 +66,12 @@ def test_vocabulary_and_merges_are_byte_identical_to_qwen3s_own_files(folder):
 
 # Token ids recorded from the real Qwen tokenizer (the same vocabulary and pre-tokenizer in Qwen1.5,
 # Qwen2 and Qwen3).
-# [T] huggingface/transformers, tests/models/qwen2/test_tokenization_qwen2.py (commit 04bee35c8777d027a981e061f32fc12a1b3265d3),
-#     test_tokenizer_integration: the three sequences' unpadded input_ids from Qwen/Qwen-tokenizer.
-# [L] ggerganov/llama.cpp, models/ggml-vocab-qwen2.gguf.inp and .out (commit e31d5c63812eaeb412ba1354a6bdf4aeb8a6e5bb):
-#     ids written by the HF tokenizer of Qwen/Qwen1.5-7B, one line per input.
+# [T] huggingface/transformers, tests/models/qwen2/test_tokenization_qwen2.py
+#     (commit 04bee35c8777d027a981e061f32fc12a1b3265d3), test_tokenizer_integration: the three sequences'
+#     unpadded input_ids from Qwen/Qwen-tokenizer.
+# [L] ggerganov/llama.cpp, models/ggml-vocab-qwen2.gguf.inp and .out
+#     (commit e31d5c63812eaeb412ba1354a6bdf4aeb8a6e5bb): one line of ids per input, written by the HF tokenizer
+#     of Qwen/Qwen1.5-7B (the qwen2 entry of its convert_hf_to_gguf_update.py).
 # [D] huggingface/transformers, src/transformers/models/qwen2/tokenization_qwen2.py, Qwen2Tokenizer's docstring.
 PUBLIC_IDS = [
     ("Transformers (formerly known as pytorch-transformers and pytorch-pretrained-bert) provides "  # [T]
@@ -137,7 +139,8 @@ def test_nfc_normalization_is_applied_before_bpe(tokenizer, backend):
     # Decomposed forms encode as their composed ones (Qwen2's tokenizer.json has an NFC normalizer;
     # transformers' Qwen2 tokenizer test checks the same three characters).
     decomposed, composed = "\u03d2\u0301\u03d2\u0308\u017f\u0307", "\u03d3\u03d4\u1e9b"
-    assert tokenizer.encode(decomposed, add_special_tokens=False) == tokenizer.encode(composed, add_special_tokens=False)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    assert encode(decomposed) == encode(composed)
     assert backend.normalizer.normalize_str(decomposed) == composed
 
 
