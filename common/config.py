@@ -53,7 +53,7 @@ class GenerateConfig:
     batch_size: int = 256           # sequences per engine call
     rows_per_shard: int = 1024      # rollout shard size; the score stage maps over shards
     student_topk: int = 0           # also store the student's top-k ids and log-probs per token
-    max_model_len: int = 0          # engine context (vLLM); 0 = max_prompt_tokens + max_response_tokens + 1
+    max_model_len: int = 0          # vLLM engine context; 0 = the longest prompt + response (config.model_len)
     gpu_memory_utilization: float = 0.5  # vLLM: share of the GPU for weights + KV cache (the teacher needs room too)
     enforce_eager: bool = False     # vLLM: skip torch.compile and CUDA graphs (faster start, slower decoding)
 
@@ -68,7 +68,7 @@ class ScoreConfig:
     reward_mode: RewardMode = "correct"  # correct (1/0) | deepscaler (0.67 correct boxed + 0.33 format)
     verifier_workers: int = 2       # processes for answers that need symbolic comparison
     verifier_timeout_s: float = 5.0  # per response; a worker past it is killed and replaced
-    max_model_len: int = 0          # vLLM: 0 = data.max_prompt_tokens + generate.max_response_tokens + 1
+    max_model_len: int = 0          # vLLM: 0 = the longest prompt + response (config.model_len)
     gpu_memory_utilization: float = 0.3  # vLLM: share of the GPU for the teacher's weights + KV cache
     enforce_eager: bool = False     # vLLM: skip torch.compile and CUDA graphs
 
@@ -261,6 +261,17 @@ def validate(config: Config) -> Config:
         if not ok:
             raise ConfigError(f"config key '{key}': {message}")
     return config
+
+
+def model_len(config: Config, role: Literal["generate", "score"]) -> int:
+    """The longest sequence a vLLM engine of `role` must hold (its `max_model_len`): the configured
+    value, else the longest prompt plus the longest response it samples or scores, plus one (vLLM
+    generates a token past the end, the scorer's dummy token)."""
+    configured = config.generate.max_model_len if role == "generate" else config.score.max_model_len
+    longest = config.generate.max_response_tokens
+    if role == "generate":
+        longest = max(longest, config.eval.max_response_tokens)
+    return configured or config.data.max_prompt_tokens + longest + 1
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from common.config import ConfigError
 from common.modeling import render_prompt
+from common.seeds import prompt_order_seed
 from common.shards import atomic_write_text
 
 
@@ -91,7 +92,7 @@ def iteration_prompts(prompts: list[Prompt], iteration: int, per_iteration: int,
     for position in range(iteration * per_iteration, (iteration + 1) * per_iteration):
         epoch, offset = divmod(position, len(prompts))
         order = list(range(len(prompts)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        random.Random(prompt_order_seed(seed, epoch)).shuffle(order)
         chosen.append(prompts[order[offset]])
     return chosen
 

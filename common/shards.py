@@ -7,7 +7,7 @@ written to a temporary name and renamed, so a crash leaves either nothing or a w
 Layout of a run folder:
     run.yaml                    resolved config, frozen at the first start
     prompts/train.parquet       the prompt set rendered with the chat template, once per run
-    checkpoints/v0003/          HF safetensors + tokenizer + DONE (policy version v0003-<hash>)
+    checkpoints/v0003/          HF safetensors + tokenizer + probe.json + DONE (policy version v0003-<hash>)
     iter=0003/rollouts/         part-00000.parquet ... _MANIFEST.json
     iter=0003/scored/           rollouts + teacher log-probs + rewards
     iter=0003/train/            _MANIFEST.json (metrics, produced checkpoint)
@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +31,7 @@ from common.modeling import file_sha256, weights_sha256
 
 MANIFEST = "_MANIFEST.json"
 DONE = "DONE"
+PROBE = "probe.json"
 ROW_GROUP_ROWS = 256
 
 ROLLOUT_FIELDS = [
@@ -104,9 +106,31 @@ def checkpoint_ready(path: Path) -> bool:
 def seal_checkpoint(staging: Path) -> None:
     """Write DONE: the sha256 of every file of the checkpoint (optimizer state included), so a
     truncated or altered file is caught before it is loaded; the weights' hash names the policy."""
-    files = {str(f.relative_to(staging)): file_sha256(f) for f in sorted(staging.rglob("*")) if f.is_file()}
+    files = {str(f.relative_to(staging)): file_sha256(f) for f in sorted(staging.rglob("*"))
+             if f.is_file() and f != staging / DONE}
     atomic_write_text(staging / DONE, json.dumps({"weights_sha256": weights_sha256(staging), "files": files},
                                                  indent=1) + "\n")
+
+
+@dataclass
+class Probe:
+    """The weight-sync probe beside a trained checkpoint: a few sequences and the trainer's own
+    log-probs of their response tokens under that checkpoint's weights. An engine that loaded the
+    checkpoint must reproduce them (stages/generate/gate.py) before it samples anything."""
+    dtype: str                     # of the trainer's weights: float32 | bfloat16
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    logprobs: list[list[float]]
+
+
+def write_probe(checkpoint: Path, probe: Probe) -> None:
+    atomic_write_text(Path(checkpoint) / PROBE, json.dumps(asdict(probe)) + "\n")
+
+
+def read_probe(checkpoint: Path) -> Probe | None:
+    """The checkpoint's probe; None for one no trainer wrote (v0000, the student as copied)."""
+    path = Path(checkpoint) / PROBE
+    return Probe(**json.loads(path.read_text())) if path.exists() else None
 
 
 def verify_checkpoint(path: Path) -> None:

@@ -4,9 +4,11 @@ Strictly on-policy: iteration i samples from checkpoint v_i and trains v_i into 
 checks it. Every stage output is sealed by a manifest, so a killed run resumes at the first stage
 without one, and finished stages are skipped.
 
-`orchestrator.mode: subprocess` runs each stage in its own process. `resident` keeps a Dask cluster
-for the whole `iterate`: generate and score run as tasks on workers whose engines stay loaded
-(common/cluster.py), and train still runs in its own process under DeepSpeed.
+`orchestrator.mode: resident` keeps a Dask cluster for the whole `iterate` (orchestrator/cluster.py):
+this process is the one controller, sending the stages' shard jobs to workers that keep the
+generation engine, the teacher and the DeepSpeed trainer loaded (orchestrator/roles.py) and sealing
+every folder itself. `subprocess` runs each stage in its own process (for running or debugging one
+stage alone). Both write the same bytes.
 """
 from __future__ import annotations
 
@@ -20,13 +22,11 @@ from pathlib import Path
 import yaml
 
 from common import shards
-from common.cluster import open_client
 from common.config import Config, ConfigError, config_from_dict, save_config
 from common.modeling import local_model_dir
 from common.run import RUN_CONFIG, free_port, load_run_config
 from orchestrator.tracking import Tracker
 
-STAGES = ("generate", "score", "train")
 STAGE_OUTPUT = {"generate": "rollouts", "score": "scored", "train": "train"}
 
 
@@ -124,37 +124,115 @@ def run_stage(stage: str, run: Path, iteration: int, extra: tuple[str, ...] = ()
     return time.time() - started
 
 
-def subprocess_stages(run: Path, config: Config):
-    """Subprocess mode: every stage is `python -m stages.<stage>` (train under the DeepSpeed launcher)."""
-    def runner(stage: str, iteration: int, extra: tuple[str, ...] = ()) -> float:
-        return run_stage(stage, run, iteration, extra, config.train.processes if stage == "train" else 1)
-    return runner
+class SubprocessStages:
+    """`orchestrator.mode: subprocess`: every stage a fresh `python -m stages.<stage>` (train under the
+    DeepSpeed launcher with train.processes ranks); nothing is held between stages."""
+
+    def __init__(self, run: Path, config: Config):
+        self.run, self.config = run, config
+
+    def generate(self, iteration: int) -> float:
+        return run_stage("generate", self.run, iteration)
+
+    def score(self, iteration: int) -> float:
+        return run_stage("score", self.run, iteration)
+
+    def train(self, iteration: int) -> float:
+        return run_stage("train", self.run, iteration, processes=self.config.train.processes)
+
+    def evaluate(self, iteration: int, k: int | None = None) -> float:
+        return run_stage("generate", self.run, iteration, ("--eval-only", *(("--eval-k", str(k)) if k else ())))
 
 
 class ResidentStages:
-    """Resident mode: generate and score as tasks on a Dask cluster that lives for the whole loop."""
+    """`orchestrator.mode: resident`: the stages' shard jobs as Dask tasks on workers that keep their
+    models loaded (orchestrator/roles.py). Shards go to whichever `generate` / `score` worker is free;
+    a rollout shard is scored as soon as it is written; rank r trains on its `train-rank-r` worker.
+    Every folder is sealed here, by the controller, once all its shards are in."""
 
     def __init__(self, client, run: Path, config: Config):
+        from stages.score.scoring import teacher_version
+
         self.client, self.run, self.config = client, run, config
-        # Generation stays on one worker, so one engine follows the policy; score maps over all.
-        self.generation_worker = sorted(client.scheduler_info()["workers"])[0]
+        self.teacher_version = teacher_version(config)
+        self.scoring: tuple[float, list] | None = None  # (started, score futures) of the iteration in flight
+        self.address: str | None = None  # the trainers' rendezvous, fixed for the cluster's life
 
-    def __call__(self, stage: str, iteration: int, extra: tuple[str, ...] = ()) -> float:
-        from stages.generate.__main__ import generate_on_worker
-        from stages.score.__main__ import score_stage
+    def _wait(self, stage: str, iteration: int, futures: list) -> list:
+        """The tasks' results; a failure a user can act on (a lost worker, bad data, a failed gate, a
+        NaN) stops the stage with one line. Anything else is a bug and keeps its traceback."""
+        from distributed import KilledWorker
 
-        started = time.time()
+        from stages.generate.gate import WeightSyncError
+        from stages.train.iteration import NonFiniteError
+        from stages.train.stage import StalePolicyError
+
         try:
-            if stage == "generate":
-                self.client.submit(generate_on_worker, self.run, iteration, "--eval-only" in extra,
-                                   workers=[self.generation_worker], pure=False).result()
-            elif stage == "score":
-                score_stage(self.config, self.run, iteration, self.client)
-            else:
-                return run_stage(stage, self.run, iteration, extra, self.config.train.processes)
-        except (ConfigError, shards.ContractError) as error:
-            raise StageFailed(f"stage {stage} failed at iteration {iteration}: {error}") from error
-        return time.time() - started
+            return self.client.gather(futures)
+        except (KilledWorker, ConfigError, shards.ContractError, WeightSyncError, NonFiniteError,
+                StalePolicyError) as error:
+            self.client.cancel(futures)
+            what = "a worker died" if isinstance(error, KilledWorker) else str(error).splitlines()[0]
+            raise StageFailed(f"stage {stage} failed at iteration {iteration}: {what} "
+                              "(fix: rerun the same command to resume)") from error
+
+    def _submit(self, task, *args, role: str) -> object:
+        return self.client.submit(task, self.run, *args, resources={role: 1}, pure=False)
+
+    def _generate(self, iteration: int, eval_only: bool = False, eval_k: int | None = None) -> float:
+        from orchestrator.roles import GENERATE, SCORE, sample_task, score_task
+        from stages.generate.stage import plan_generation, seal_plan
+        from stages.score.scoring import sealed_rollouts, start_scoring
+
+        began = time.time()
+        plan = plan_generation(self.config, self.run, iteration, eval_only, eval_k)
+        evals = [self._submit(sample_task, iteration, job, role=GENERATE) for job in (plan.eval_jobs if plan else [])]
+        rollouts = [self._submit(sample_task, iteration, job, role=GENERATE)
+                    for job in (plan.rollout_jobs if plan else [])]
+        if not eval_only and start_scoring(self.config, self.run, iteration):
+            # Each rollout shard is scored as soon as it is written (the whole iteration stays on v_i).
+            sources = rollouts if rollouts else sealed_rollouts(self.run, iteration)
+            self.scoring = (time.time(), [self._submit(score_task, iteration, source, self.teacher_version, role=SCORE)
+                                          for source in sources])
+        if plan is not None:
+            eval_done = self._wait("generate", iteration, evals)
+            rollouts_done = self._wait("generate", iteration, rollouts)
+            gate = max((d["gate"] for d in eval_done + rollouts_done),
+                       key=lambda g: g.get("generate/weight_sync_gap_mean", 0.0), default={})
+            seal_plan(self.config, self.run, iteration, plan, eval_done, began, rollouts_done,
+                      min((d["started"] for d in rollouts_done), default=began), gate)
+        return time.time() - began
+
+    def generate(self, iteration: int) -> float:
+        return self._generate(iteration)
+
+    def score(self, iteration: int) -> float:
+        from stages.score.scoring import seal_scored
+
+        if self.scoring is None:
+            return 0.0
+        began = time.time()
+        started, futures = self.scoring
+        self.scoring = None
+        done = self._wait("score", iteration, futures)
+        seal_scored(self.config, self.run, iteration, done, started, self.teacher_version,
+                    len({d["worker"] for d in done}))
+        return time.time() - began
+
+    def train(self, iteration: int) -> float:
+        from orchestrator.roles import rendezvous_address, train_role, train_task
+
+        began = time.time()
+        world = self.config.train.processes
+        if self.address is None:
+            self.address = self.client.submit(rendezvous_address, resources={train_role(0): 1}, pure=False).result()
+        ranks = [self._submit(train_task, iteration, rank, world, self.address, role=train_role(rank))
+                 for rank in range(world)]
+        self._wait("train", iteration, ranks)
+        return time.time() - began
+
+    def evaluate(self, iteration: int, k: int | None = None) -> float:
+        return self._generate(iteration, eval_only=True, eval_k=k)
 
 
 def log_iteration(tracker: Tracker, run: Path, iteration: int, wall: dict[str, float]) -> None:
@@ -168,13 +246,13 @@ def log_iteration(tracker: Tracker, run: Path, iteration: int, wall: dict[str, f
         metrics[f"time/{stage}_stage_s"] = manifest["seconds"]
         for name, seconds in wall.items():
             if STAGE_OUTPUT.get(name) == stage:
-                metrics[f"time/{name}_process_s"] = seconds
+                metrics[f"time/{name}_wall_s"] = seconds  # as the controller waited for it, start-up included
         tracker.log_stage(out_dir, metrics, iteration)
 
 
-def evaluate_checkpoint(config: Config, run: Path, iteration: int, tracker: Tracker, stage_runner) -> None:
+def evaluate_checkpoint(config: Config, run: Path, iteration: int, tracker: Tracker, stages) -> None:
     if config.eval.every > 0 and shards.read_manifest(shards.stage_dir(run, iteration, "eval")) is None:
-        stage_runner("generate", iteration, ("--eval-only",))
+        stages.evaluate(iteration)
     log_iteration(tracker, run, iteration, {})
 
 
@@ -185,7 +263,7 @@ def evaluate_checkpoint_now(run: Path, version: int | None, k: int | None) -> No
         version = completed_iterations(run)
     if not shards.checkpoint_ready(shards.checkpoint_dir(run, version)):
         raise ConfigError(f"checkpoint {shards.checkpoint_dir(run, version)} does not exist (pruned, or not trained)")
-    run_stage("generate", run, version, ("--eval-only", *(("--eval-k", str(k)) if k else ())))
+    SubprocessStages(run, config).evaluate(version, k)
     tracker = Tracker(config, run)
     try:
         log_iteration(tracker, run, version, {})
@@ -199,33 +277,36 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
     start = completed_iterations(run)
     print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
     loop_started = time.time()
-    if config.orchestrator.mode == "resident":
-        with open_client(config, processes=True) as client:
-            _loop(run, config, iterations, tracker, start, loop_started, ResidentStages(client, run, config))
-    else:
-        _loop(run, config, iterations, tracker, start, loop_started, subprocess_stages(run, config))
+    try:
+        if config.orchestrator.mode == "resident":
+            from orchestrator.cluster import open_cluster
+
+            with open_cluster(config) as client:
+                _loop(run, config, iterations, tracker, start, loop_started, ResidentStages(client, run, config))
+        else:
+            _loop(run, config, iterations, tracker, start, loop_started, SubprocessStages(run, config))
+    finally:
+        tracker.close()
 
 
 def _loop(run: Path, config: Config, iterations: int, tracker: Tracker, start: int, loop_started: float,
-          stage_runner) -> None:
-    try:
-        for iteration in range(start):  # metrics a crash kept from MLflow (stages without _LOGGED)
-            log_iteration(tracker, run, iteration, {})
-        for done, iteration in enumerate(range(start, start + iterations), start=1):
-            limit = epoch_limit(run, config)
-            if limit is not None and iteration >= limit:
-                print(f"data.epochs={config.data.epochs} reached after {limit} iterations: stopping", flush=True)
-                iterations = iteration - start
-                break
-            began = time.time()
-            wall = {stage: stage_runner(stage, iteration) for stage in STAGES}
-            log_iteration(tracker, run, iteration, wall)
-            # ETA from the mean iteration so far; eval iterations make it a little optimistic.
-            eta = (time.time() - loop_started) / done * (iterations - done)
-            print(f"iteration {iteration} ({done}/{iterations}) done in {time.time() - began:.1f}s "
-                  f"(generate {wall['generate']:.1f}s, score {wall['score']:.1f}s, train {wall['train']:.1f}s)"
-                  + (f", ETA {eta / 60:.1f} min" if done < iterations else ""), flush=True)
-        # The last checkpoint has not been sampled yet: evaluate it so every run ends with a figure.
-        evaluate_checkpoint(config, run, start + iterations, tracker, stage_runner)
-    finally:
-        tracker.close()
+          stages) -> None:
+    for iteration in range(start):  # metrics a crash kept from MLflow (stages without _LOGGED)
+        log_iteration(tracker, run, iteration, {})
+    for done, iteration in enumerate(range(start, start + iterations), start=1):
+        limit = epoch_limit(run, config)
+        if limit is not None and iteration >= limit:
+            print(f"data.epochs={config.data.epochs} reached after {limit} iterations: stopping", flush=True)
+            iterations = iteration - start
+            break
+        began = time.time()
+        wall = {"generate": stages.generate(iteration), "score": stages.score(iteration),
+                "train": stages.train(iteration)}
+        log_iteration(tracker, run, iteration, wall)
+        # ETA from the mean iteration so far; eval iterations make it a little optimistic.
+        eta = (time.time() - loop_started) / done * (iterations - done)
+        print(f"iteration {iteration} ({done}/{iterations}) done in {time.time() - began:.1f}s "
+              f"(generate {wall['generate']:.1f}s, score {wall['score']:.1f}s, train {wall['train']:.1f}s)"
+              + (f", ETA {eta / 60:.1f} min" if done < iterations else ""), flush=True)
+    # The last checkpoint has not been sampled yet: evaluate it so every run ends with a figure.
+    evaluate_checkpoint(config, run, start + iterations, tracker, stages)

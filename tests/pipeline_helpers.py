@@ -10,9 +10,11 @@ from common import shards
 from common.modeling import policy_version
 from orchestrator.checks import check_run
 
-# Two tiny iterations in about a minute on 2 cores: 8 prompts x 2 responses, 2 optimizer steps.
+# Two tiny iterations in about a minute on 2 cores: 8 prompts x 2 responses, 2 optimizer steps; shards
+# of 4 rows, so that the rollouts and the eval have several shards to share between workers.
 OVERRIDES = ["generate.prompts_per_iteration=8", "generate.n=2", "train.mini_batch_prompts=4",
-             "train.micro_batch_size=8", "eval.every=1", "eval.prompts=16", "train.lr=1e-4"]
+             "train.micro_batch_size=8", "eval.every=1", "eval.prompts=16", "train.lr=1e-4",
+             "generate.rows_per_shard=4"]
 
 
 def orchestrate(run: Path, iterations: int, *extra: str, fault: str | None = None,
@@ -26,14 +28,15 @@ def orchestrate(run: Path, iterations: int, *extra: str, fault: str | None = Non
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def rollout_digests(run: Path) -> list[str]:
-    return [f["sha256"] for i in range(2) for f in shards.read_manifest(shards.stage_dir(run, i, "rollouts"))["files"]]
+def rollout_digests(run: Path, stages: tuple[str, ...] = ("rollouts",)) -> list[str]:
+    return [f["sha256"] for i in range(2) for stage in stages
+            for f in shards.read_manifest(shards.stage_dir(run, i, stage))["files"]]
 
 
 def assert_same_as_reference(run: Path, reference: Path) -> None:
     finished, problems = check_run(run)
     assert finished == 2 and problems == []
-    assert rollout_digests(run) == rollout_digests(reference)
+    assert rollout_digests(run, ("rollouts", "scored", "eval")) == rollout_digests(reference, ("rollouts", "scored", "eval"))
     for version in range(3):
         assert policy_version(shards.checkpoint_dir(run, version)) == policy_version(shards.checkpoint_dir(reference, version))
 

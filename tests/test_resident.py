@@ -1,44 +1,78 @@
-"""Resident mode and Dask scoring: engines loaded once and pointed at each new policy in place give
-exactly the run that fresh processes give, and the score stage spreads shards over a 2-worker cluster."""
-import pyarrow.parquet as pq
+"""Resident mode: one controller, workers that keep every model loaded (generation engine, teacher,
+DeepSpeed trainer), the same bytes as stage processes; and the weight-sync gate that an engine
+must pass after loading a policy, before it samples anything."""
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
 from pipeline_helpers import assert_same_as_reference, orchestrate
 
 from common import shards
-from common.cluster import open_client
-from common.config import load_config
-from common.run import RUN_CONFIG, load_run_config
-from stages.score.__main__ import score_stage
+from common.modeling import load_weights_in_place
+from stages.generate.gate import WeightSyncError, check_weight_sync
+from stages.generate.hf_engine import HfEngine
 
 
-def test_resident_run_equals_the_subprocess_run(reference_run, tmp_path):
-    """Iteration 1 samples from v0001 loaded in place into the engine that sampled v0000: its
-    rollouts, and every later checkpoint, are byte-identical to fresh processes' (the reference)."""
+def manifest(run, iteration, stage):
+    return shards.read_manifest(shards.stage_dir(run, iteration, stage))
+
+
+def test_resident_run_on_two_workers_equals_the_subprocess_run(reference_run, tmp_path):
+    """Two workers share the generate and score shards, one keeps the trainer: every rollout, scored
+    and eval shard is byte-identical to the stage processes' run, and so is every checkpoint.
+    Iteration 1 samples from v0001 loaded in place and trains on the engine that wrote v0001."""
     run = tmp_path / "resident"
-    result = orchestrate(run, 2, "-o", "orchestrator.mode=resident")
+    result = orchestrate(run, 2, "-o", "orchestrator.mode=resident", "-o", "cluster.workers=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_as_reference(run, reference_run)
+    assert manifest(run, 0, "rollouts")["metrics"]["generate/workers"] == 2
+    assert manifest(run, 0, "scored")["metrics"]["score/workers"] == 2
+    assert [manifest(run, i, "train")["metrics"]["train/resident_engine"] for i in (0, 1)] == [0.0, 1.0]
+    assert [manifest(reference_run, i, "train")["metrics"]["train/resident_engine"] for i in (0, 1)] == [0.0, 0.0]
+    assert manifest(run, 1, "rollouts")["metrics"]["generate/weight_sync_gap_mean"] < 1e-5
 
 
-def test_score_maps_shards_over_two_workers(reference_run, tmp_path):
-    run = tmp_path / "two-workers"
-    (run / "checkpoints").mkdir(parents=True)
-    config = load_config(reference_run / RUN_CONFIG, ["cluster.workers=2"])
-    (run / RUN_CONFIG).write_text((reference_run / RUN_CONFIG).read_text())
-    import shutil
+# ---- the weight-sync gate -----------------------------------------------------------------------
 
-    shutil.copytree(shards.checkpoint_dir(reference_run, 0), shards.checkpoint_dir(run, 0))
-    rollouts = shards.read_stage(shards.stage_dir(reference_run, 0, "rollouts"), "rollouts")
-    out = shards.stage_dir(run, 0, "rollouts")
-    for index in range(4):  # four shards of 4 rows
-        shards.write_shard(rollouts.slice(index * 4, 4), out, index)
-    shards.write_manifest(out, "rollouts", 0, config.hash(), 0.0)
-    with open_client(config, processes=True) as client:
-        manifest = score_stage(load_run_config(run), run, 0, client)
-    assert manifest["metrics"]["score/workers"] == 2
-    assert [f["rows"] for f in manifest["files"]] == [4, 4, 4, 4]
-    ours = shards.read_stage(shards.stage_dir(run, 0, "scored"), "scored").to_pydict()
-    reference = shards.read_stage(shards.stage_dir(reference_run, 0, "scored"), "scored").to_pydict()
-    assert ours["prompt_id"] == reference["prompt_id"] and ours["reward"] == reference["reward"]
-    gap = max(abs(a - b) for x, y in zip(ours["teacher_logprobs"], reference["teacher_logprobs"]) for a, b in zip(x, y))
-    assert gap < 1e-5  # other batch compositions: fp32 rounding only
+def test_a_correct_reload_passes_the_gate(reference_run):
+    engine = HfEngine(shards.checkpoint_dir(reference_run, 0))
+    engine.load_policy(shards.checkpoint_dir(reference_run, 1))
+    gap = check_weight_sync(engine, shards.checkpoint_dir(reference_run, 1))
+    assert gap["generate/weight_sync_gap_mean"] < 1e-5
+
+
+def test_another_checkpoints_weights_are_caught(reference_run):
+    engine = HfEngine(shards.checkpoint_dir(reference_run, 0))
+    load_weights_in_place(engine.model, shards.checkpoint_dir(reference_run, 2))
+    with pytest.raises(WeightSyncError, match="v0001"):
+        check_weight_sync(engine, shards.checkpoint_dir(reference_run, 1))
+
+
+def test_a_reload_that_leaves_the_engine_unchanged_is_caught(reference_run):
+    engine = HfEngine(shards.checkpoint_dir(reference_run, 0))
+    engine.checkpoint = shards.checkpoint_dir(reference_run, 1)  # says v0001, still holds v0000
+    with pytest.raises(WeightSyncError, match="does not hold that policy"):
+        check_weight_sync(engine, engine.checkpoint)
+
+
+def test_the_generate_stage_stops_with_one_line_before_sampling(reference_run, tmp_path):
+    """v0001's probe says other log-probs than its weights give (e.g. a trainer and an engine that
+    disagree on the weights): the stage exits with one line and writes no rollout."""
+    run = tmp_path / "gated"
+    shutil.copytree(reference_run, run)
+    for stage in ("rollouts", "scored", "train", "eval"):
+        shards.reset_stage(shards.stage_dir(run, 1, stage))
+    shutil.rmtree(shards.checkpoint_dir(run, 2))
+    checkpoint = shards.checkpoint_dir(run, 1)
+    probe = json.loads((checkpoint / shards.PROBE).read_text())
+    probe["logprobs"] = [[value - 0.5 for value in row] for row in probe["logprobs"]]
+    (checkpoint / shards.PROBE).write_text(json.dumps(probe))
+    shards.seal_checkpoint(checkpoint)  # the files are as the trainer sealed them; only their content lies
+    result = subprocess.run([sys.executable, "-m", "stages.generate", "--run", str(run), "--iter", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "weight-sync probe" in result.stderr
+    assert not list(shards.stage_dir(run, 1, "rollouts").glob("part-*")) and \
+        not list(shards.stage_dir(run, 1, "eval").glob("part-*"))

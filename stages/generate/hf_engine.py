@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from common.modeling import load_inference_model, load_tokenizer, load_weights_in_place
+from common.modeling import load_inference_model, load_tokenizer, load_weights_in_place, response_logprobs
 from stages.generate.sampling import Progress, Sampled, SamplingParams
 
 # Batch widths are rounded up to this many tokens so a static cache sees few distinct shapes.
@@ -25,11 +25,18 @@ class HfEngine:
         self.checkpoint = Path(checkpoint)
         self.tokenizer = load_tokenizer(checkpoint)
         self.model = load_inference_model(checkpoint)
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     def sample(self, prompts: list[list[int]], params: SamplingParams, progress: Progress | None = None
                ) -> list[Sampled]:
         eos_ids = sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id})
         return sample(self.model, prompts, params, eos_ids, self.tokenizer.pad_token_id, progress)
+
+    @torch.no_grad()
+    def probe_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """The engine's own log-probs of `responses` (teacher-forced), for the weight-sync gate."""
+        out = response_logprobs(self.model, prompts, responses, self.tokenizer.pad_token_id, packed=False)
+        return [values.float().tolist() for values in out.sampled]
 
     def load_policy(self, checkpoint: Path) -> None:
         load_weights_in_place(self.model, checkpoint)

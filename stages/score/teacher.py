@@ -12,8 +12,9 @@ from typing import Protocol
 
 import torch
 
-from common.config import Config
+from common.config import Config, model_len
 from common.modeling import load_inference_model, load_tokenizer, response_logprobs
+from common.vllm import close_llm, open_llm, prompt_logprobs
 from common.progress import Progress
 
 
@@ -82,43 +83,19 @@ class VllmScorer:
     name = "vllm"
 
     def __init__(self, teacher_dir: Path, config: Config):
-        from stages.generate.vllm_engine import open_llm
-
         s = config.score
         self.topk = s.teacher_topk
-        max_model_len = s.max_model_len or (config.data.max_prompt_tokens
-                                            + config.generate.max_response_tokens + 1)
-        self.llm = open_llm(teacher_dir, max_model_len, s.gpu_memory_utilization, s.enforce_eager,
+        self.llm = open_llm(teacher_dir, model_len(config, "score"), s.gpu_memory_utilization, s.enforce_eager,
                             config.seed, self.topk, prefix_caching=False)
 
     def score(self, columns: dict) -> dict[str, list]:
-        return vllm_response_logprobs(self.llm, columns["prompt_ids"], columns["response_ids"], self.topk)
+        out = prompt_logprobs(self.llm, columns["prompt_ids"], columns["response_ids"], self.topk)
+        result = {"teacher_logprobs": out["logprobs"]}
+        if self.topk:
+            result["teacher_topk_ids"], result["teacher_topk_logprobs"] = out["topk_ids"], out["topk_logprobs"]
+        return result
 
     def close(self) -> None:
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            close_llm(self.llm)
             self.llm = None
-
-
-def vllm_response_logprobs(llm, prompts: list[list[int]], responses: list[list[int]], topk: int = 0) -> dict[str, list]:
-    """Log-probs of each response token given prompt + earlier response tokens, from vLLM's prompt log-probs."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from stages.generate.vllm_engine import ranked_topk
-
-    params = SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)], params,
-                           use_tqdm=False)
-    result: dict[str, list] = {"teacher_logprobs": []}
-    if topk:
-        result["teacher_topk_ids"], result["teacher_topk_logprobs"] = [], []
-    for output, response in zip(outputs, responses):
-        # prompt_logprobs[j] is log p(token j | tokens < j); the response's are the last len(response).
-        steps = output.prompt_logprobs[len(output.prompt_logprobs) - len(response):] if response else []
-        result["teacher_logprobs"].append([step[token].logprob for step, token in zip(steps, response)])
-        if topk:
-            ids, values = ranked_topk(steps, topk)
-            result["teacher_topk_ids"].append(ids)
-            result["teacher_topk_logprobs"].append(values)
-    return result

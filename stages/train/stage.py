@@ -66,8 +66,30 @@ class Trainer:
         self.engine, self.holds = None, None
 
 
-def save_checkpoint(trainer: Trainer, target: Path) -> None:
-    """Write v_{i+1} beside its final name, mark it DONE, then rename: readers never see half of it."""
+PROBE_ROWS, PROBE_RESPONSE_TOKENS = 4, 32
+
+
+def probe_sequences(columns: dict) -> tuple[list[list[int]], list[list[int]]]:
+    """The weight-sync probe's sequences: the first rows by (prompt_id, sample_idx), responses cut short."""
+    rows = sorted(range(len(columns["prompt_id"])), key=lambda k: (columns["prompt_id"][k], columns["sample_idx"][k]))
+    rows = rows[:PROBE_ROWS]
+    return ([columns["prompt_ids"][k] for k in rows], [columns["response_ids"][k][:PROBE_RESPONSE_TOKENS] for k in rows])
+
+
+def trainer_probe(trainer: Trainer, prompts: list[list[int]], responses: list[list[int]]) -> shards.Probe:
+    """The trained weights' log-probs of the probe (a forward on every rank: ZeRO-3 gathers collectively)."""
+    t = trainer.config.train
+    with torch.no_grad():
+        logprobs, _ = trainer.engine.module(prompts, responses, trainer.tokenizer.pad_token_id, t.logit_chunk_tokens,
+                                            False)
+    dtype = str(next(trainer.engine.module.parameters()).dtype).removeprefix("torch.")
+    values = [piece.float().tolist() for piece in logprobs.split([len(r) for r in responses])]
+    return shards.Probe(dtype, prompts, responses, values)
+
+
+def save_checkpoint(trainer: Trainer, target: Path, probe_rows: tuple[list[list[int]], list[list[int]]]) -> None:
+    """Write v_{i+1} (weights, tokenizer, optimizer state, weight-sync probe) beside its final name,
+    mark it DONE, then rename: readers never see half of it."""
     rank = trainer.rank
     staging = target.with_name(f".{target.name}.tmp")
     if rank == 0:
@@ -75,8 +97,10 @@ def save_checkpoint(trainer: Trainer, target: Path) -> None:
         shutil.rmtree(target, ignore_errors=True)
     dist.barrier()
     export_policy(trainer.engine, trainer.tokenizer, staging)
+    probe = trainer_probe(trainer, *probe_rows)
     dist.barrier()
     if rank == 0:
+        shards.write_probe(staging, probe)
         shards.seal_checkpoint(staging)
         fault_point("checkpoint")
         os.replace(staging, target)
@@ -114,6 +138,7 @@ def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> 
     started = time.time()
     if trainer.rank == 0:
         shards.reset_stage(out_dir)
+    resident = trainer.holds == version  # the engine wrote v_i itself: no load, no DeepSpeed set-up
     engine = trainer.engine_at(source)
     setup_seconds = time.time() - started
     torch.manual_seed(train_seed(config.seed, iteration))  # after any loading: the same stream resident or not
@@ -122,8 +147,9 @@ def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> 
                               minibatch_seed(config.seed, iteration), iteration)
     metrics["train/tokens_per_s"] = metrics["train/response_tokens"] / max(time.time() - train_started, 1e-9)
     metrics["train/setup_seconds"] = setup_seconds
+    metrics["train/resident_engine"] = float(resident)
     metrics["train/peak_gpu_gib"] = peak_gpu_gib()
-    save_checkpoint(trainer, target)
+    save_checkpoint(trainer, target, probe_sequences(columns))
     trainer.holds = policy_version(target)
     if trainer.rank != 0:
         return None

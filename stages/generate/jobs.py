@@ -1,0 +1,194 @@
+"""What the generate stage writes, shard by shard: rollouts of iteration i and the eval of v_i.
+
+An iteration's prompts are cut into shards of `generate.rows_per_shard` responses; each shard is a
+job with its own seed (common/seeds.py), so its samples depend only on its prompts, its seed and
+the weights: the same bytes whichever worker samples it, however many workers share the stage.
+The eval sets are cut the same way. `run_job` samples one shard (and grades it, for the eval) and
+writes it; `seal_rollouts` / `seal_eval` write the manifest once every shard is there.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from common import shards
+from common.config import Config, ConfigError
+from common.data import Prompt, PromptSet, iteration_prompts, prepared_prompts
+from common.modeling import file_sha256, peak_gpu_gib
+from common.progress import Progress, stage_summary
+from common.seeds import eval_seed, rollout_seed
+from stages.score.verifier import grade_batch  # moves to common/ with the verifier
+from stages.generate.sampling import GenerationEngine, SamplingParams
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    folder: str               # rollouts | eval | eval-k<K>
+    index: int                # part-<index>.parquet in that folder
+    prompts: tuple[Prompt, ...]
+    params: SamplingParams
+    eval_set: str = ""        # the eval set's name (its data_source), for the eval's metrics
+
+
+def eval_folder(config: Config, k: int | None) -> str:
+    return "eval" if (k or config.eval.k) == config.eval.k else f"eval-k{k}"
+
+
+def _cut(prompts: list[Prompt], n: int, rows_per_shard: int) -> list[list[Prompt]]:
+    per_shard = max(1, rows_per_shard // n)
+    return [prompts[start : start + per_shard] for start in range(0, len(prompts), per_shard)]
+
+
+def train_prompts(config: Config, run: Path, tokenizer) -> PromptSet:
+    prompt_set = prepared_prompts(run, "train", config.data.train, tokenizer, config.data.max_prompt_tokens,
+                                  config.data.enable_thinking)
+    if not prompt_set.prompts:
+        raise ConfigError(f"config key 'data.train': no usable prompts in {config.data.train} "
+                          f"(dropped: {prompt_set.dropped_summary()})")
+    return prompt_set
+
+
+def rollout_jobs(config: Config, run: Path, iteration: int, tokenizer) -> list[ShardJob]:
+    g = config.generate
+    prompts = iteration_prompts(train_prompts(config, run, tokenizer).prompts, iteration, g.prompts_per_iteration,
+                                config.seed)
+    return [ShardJob("rollouts", index, tuple(chunk),
+                     SamplingParams(n=g.n, max_new_tokens=g.max_response_tokens, temperature=g.temperature,
+                                    top_p=g.top_p, seed=rollout_seed(config.seed, iteration, index),
+                                    batch_size=g.batch_size, topk=g.student_topk))
+            for index, chunk in enumerate(_cut(prompts, g.n, g.rows_per_shard))]
+
+
+def eval_jobs(config: Config, run: Path, tokenizer, k: int | None = None) -> list[ShardJob]:
+    """Every eval set (avg@k), cut into shards; the same jobs for every checkpoint of the run."""
+    e = config.eval
+    k = k or e.k
+    jobs: list[ShardJob] = []
+    for set_index, path in enumerate(e.sets):
+        prompt_set = prepared_prompts(run, f"eval-{set_index}-{Path(path).stem}", path, tokenizer,
+                                      config.data.max_prompt_tokens, config.data.enable_thinking, "eval.sets")
+        prompts = prompt_set.prompts[: e.prompts] if e.prompts else prompt_set.prompts
+        if not prompts:
+            raise ConfigError(f"config key 'eval.sets': no usable prompts in {path} "
+                              f"(dropped: {prompt_set.dropped_summary()})")
+        name = prompts[0].data_source or Path(path).stem
+        for shard, chunk in enumerate(_cut(prompts, k, config.generate.rows_per_shard)):
+            params = SamplingParams(n=k, max_new_tokens=e.max_response_tokens, temperature=e.temperature,
+                                    top_p=e.top_p, seed=eval_seed(config.seed, set_index, shard),
+                                    batch_size=config.generate.batch_size)
+            jobs.append(ShardJob(eval_folder(config, k), len(jobs), tuple(chunk), params, name))
+    return jobs
+
+
+# ---- one shard ------------------------------------------------------------------------------
+
+def rows_of(job: ShardJob, samples, tokenizer, iteration: int, version: str) -> list[dict]:
+    rows = []
+    for s in samples:
+        prompt = job.prompts[s.prompt_index]
+        rows.append({
+            "prompt_id": prompt.prompt_id, "sample_idx": s.sample_idx, "iteration": iteration,
+            "policy_version": version, "data_source": prompt.data_source, "ground_truth": prompt.ground_truth,
+            "prompt_ids": prompt.prompt_ids, "response_ids": s.response_ids,
+            "response_text": tokenizer.decode(s.response_ids, skip_special_tokens=True),
+            "rollout_logprobs": s.logprobs, "finish_reason": s.finish_reason,
+        })
+        if s.topk_ids is not None:
+            rows[-1].update(student_topk_ids=s.topk_ids, student_topk_logprobs=s.topk_logprobs)
+    return rows
+
+
+def graded(rows: list[dict], config: Config) -> list[dict]:
+    s = config.score
+    verdicts = grade_batch([(r["response_text"], r["ground_truth"]) for r in rows], s.reward_mode,
+                           s.verifier_workers, s.verifier_timeout_s)
+    for row, verdict in zip(rows, verdicts):
+        row.update(reward=verdict.reward, correct=verdict.correct, extracted_answer=verdict.extracted_answer,
+                   verifier_status=verdict.status)
+    return rows
+
+
+def run_job(config: Config, run: Path, iteration: int, job: ShardJob, engine: GenerationEngine,
+            version: str) -> dict:
+    """Sample one shard with `engine` (which holds `version`), grade it if it is an eval shard, write it.
+
+    Returns what sealing the folder needs: the shard's file, rows, tokens and timings.
+    """
+    stage = "rollouts" if job.folder == "rollouts" else "eval"
+    started = time.time()
+    with Progress(len(job.prompts) * job.params.n, f"{job.folder} iter {iteration} shard {job.index}") as bar:
+        samples = engine.sample([p.prompt_ids for p in job.prompts], job.params, bar.update)
+    sample_seconds = time.time() - started
+    rows = rows_of(job, samples, engine.tokenizer, iteration, version)
+    if stage == "eval":
+        rows = graded(rows, config)
+    schema = shards.schema_with_optional(stage, list(rows[0]))
+    path = shards.write_shard(pa.Table.from_pylist(rows, schema=schema), shards.stage_dir(run, iteration, job.folder),
+                              job.index)
+    return {"index": job.index, "file": path.name, "sha256": file_sha256(path), "rows": len(rows),
+            "response_tokens": sum(len(r["response_ids"]) for r in rows),
+            "truncated": sum(r["finish_reason"] == "length" for r in rows), "sample_seconds": sample_seconds,
+            "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(), "eval_set": job.eval_set,
+            "correct": sum(r.get("correct", False) for r in rows),
+            "boxed": sum(r.get("verifier_status", "no_answer") != "no_answer" for r in rows)}
+
+
+# ---- sealing --------------------------------------------------------------------------------
+
+def _throughput(done: list[dict], started: float) -> dict:
+    tokens = sum(d["response_tokens"] for d in done)
+    return {"tokens": tokens, "stage_tokens_per_s": tokens / max(time.time() - started, 1e-9),
+            "engine_tokens_per_s": tokens / max(sum(d["sample_seconds"] for d in done), 1e-9)}
+
+
+def seal_rollouts(config: Config, run: Path, iteration: int, done: list[dict], started: float, version: str,
+                  dropped: dict[str, int], gate: dict[str, float]) -> dict:
+    """The rollouts' manifest; `done` holds each shard's summary (run_job's, with the worker that ran it)."""
+    rows = sum(d["rows"] for d in done)
+    figures = _throughput(done, started)
+    metrics = {
+        "generate/response_tokens": figures["tokens"],
+        "generate/mean_response_length": figures["tokens"] / rows,
+        "generate/truncated_fraction": sum(d["truncated"] for d in done) / rows,
+        "generate/tokens_per_s": figures["stage_tokens_per_s"],       # the stage's, over its wall time
+        "generate/engine_tokens_per_s": figures["engine_tokens_per_s"],  # one engine's, over its sampling time
+        "generate/sample_seconds": sum(d["sample_seconds"] for d in done),
+        "generate/shards": len(done),
+        "generate/workers": len({d.get("worker") for d in done}),
+        "generate/peak_gpu_gib": max(d["peak_gpu_gib"] for d in done),  # the HF engine's (vLLM's is its EngineCore's)
+        **{f"generate/dropped_{reason}": count for reason, count in dropped.items()},
+        **gate,
+    }
+    out_dir = shards.stage_dir(run, iteration, "rollouts")
+    manifest = shards.write_manifest(out_dir, "rollouts", iteration, config.hash(), started, metrics,
+                                     {"policy_version": version})
+    stage_summary("generate", iteration, manifest["rows"], figures["tokens"], metrics["generate/tokens_per_s"],
+                  manifest["seconds"], f"mean length {metrics['generate/mean_response_length']:.1f}")
+    return manifest
+
+
+def seal_eval(config: Config, run: Path, iteration: int, folder: str, done: list[dict], started: float, version: str,
+              k: int) -> dict:
+    """avg@k per eval set (`<folder>/<set>/accuracy`) and their mean (`<folder>/accuracy`)."""
+    metrics: dict[str, float] = {}
+    for name in dict.fromkeys(d["eval_set"] for d in done):
+        mine = [d for d in done if d["eval_set"] == name]
+        rows = sum(d["rows"] for d in mine)
+        metrics[f"{folder}/{name}/accuracy"] = sum(d["correct"] for d in mine) / rows
+        metrics[f"{folder}/{name}/boxed_fraction"] = sum(d["boxed"] for d in mine) / rows
+        metrics[f"{folder}/{name}/mean_response_length"] = sum(d["response_tokens"] for d in mine) / rows
+    accuracies = [value for key, value in metrics.items() if key.endswith("/accuracy")]
+    metrics[f"{folder}/accuracy"] = sum(accuracies) / len(accuracies)
+    figures = _throughput(done, started)
+    metrics[f"{folder}/mean_response_length"] = figures["tokens"] / sum(d["rows"] for d in done)
+    out_dir = shards.stage_dir(run, iteration, folder)
+    manifest = shards.write_manifest(out_dir, "eval", iteration, config.hash(), started, metrics,
+                                     {"policy_version": version, "k": k})
+    per_set = ", ".join(f"{key.split('/')[1]} {value:.3f}" for key, value in metrics.items()
+                        if key.endswith("/accuracy") and key.count("/") == 2)
+    stage_summary("eval", iteration, manifest["rows"], figures["tokens"], figures["stage_tokens_per_s"],
+                  manifest["seconds"], f"avg@{k} {per_set}")
+    return manifest
