@@ -32,7 +32,7 @@ class PromptSet:
         return ", ".join(f"{count} {reason}" for reason, count in self.dropped.items() if count) or "none"
 
 
-def _clean_message_text(text: str) -> str:
+def clean_message_text(text: str) -> str:
     # DAPO's boxed template stores a format-string leftover: "\boxed{{}}" means "\boxed{}".
     return text.replace("\\boxed{{}}", "\\boxed{}")
 
@@ -68,7 +68,7 @@ def load_prompts(path: str | Path, tokenizer, max_prompt_tokens: int, enable_thi
                 or not isinstance(gold, str) or not gold.strip() or prompt_id is None):
             dropped["bad_row"] += 1
             continue
-        messages = [{**m, "content": _clean_message_text(m["content"])} for m in messages]
+        messages = [{**m, "content": clean_message_text(m["content"])} for m in messages]
         text = "\n".join(m["content"] for m in messages)
         if str(prompt_id) in seen_ids:
             dropped["duplicate_id"] += 1

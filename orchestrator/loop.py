@@ -155,7 +155,7 @@ class ResidentStages:
 
         self.client, self.run, self.config = client, run, config
         self.teacher_version = teacher_version(config)
-        self.scoring: tuple[float, list] | None = None  # (started, score futures) of the iteration in flight
+        self.scoring: list | None = None  # the score futures of the iteration in flight
         self.address: str | None = None  # the trainers' rendezvous, fixed for the cluster's life
 
     def _wait(self, stage: str, iteration: int, futures: list) -> list:
@@ -192,8 +192,8 @@ class ResidentStages:
         if not eval_only and start_scoring(self.config, self.run, iteration):
             # Each rollout shard is scored as soon as it is written (the whole iteration stays on v_i).
             sources = rollouts if rollouts else sealed_rollouts(self.run, iteration)
-            self.scoring = (time.time(), [self._submit(score_task, iteration, source, self.teacher_version, role=SCORE)
-                                          for source in sources])
+            self.scoring = [self._submit(score_task, iteration, source, self.teacher_version, role=SCORE)
+                            for source in sources]
         if plan is not None:
             eval_done = self._wait("generate", iteration, evals)
             rollouts_done = self._wait("generate", iteration, rollouts)
@@ -212,10 +212,11 @@ class ResidentStages:
         if self.scoring is None:
             return 0.0
         began = time.time()
-        started, futures = self.scoring
+        futures = self.scoring
         self.scoring = None
         done = self._wait("score", iteration, futures)
-        seal_scored(self.config, self.run, iteration, done, started, self.teacher_version,
+        # The stage's clock starts with its first shard, not when its tasks were queued behind sampling.
+        seal_scored(self.config, self.run, iteration, done, min(d["started"] for d in done), self.teacher_version,
                     len({d["worker"] for d in done}))
         return time.time() - began
 

@@ -11,6 +11,7 @@ sampling parameters and seed), caches it in runs/<RUN>/teacher_eval.json and log
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -39,22 +40,18 @@ PANELS = [
 def teacher_eval(run: Path) -> dict:
     """The teacher's accuracy on the eval sets, under the student's eval settings; cached per run.
 
-    The same rendered prompts, sampling parameters, seed and grading as stages/generate `evaluate()`:
-    avg@k per set, then the mean over sets, as `eval.accuracy` is for the student.
+    The loop's own evaluator (stages/generate/jobs.py: evaluate_engine) on an engine holding the
+    teacher: the same rendered prompts, shards, seeds, sampling and grading as `eval.accuracy`.
     """
-    from common.data import prepared_prompts
-    from common.modeling import load_inference_model, load_tokenizer, local_model_dir, policy_version
+    from common.modeling import local_model_dir, policy_version
     from common.run import quiet_libraries, set_threads
-    from stages.generate.hf_engine import sample
-    from stages.generate.sampling import SamplingParams
-    from stages.score.verifier import grade_batch
+    from stages.generate.jobs import evaluate_engine
+    from stages.generate.sampling import open_engine
 
     config = run_config(run)
-    e = config.eval
-    params = SamplingParams(n=e.k, max_new_tokens=e.max_response_tokens, temperature=e.temperature, top_p=e.top_p,
-                            seed=config.seed * 100_003 + 7_777, batch_size=config.generate.batch_size)
     teacher_dir = local_model_dir(config.model.teacher)
-    key = {"teacher": policy_version(teacher_dir), "sets": e.sets, "prompts": e.prompts, "params": vars(params),
+    key = {"teacher": policy_version(teacher_dir), "eval": dataclasses.asdict(config.eval), "seed": config.seed,
+           "rows_per_shard": config.generate.rows_per_shard, "engine": config.generate.engine,
            "reward_mode": config.score.reward_mode}
     cache = Path(run) / TEACHER_CACHE
     if cache.exists():
@@ -63,20 +60,12 @@ def teacher_eval(run: Path) -> dict:
             return cached
     quiet_libraries()
     set_threads(config)
-    tokenizer, model = load_tokenizer(teacher_dir), load_inference_model(teacher_dir)
-    accuracies, graded = [], 0
-    for index, path in enumerate(e.sets):
-        prompts = prepared_prompts(run, f"eval-{index}-{Path(path).stem}", path, tokenizer,
-                                   config.data.max_prompt_tokens, config.data.enable_thinking, "eval.sets").prompts
-        prompts = prompts[: e.prompts] if e.prompts else prompts
-        samples = sample(model, [p.prompt_ids for p in prompts], params,
-                         sorted({tokenizer.eos_token_id, tokenizer.pad_token_id}), tokenizer.pad_token_id)
-        verdicts = grade_batch([(tokenizer.decode(s.response_ids, skip_special_tokens=True),
-                                 prompts[s.prompt_index].ground_truth) for s in samples], config.score.reward_mode,
-                               config.score.verifier_workers, config.score.verifier_timeout_s)
-        accuracies.append(sum(v.correct for v in verdicts) / len(verdicts))
-        graded += len(verdicts)
-    result = {"key": key, "accuracy": sum(accuracies) / len(accuracies), "samples": graded}
+    engine = open_engine(config, teacher_dir)
+    try:
+        metrics = evaluate_engine(config, run, engine)
+    finally:
+        engine.close()
+    result = {"key": key, "accuracy": metrics["eval/accuracy"], "metrics": metrics}
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
 

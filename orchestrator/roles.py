@@ -10,7 +10,6 @@ another machine.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import time
@@ -36,7 +35,7 @@ class Roles(WorkerPlugin):
     name = NAME
 
     def __init__(self, controller_pid: int | None = None):
-        self.controller_pid = controller_pid
+        self.controller_pid = controller_pid  # an embedded worker's parent: the controller (its nanny runs there)
         self.engine = None
         self.gate: dict[str, float] = {}  # the weight-sync gap of the policy the engine holds
         self.scorer = None
@@ -48,15 +47,12 @@ class Roles(WorkerPlugin):
             threading.Thread(target=self._exit_with_controller, daemon=True, name="opd-watchdog").start()
 
     def _exit_with_controller(self) -> None:
-        """An embedded worker whose controller died (kill -9) goes at once, and its nanny with it,
-        rather than finishing a task into a run folder that another `make iterate` may be resuming."""
-        while True:
+        """An embedded worker whose controller died (kill -9) goes at once, rather than finish a task
+        into a run folder that another `make iterate` may be resuming. Its own children (vLLM's
+        EngineCore, the verifier's workers) watch their parent the same way."""
+        while os.getppid() == self.controller_pid:
             time.sleep(0.5)
-            try:
-                os.kill(self.controller_pid, 0)
-            except ProcessLookupError:
-                os.kill(os.getppid(), signal.SIGKILL)  # the nanny, which would restart us
-                os._exit(1)
+        os._exit(1)
 
     def generation_engine(self, config: Config, checkpoint: Path):
         """The resident engine holding `checkpoint`: opened on first use, then reloaded in place;

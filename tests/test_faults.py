@@ -33,16 +33,22 @@ def test_reference_run_holds_every_invariant(reference_run):
     assert check_run(reference_run) == (2, [])
 
 
-def test_kill_9_at_the_worst_moments_then_resume(reference_run, tmp_path):
+@pytest.mark.parametrize("mode", ["resident", "subprocess"])
+def test_kill_9_at_the_worst_moments_then_resume(reference_run, tmp_path, mode):
     """Killed while writing a shard, inside a training step, between logging metrics and recording
-    it, and after sealing a checkpoint but before renaming it: each resume picks up where it was."""
+    it, after sealing a checkpoint but before renaming it, and (resident: the controller seals every
+    folder) before a manifest: each resume picks up where it was. In resident mode the first two and
+    the fourth kill a worker (a generation worker, the trainer rank), the others the controller."""
     run = tmp_path / "faulted"
-    for fault in ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1"):
-        result = orchestrate(run, 2, fault=fault)
+    mode_override = ("-o", f"orchestrator.mode={mode}")
+    faults = ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1") + (("manifest:2",) if mode == "resident" else ())
+    for fault in faults:
+        result = orchestrate(run, 2, *mode_override, fault=fault)
         assert result.returncode != 0, f"{fault} was never reached"
         killed_orchestrator = result.returncode == -signal.SIGKILL
-        assert killed_orchestrator or f"exit code {-signal.SIGKILL}" in result.stderr, result.stderr[-2000:]
-    finished = orchestrate(run, 2 - len(list(run.glob("iter=*/train/_MANIFEST.json"))))
+        killed_stage = f"exit code {-signal.SIGKILL}" in result.stderr or "a worker died" in result.stderr
+        assert killed_orchestrator or killed_stage, result.stderr[-2000:]
+    finished = orchestrate(run, 2 - len(list(run.glob("iter=*/train/_MANIFEST.json"))), *mode_override)
     assert finished.returncode == 0, finished.stderr[-3000:]
     # Same seed and config as the reference: byte-identical rollouts and identical checkpoints.
     assert_same_as_reference(run, reference_run)

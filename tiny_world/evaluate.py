@@ -2,29 +2,35 @@
 
 Prints one line:
     tiny-eval teacher_greedy=<acc> teacher_sampled=<acc> student_greedy=<acc> student_sampled=<acc>
+
+Every figure comes from the loop's own evaluator (stages/generate/jobs.py: evaluate_engine) with the
+tiny config's eval settings, only the temperature and the set changed: the numbers `make iterate`
+logs as eval.accuracy are the same function of the same checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from common.data import load_prompts
-from common.modeling import load_model, load_tokenizer
-from stages.score.verifier import grade_batch
+from common.config import load_config
 from common.run import quiet_libraries
-from stages.generate.hf_engine import sample
-from stages.generate.sampling import SamplingParams
+from stages.generate.hf_engine import HfEngine
+from stages.generate.jobs import evaluate_engine
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+CACHE = Path("runs") / "tiny-eval"  # rendered prompt sets, reused between calls
 
 
 def accuracy(model_dir: Path, eval_path: Path, temperature: float, seed: int = 0, max_new_tokens: int = 64) -> dict:
-    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
-    prompts = load_prompts(eval_path, tokenizer, max_prompt_tokens=1024, enable_thinking=False).prompts
-    params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    samples = sample(model, [p.prompt_ids for p in prompts], params, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    grades = grade_batch([(tokenizer.decode(s.response_ids, skip_special_tokens=True), prompts[s.prompt_index].ground_truth)
-                          for s in samples])
-    return {"accuracy": sum(g.correct for g in grades) / len(grades),
-            "boxed": sum(g.status != "no_answer" for g in grades) / len(grades)}
+    """Accuracy (and boxed fraction) of a model folder on a DAPO-schema eval parquet, one sample per prompt."""
+    config = load_config(CONFIG, [f"eval.sets=[{eval_path}]", "eval.prompts=0", "eval.k=1", f"seed={seed}",
+                                  f"eval.temperature={temperature}", "eval.top_p=1.0",
+                                  f"eval.max_response_tokens={max_new_tokens}", "data.max_prompt_tokens=1024"])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    engine = HfEngine(model_dir)
+    metrics = evaluate_engine(config, CACHE, engine)
+    name = next(key.split("/")[1] for key in metrics if key.count("/") == 2)
+    return {"accuracy": metrics["eval/accuracy"], "boxed": metrics[f"eval/{name}/boxed_fraction"]}
 
 
 def main() -> None:

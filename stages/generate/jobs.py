@@ -111,29 +111,40 @@ def graded(rows: list[dict], config: Config) -> list[dict]:
     return rows
 
 
-def run_job(config: Config, run: Path, iteration: int, job: ShardJob, engine: GenerationEngine,
-            version: str) -> dict:
-    """Sample one shard with `engine` (which holds `version`), grade it if it is an eval shard, write it.
-
-    Returns what sealing the folder needs: the shard's file, rows, tokens and timings.
-    """
-    stage = "rollouts" if job.folder == "rollouts" else "eval"
+def sample_job(config: Config, iteration: int, job: ShardJob, engine: GenerationEngine, version: str
+               ) -> tuple[list[dict], dict]:
+    """One shard's rows, sampled by `engine` (which holds `version`) and graded if it is an eval
+    shard, and the summary sealing needs: rows, tokens, correct answers, timings."""
     started = time.time()
     with Progress(len(job.prompts) * job.params.n, f"{job.folder} iter {iteration} shard {job.index}") as bar:
         samples = engine.sample([p.prompt_ids for p in job.prompts], job.params, bar.update)
     sample_seconds = time.time() - started
     rows = rows_of(job, samples, engine.tokenizer, iteration, version)
-    if stage == "eval":
+    if job.folder != "rollouts":
         rows = graded(rows, config)
+    return rows, {"index": job.index, "rows": len(rows), "response_tokens": sum(len(r["response_ids"]) for r in rows),
+                  "truncated": sum(r["finish_reason"] == "length" for r in rows), "sample_seconds": sample_seconds,
+                  "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(),
+                  "eval_set": job.eval_set, "correct": sum(r.get("correct", False) for r in rows),
+                  "boxed": sum(r.get("verifier_status", "no_answer") != "no_answer" for r in rows)}
+
+
+def run_job(config: Config, run: Path, iteration: int, job: ShardJob, engine: GenerationEngine,
+            version: str) -> dict:
+    """Sample one shard (sample_job) and write it; returns its summary with the file's name and sha256."""
+    rows, summary = sample_job(config, iteration, job, engine, version)
+    stage = "rollouts" if job.folder == "rollouts" else "eval"
     schema = shards.schema_with_optional(stage, list(rows[0]))
     path = shards.write_shard(pa.Table.from_pylist(rows, schema=schema), shards.stage_dir(run, iteration, job.folder),
                               job.index)
-    return {"index": job.index, "file": path.name, "sha256": file_sha256(path), "rows": len(rows),
-            "response_tokens": sum(len(r["response_ids"]) for r in rows),
-            "truncated": sum(r["finish_reason"] == "length" for r in rows), "sample_seconds": sample_seconds,
-            "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(), "eval_set": job.eval_set,
-            "correct": sum(r.get("correct", False) for r in rows),
-            "boxed": sum(r.get("verifier_status", "no_answer") != "no_answer" for r in rows)}
+    return {**summary, "file": path.name, "sha256": file_sha256(path)}
+
+
+def evaluate_engine(config: Config, run: Path, engine: GenerationEngine, k: int | None = None) -> dict[str, float]:
+    """avg@k of the model `engine` holds, with the run's eval sets and settings, writing nothing: the
+    loop's evaluation without its shards, for the report's teacher line and bench-peers' checkpoints."""
+    done = [sample_job(config, 0, job, engine, "")[1] for job in eval_jobs(config, run, engine.tokenizer, k)]
+    return eval_metrics(done, "eval")
 
 
 # ---- sealing --------------------------------------------------------------------------------
@@ -170,9 +181,8 @@ def seal_rollouts(config: Config, run: Path, iteration: int, done: list[dict], s
     return manifest
 
 
-def seal_eval(config: Config, run: Path, iteration: int, folder: str, done: list[dict], started: float, version: str,
-              k: int) -> dict:
-    """avg@k per eval set (`<folder>/<set>/accuracy`) and their mean (`<folder>/accuracy`)."""
+def eval_metrics(done: list[dict], folder: str) -> dict[str, float]:
+    """avg@k per eval set (`<folder>/<set>/accuracy`, ...) and their mean (`<folder>/accuracy`)."""
     metrics: dict[str, float] = {}
     for name in dict.fromkeys(d["eval_set"] for d in done):
         mine = [d for d in done if d["eval_set"] == name]
@@ -182,8 +192,14 @@ def seal_eval(config: Config, run: Path, iteration: int, folder: str, done: list
         metrics[f"{folder}/{name}/mean_response_length"] = sum(d["response_tokens"] for d in mine) / rows
     accuracies = [value for key, value in metrics.items() if key.endswith("/accuracy")]
     metrics[f"{folder}/accuracy"] = sum(accuracies) / len(accuracies)
+    metrics[f"{folder}/mean_response_length"] = sum(d["response_tokens"] for d in done) / sum(d["rows"] for d in done)
+    return metrics
+
+
+def seal_eval(config: Config, run: Path, iteration: int, folder: str, done: list[dict], started: float, version: str,
+              k: int) -> dict:
+    metrics = eval_metrics(done, folder)
     figures = _throughput(done, started)
-    metrics[f"{folder}/mean_response_length"] = figures["tokens"] / sum(d["rows"] for d in done)
     out_dir = shards.stage_dir(run, iteration, folder)
     manifest = shards.write_manifest(out_dir, "eval", iteration, config.hash(), started, metrics,
                                      {"policy_version": version, "k": k})

@@ -95,6 +95,7 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], sta
         "score/tokens_per_s": forward_tokens / max(time.time() - started, 1e-9),  # the stage's, over its wall time
         "score/teacher_tokens_per_s": forward_tokens / max(sum(d["forward_seconds"] for d in done), 1e-9),
         "score/teacher_forward_s": sum(d["forward_seconds"] for d in done),
+        "score/forward_tokens": forward_tokens,
         "rollout/reverse_kl": reverse_kl / max(tokens, 1),
         "rollout/reward_mean": sum(columns["reward"]) / rows,
         "rollout/accuracy": sum(columns["correct"]) / rows,

@@ -145,7 +145,8 @@ def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> 
     train_started = time.time()
     metrics = train_iteration(config, engine, data, columns["prompt_id"], trainer.tokenizer.pad_token_id,
                               minibatch_seed(config.seed, iteration), iteration)
-    metrics["train/tokens_per_s"] = metrics["train/response_tokens"] / max(time.time() - train_started, 1e-9)
+    metrics["train/step_seconds"] = time.time() - train_started  # lp_old and the optimizer steps
+    metrics["train/tokens_per_s"] = metrics["train/response_tokens"] / max(metrics["train/step_seconds"], 1e-9)
     metrics["train/setup_seconds"] = setup_seconds
     metrics["train/resident_engine"] = float(resident)
     metrics["train/peak_gpu_gib"] = peak_gpu_gib()

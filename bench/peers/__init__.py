@@ -1,0 +1,33 @@
+"""This pipeline against TRL's on-policy distillation trainer on the same tiny task (`make bench-peers`).
+
+    python -m bench.peers [--iterations 20] [--time-cap-s 900] [--variant NAME=KEY=VALUE,...] [--trl-vllm]
+    python -m bench.peers report [--eval-missing]   # the report again (grading the checkpoints skipped first)
+
+Method. Every system trains the tiny student (assets/tiny/student) from the tiny teacher on the same
+prompts, on the same 2 cores, one run at a time.
+
+- The pipeline, once per variant: `python -m orchestrator iterate` on configs/tiny.yaml with the
+  variant's overrides (the default variant is the config as it is; `k1` is the card's loss) and
+  eval.every=0 (every system is evaluated afterwards, by one evaluator).
+- TRL: `trl.DistillationTrainer` (beta=1: reverse KL over the full vocabulary, completions always
+  sampled from the current student, i.e. GKD with lmbda=1), in one process. It samples one completion
+  per prompt and generates once per optimizer step, so its dataset lists every prompt of the
+  pipeline's schedule n times, in the pipeline's mini-batch order: the same prompts, samples and
+  optimizer steps per iteration. Same seed, sampling (temperature 1, top_p 1, top_k 0), fp32, and the
+  pipeline's optimizer and schedule passed in as objects (common/seeds.py: warmup_factor).
+
+Evaluation. Every run's checkpoints, the starting student and the teacher are graded afterwards by
+the loop's own evaluator (tiny_world.evaluate.accuracy = stages/generate/jobs.py: evaluate_engine):
+the 500 eval prompts, one sample each at temperature 1, 64 new tokens, seed 0. The teacher's accuracy
+is the 100% reference; the target is 80% of it. "The same accuracy" for a speed-up is the best
+accuracy the slower of the two reached; each system's time is its clock at its first checkpoint there.
+
+Clock. A run's clock starts just before its process is launched (Python start-up, imports and model
+loading included). Time to a checkpoint: the pipeline's train manifest `finished_at` of that
+iteration; TRL's time when its step ends, minus the time spent writing earlier checkpoints.
+
+Phases. The pipeline's come from its stage manifests (bench/peers/pipeline.py): sampling, the
+teacher forward, the optimizer steps (lp_old included), and each stage's wall time; TRL's from clocks
+around its methods (bench/peers/trl.py). The report (bench/peers/report.py) writes bench/results.md and
+bench/results/peers.json.
+"""

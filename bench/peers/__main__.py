@@ -1,0 +1,136 @@
+"""`make bench-peers`: the pipeline's variants and TRL, one run each, then one evaluator for all.
+Method: bench/peers/__init__.py."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.peers import __doc__ as METHOD
+from bench.peers.evaluation import apply_accuracies, evaluate, evaluate_main
+from bench.peers.measure import ROOT, say
+from bench.peers.pipeline import STUDENT, pipeline_run
+from bench.peers.report import render_markdown, result_rows, summarise
+from bench.peers.trl import trl_main, trl_run
+from bench.record import write_results
+
+TEACHER = ROOT / "assets" / "tiny" / "teacher"
+# The default variant is configs/tiny.yaml as it is; `k1` swaps in the card's loss, all else equal.
+VARIANTS = {"default": [], "k1": ["train.loss=k1", "generate.student_topk=0"]}
+
+
+def warm_up() -> None:
+    """Untimed: DeepSpeed's shared-memory comm op compiles on first use (cached in TORCH_EXTENSIONS_DIR)."""
+    say("warm-up: DeepSpeed's CPU comm op (compiled once, then cached)")
+    subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; "
+                    "ShareMemCommBuilder().load()"], cwd=ROOT, check=True, capture_output=True)
+
+
+def run_benchmark(args: argparse.Namespace, variants: dict[str, list[str]]) -> list[dict]:
+    shutil.rmtree(args.work, ignore_errors=True)  # fresh run folders and MLflow database
+    args.work.mkdir(parents=True)
+    warm_up()
+    runs = []
+    systems = [*variants, "trl", *(["trl-vllm"] if args.trl_vllm else [])]
+    for system in systems:
+        say(f"{system}: {args.iterations} x 256 samples (load {os.getloadavg()[0]:.2f})")
+        if system.startswith("trl"):
+            run = trl_run(args.work / system, args.iterations, args.time_cap_s, args.threads, vllm=system == "trl-vllm")
+            run["system"] = system
+        else:
+            run = pipeline_run(system, args.work / system, args.iterations, args.time_cap_s,
+                               [f"threads={args.threads}", *variants[system]])
+        last = run["checkpoints"][-1]
+        say(f"{system}: {run['wall_s']:.1f}s wall, {last['samples']} samples by {last['seconds']:.1f}s, load "
+            f"{run['load_mean']:.2f}" + (" [time cap]" if run["time_capped"] else ""))
+        runs.append(run)
+        (args.work / "runs.json").write_text(json.dumps(runs, indent=1))
+    paths = [str(TEACHER), str(STUDENT)]
+    paths += [c["path"] for r in runs for c in r["checkpoints"]
+              if c["version"] > 0 and (c["version"] % args.eval_every == 0 or c is r["checkpoints"][-1])]
+    say(f"evaluating {len(paths)} models (teacher, student, every {args.eval_every}. checkpoint and the last)")
+    apply_accuracies(runs, evaluate(paths, args.work))
+    (args.work / "runs.json").write_text(json.dumps(runs, indent=1))
+    return runs
+
+
+def report_again(work: Path, eval_missing: bool) -> tuple[list[dict], str]:
+    runs = json.loads((work / "runs.json").read_text())
+    command = json.loads((work / "command.json").read_text())["command"]
+    if eval_missing:
+        graded = json.loads((work / "eval.json").read_text())
+        missing = [c["path"] for r in runs for c in r["checkpoints"] if c["version"] > 0 and c["path"] not in graded]
+        if missing:
+            say(f"evaluating {len(missing)} more checkpoints")
+            evaluate(missing, work)
+        command += "; python -m bench.peers report --eval-missing"
+    apply_accuracies(runs, json.loads((work / "eval.json").read_text()))
+    (work / "runs.json").write_text(json.dumps(runs, indent=1))
+    return runs, command
+
+
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """NAME=KEY=VALUE,KEY=VALUE (NAME= alone: the config as it is)."""
+    if not specs:
+        return dict(VARIANTS)
+    variants = {}
+    for spec in specs:
+        name, _, overrides = spec.partition("=")
+        variants[name] = [o for o in overrides.split(",") if o]
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.peers", description=METHOD,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=20, help="iterations of 256 samples per run (%(default)s)")
+    parser.add_argument("--time-cap-s", type=float, default=900, help="wall-time cap of one run (%(default)s)")
+    parser.add_argument("--eval-every", type=int, default=2, help="evaluate checkpoints v_k with k a multiple of "
+                        "this, and each run's last (%(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process, every system "
+                        "(%(default)s = torch's default)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE,...",
+                        help=f"a pipeline variant (repeatable; default: {VARIANTS})")
+    parser.add_argument("--trl-vllm", action="store_true", help="also TRL with its vLLM generation (colocate)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-peers", help="run folders (%(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md", help="report (%(default)s)")
+    commands = parser.add_subparsers(dest="command")
+    trl = commands.add_parser("trl", help="internal: one TRL run")
+    trl.add_argument("--out", type=Path, required=True)
+    trl.add_argument("--iterations", type=int, required=True)
+    trl.add_argument("--launch", type=float, required=True)
+    trl.add_argument("--threads", type=int, default=0)
+    trl.add_argument("--vllm", action="store_true")
+    report = commands.add_parser("report", help="write the report again from <work>/runs.json and <work>/eval.json")
+    report.add_argument("--eval-missing", action="store_true", help="first evaluate the checkpoints not yet graded")
+    ev = commands.add_parser("evaluate", help="internal: eval accuracy of model folders")
+    ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("paths", nargs="+")
+    args = parser.parse_args()
+    if args.command == "trl":
+        return trl_main(args.out, args.iterations, args.launch, args.threads, args.vllm)
+    if args.command == "evaluate":
+        return evaluate_main(args.paths, args.out)
+    started = time.time()
+    variants = parse_variants(args.variant)
+    if args.command == "report":
+        runs, command = report_again(args.work, args.eval_missing)
+    else:
+        command = " ".join(["python -m bench.peers", *sys.argv[1:]])
+        runs = run_benchmark(args, variants)
+        (args.work / "command.json").write_text(json.dumps({"command": command}))
+    teacher = json.loads((args.work / "eval.json").read_text())[str(TEACHER)]
+    summary = summarise(runs, teacher, next(iter(variants)))
+    args.out.write_text(render_markdown(runs, summary, command.strip(), args.iterations))
+    written = write_results("peers", "make bench-peers", result_rows(summary))
+    say(f"wrote {args.out} and {written} ({(time.time() - started) / 60:.1f} min); " + "; ".join(
+        f"{pair} {figures['speedup']:.2f}x" for pair, figures in summary["speedups"].items()))
+
+
+if __name__ == "__main__":
+    main()
