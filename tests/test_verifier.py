@@ -16,8 +16,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+import stages.score.verifier as verifier
 from common.config import ConfigError, config_from_dict
-from stages.score.verifier import grade, grade_batch, shutdown, worker_pids
+from stages.score.verifier import STATUSES, grade, grade_batch, shutdown, worker_pids
 from stages.score.verifier.equivalence import _exact_numbers, decide, guard, parse_answer, use_two_stage_parsing
 from stages.score.verifier.extract import extract_answer
 
@@ -335,6 +336,70 @@ def test_grading_from_a_non_main_thread():
     assert results["pids"] == worker_pids()
 
 
+# --- errors of our own code -------------------------------------------------------------------
+
+def test_a_bug_in_an_in_process_tier_grades_error_with_its_message_and_logs_one_line(monkeypatch, caplog):
+    def broken(pred, gold):
+        raise TypeError("injected bug")
+
+    monkeypatch.setattr(verifier, "fast_equal", broken)  # what grade_batch calls first on every extracted answer
+    with caplog.at_level("WARNING", logger="stages.score.verifier"):
+        grades = grade_batch([(boxed("4"), "4"), (boxed("5"), "4"), ("no box", "4")])
+    assert [g.status for g in grades] == ["error", "error", "no_answer"]  # never parse_error, never a crashed batch
+    assert [g.error for g in grades] == ["TypeError: injected bug"] * 2 + [None]
+    assert [g.extracted_answer for g in grades] == ["4", "5", None] and not any(g.correct for g in grades)
+    lines = [r.getMessage() for r in caplog.records if "verifier bug" in r.getMessage()]
+    assert len(lines) == 1 and "2 of 3 answers" in lines[0] and "TypeError: injected bug" in lines[0]
+
+
+def run_with_worker_code(tmp_path: Path, injected: str, script: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter where every process, the pool's workers included, first runs
+    `injected` (a sitecustomize module): the only way to change code inside workers that start from a
+    fresh interpreter (the forkserver) rather than from the test process."""
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(injected))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=180)
+
+
+INJECTED_BUG = """
+    import stages.score.verifier.relations as relations
+
+    def relational_equal(pred, gold):  # one of our tiers, which only the workers run
+        raise TypeError("injected bug")
+
+    relations.relational_equal = relational_equal
+"""
+GRADE_SYMBOLIC = f"""
+    import json
+    from stages.score.verifier import grade_batch
+    if __name__ == "__main__":
+        print(json.dumps([(g.status, g.correct, g.error) for g in grade_batch({SYMBOLIC!r})]))
+"""
+
+
+def test_a_bug_in_our_code_inside_a_worker_grades_error_not_parse_error(tmp_path):
+    done = run_with_worker_code(tmp_path, INJECTED_BUG, GRADE_SYMBOLIC)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["error", False, "TypeError: injected bug"]] * len(SYMBOLIC)
+    warnings = [line for line in done.stderr.splitlines() if "verifier bug" in line]
+    assert len(warnings) == 1 and f"on {len(SYMBOLIC)} of {len(SYMBOLIC)} answers" in warnings[0], done.stderr
+    # The control: the same run without the injected bug grades every pair ok and correct.
+    done = run_with_worker_code(tmp_path, "", GRADE_SYMBOLIC)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["ok", True, None]] * len(SYMBOLIC)
+    assert "verifier bug" not in done.stderr
+
+
+# math-verify returns no parse for these (parse_error), and keeps the text of these, which it then compares as
+# strings (ok, not equal): neither is an exception of ours.
+@pytest.mark.parametrize("pred, status", [("\\text{}", "parse_error"), ("\\quad", "parse_error"),
+                                          ("The answer is nothing", "parse_error"), ("\\frac{1}{}", "ok"), ("=)(", "ok")])
+def test_latex_the_parser_cannot_read_is_a_parse_error_or_unequal_never_an_error(pred, status):
+    g = grade(boxed(pred), "x + \\frac{2}{3}")
+    assert (g.status, g.correct, g.error) == (status, False, None)
+
+
 # --- the persistent pool ------------------------------------------------------------------------
 
 def _gone(pid: int, wait_s: float = 10.0) -> bool:
@@ -435,6 +500,8 @@ def test_cli_round_trip_through_a_subprocess():
 def test_public_cases_accuracy_and_no_false_positives():
     cases = [json.loads(line) for line in PUBLIC_CASES.read_text().splitlines()]
     grades = grade_batch([(boxed(c["pred"]), c["gold"]) for c in cases])
+    assert [(i, g.error) for i, g in enumerate(grades) if g.status == "error"] == []  # a bug of ours is never a grade
+    assert {g.status for g in grades} <= set(STATUSES)
     disagreements = {i for i, (c, g) in enumerate(zip(cases, grades)) if g.correct != c["equal"]}
     false_positives = {i for i in disagreements if grades[i].correct}
     listed = [json.loads(line) for line in DISAGREEMENTS.read_text().splitlines()]
@@ -458,6 +525,7 @@ def test_eval_golds_equal_themselves_and_not_other_golds():
     others = [(g, golds[(i + 1) % len(golds)]) for i, g in enumerate(golds)]
     others = [(a, b) for a, b in others if a.strip() != b.strip()]
     grades = grade_batch([(boxed(g), g) for g in golds] + [(boxed(a), b) for a, b in others])
+    assert [(i, g.error) for i, g in enumerate(grades) if g.status == "error"] == []
     self_rate = sum(g.correct for g in grades[: len(golds)]) / len(golds)
     other_rate = sum(not g.correct for g in grades[len(golds):]) / len(others)
     assert self_rate == 1.0

@@ -520,6 +520,9 @@ def decide(pred: str, gold: str) -> tuple[str, tuple[bool, str] | None]:
 def symbolic_equal(pred: str, gold: str, golds: dict[str, list] | None = None) -> tuple[bool, str]:
     """(equal, status) via math-verify; status is ok or parse_error. Run it in a killable worker.
 
+    parse_error when math-verify returns no parse for either side (it catches what its parser raises on
+    odd LaTeX). Any exception that gets out of here is a bug of ours, which the pool grades `error`.
+
     `golds` caches parsed golds by their text (the same gold is graded once per sampled response);
     the parse of a gold depends on nothing but its text, so a cached parse is the same parse.
     """
@@ -564,21 +567,25 @@ _warm = False
 
 
 def warm_up() -> None:
-    """Grade WARM_UP_PAIRS once in this process (idempotent; a fork inherits the warm state). Never raises:
-    the forkserver runs it on import, where an exception would take the server down."""
+    """Grade WARM_UP_PAIRS once in this process (idempotent; a fork inherits the warm state).
+
+    Never raises: the forkserver runs it on import, where an exception would take the server down. An
+    exception is logged, one line per pair, and warm-up goes on; the same bug then grades as `error`.
+    """
     global _warm
     if _warm:
         return
     _warm = True
     import logging
 
-    try:
-        from math_verify import verify
+    from math_verify import verify
 
-        logging.getLogger("math_verify").setLevel(logging.ERROR)
-        for pred, gold in WARM_UP_PAIRS:  # straight to the parser and math-verify: the cheap tiers would decide most
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: the pool is the timeout
+    for pred, gold in WARM_UP_PAIRS:  # straight to the parser and math-verify: the cheap tiers would decide most
+        try:
             gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
             if gold_parsed and pred_parsed:
                 verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)
-    except Exception:
-        pass
+        except Exception as error:
+            logging.getLogger(__name__).warning("verifier warm-up: %s: %s on %r against %r", type(error).__name__,
+                                                error, pred, gold)

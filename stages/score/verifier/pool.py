@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from stages.score.verifier.status import ERROR, TIMEOUT, Verdict, error_verdict
+
 # The forkserver imports these before it forks any worker; `warm` runs warm_up() on import.
 _PRELOAD = ["stages.score.verifier.equivalence", "math_verify", "sympy", "stages.score.verifier.warm"]
 READY = "ready"
@@ -55,9 +57,9 @@ def _serve(connection: Connection) -> None:
         if job_batch != batch or len(golds) > MAX_CACHED_GOLDS:
             golds, batch = {}, job_batch  # scoped to a batch: the next batch has other prompts
         try:
-            result = symbolic_equal(pred, gold, golds)
-        except Exception:  # a parser bug on odd input is a parse error, not a crashed batch
-            result = (False, "parse_error")
+            result = Verdict(*symbolic_equal(pred, gold, golds))
+        except Exception as error:  # math-verify catches its parser's own; what reaches us is a bug of ours
+            result = error_verdict(error)
         connection.send((job_batch, index, result))
 
 
@@ -111,8 +113,9 @@ def _replace(slot: int) -> _Worker:
     return _workers[slot]
 
 
-def run_symbolic(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[tuple[bool, str]]:
-    """symbolic_equal(pred, gold) for every job, in order; (False, "timeout") where a worker ran past timeout_s.
+def run_symbolic(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[Verdict]:
+    """symbolic_equal(pred, gold) for every job, in order; timeout where a worker ran past timeout_s, error where
+    our code raised or the worker died.
 
     Always completes: a worker that times out or dies is killed and replaced, and its job is recorded.
     Uses up to `workers` workers of the persistent pool, starting the missing ones.
@@ -193,9 +196,9 @@ def _run(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[tu
                     try:
                         message = worker.connection.recv()
                     except (EOFError, OSError):  # the worker died (e.g. out of memory)
-                        job = worker.job
+                        job, process = worker.job, worker.process
                         _replace(slot)
-                        finish(slot, job, (False, "parse_error"))
+                        finish(slot, job, Verdict(False, ERROR, f"the worker died (exit code {process.exitcode})"))
                         continue
                     if message == READY:  # the job's clock starts now, not while the worker warmed up
                         worker.ready, worker.deadline = True, now + timeout_s
@@ -204,7 +207,7 @@ def _run(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[tu
                 elif now >= (worker.deadline if worker.ready else worker.started + START_TIMEOUT_S):
                     job = worker.job
                     _replace(slot)
-                    finish(slot, job, (False, "timeout"))
+                    finish(slot, job, Verdict(False, TIMEOUT))
     finally:
         # Interrupted mid-batch (e.g. KeyboardInterrupt): a worker still holding a job would answer it
         # into the next batch, so it goes.
