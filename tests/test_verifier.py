@@ -424,17 +424,66 @@ def test_the_pool_is_reused_across_batches():
     assert grade(boxed("x^{2}+2x+1"), "(x+1)^2").correct and worker_pids() == pids  # one worker of the same pool
 
 
+def _eventually(condition, wait_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_a_timed_out_worker_is_replaced_and_its_replacement_kept():
     grade_batch(SYMBOLIC, workers=2)
     before = worker_pids()
     grades = grade_batch([(boxed(SLOW), SLOW_GOLD)], workers=1, timeout_s=0.1)
-    replaced = worker_pids()
     assert grades[0].status == "timeout"
-    assert len(before) == len(replaced) == 2
-    assert replaced[0] != before[0] and replaced[1] == before[1]  # only the worker that ran over
-    assert _gone(before[0])
+    # pebble starts the replacement on its own thread, just after it has stopped the worker that ran over.
+    assert _eventually(lambda: len(worker_pids()) == 2)
+    replaced = worker_pids()
+    assert len(before) == 2 and len(set(before) & set(replaced)) == 1  # only the worker that ran over
+    assert _gone((set(before) - set(replaced)).pop())
     assert all(g.correct for g in grade_batch(SYMBOLIC, workers=2))
     assert worker_pids() == replaced
+
+
+def test_a_worker_killed_from_outside_while_idle_costs_no_grade():
+    grade_batch(SYMBOLIC, workers=2)
+    os.kill(worker_pids()[0], 9)
+    assert all(g.status == "ok" and g.correct for g in grade_batch(SYMBOLIC, workers=2))
+    time.sleep(0.3)  # pebble has seen the death by now: a pool it broke is replaced on the next call
+    assert all(g.status == "ok" and g.correct for g in grade_batch(SYMBOLIC, workers=2))
+    assert len(worker_pids()) == 2
+
+
+def test_the_time_bound_holds_inside_c_code(tmp_path):
+    """A job stuck in one long C call (a big-integer power, which never checks for signals) is killed at
+    the bound: the worker dies of SIGTERM at once, not 3 s later when pebble would send SIGKILL."""
+    injected = """
+        import stages.score.verifier.relations as relations
+
+        def relational_equal(pred, gold):
+            if "cbound" in gold:
+                base, exponent = 7, 10 ** 8
+                return base ** exponent == 0  # minutes of C code
+            return None
+
+        relations.relational_equal = relational_equal
+    """
+    script = f"""
+        import json, time
+        from stages.score.verifier import grade_batch
+        if __name__ == "__main__":
+            assert all(g.correct for g in grade_batch({SYMBOLIC!r}))  # the pool is up and warm
+            started = time.perf_counter()
+            grades = grade_batch([({boxed("x")!r}, "x_{{cbound}}")] + {SYMBOLIC!r}, timeout_s=0.5)
+            print(json.dumps([time.perf_counter() - started] + [g.status for g in grades]))
+    """
+    done = run_with_worker_code(tmp_path, injected, script)
+    assert done.returncode == 0, done.stderr
+    elapsed, *statuses = json.loads(done.stdout)
+    assert statuses == ["timeout"] + ["ok"] * len(SYMBOLIC)
+    assert elapsed < 2.5, elapsed
 
 
 def test_no_worker_outlives_shutdown_or_the_interpreter():
@@ -473,6 +522,27 @@ def test_a_forked_process_starts_its_own_pool_and_leaves_the_parents_alone():
         ok = all(g.correct for g in grade_batch(pairs))
         print("parent", ok, *parent, "|", *worker_pids(), flush=True)
         sys.exit(0 if status == 0 and ok and worker_pids() == parent else 1)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_forked_child_that_exits_normally_costs_the_parent_no_grade():
+    """A child of a bare os.fork() that exits through the interpreter runs multiprocessing's and pebble's
+    exit handlers, which stop the workers they inherited records of: the parent's. The parent grades on."""
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from stages.score.verifier import grade_batch
+        pairs = {SYMBOLIC!r}
+        assert all(g.correct for g in grade_batch(pairs))
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)
+        os.waitpid(child, 0)
+        for wait in (0.0, 0.5):  # at once, and after pebble has seen any death
+            time.sleep(wait)
+            grades = grade_batch(pairs)
+            assert [(g.status, g.correct) for g in grades] == [("ok", True)] * len(pairs), grades
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr

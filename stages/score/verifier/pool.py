@@ -1,16 +1,24 @@
-"""A persistent pool of worker processes for symbolic grading; a worker past the time bound is killed and replaced.
+"""The worker processes of the symbolic tier: a pebble ProcessPool, kept for the life of the process.
 
-No `signal.alarm`: the parent waits on the workers' pipes with a deadline and SIGKILLs a worker
-that misses it, so the bound holds from any thread and even inside C code that ignores signals.
+The time bound: pebble times each job from when a worker takes it, on a thread of its own, and past
+`timeout_s` stops that worker and starts a replacement. It stops a worker with SIGTERM (SIGKILL 3 s
+later); our workers restore SIGTERM's default action, for pebble's own handler is Python code that would
+wait for the interpreter (e.g. for sympy to leave a C call). So the worker dies at once, the bound holds
+whichever thread calls and even inside C code, and there is no `signal.alarm`.
 
-The pool is started on first use and kept for the life of the process, because a fresh worker is
-slow twice over: starting it costs the sympy/math-verify imports, and ANTLR's Python runtime builds
-the parser's prediction DFA as it meets new answer shapes (a first pass costs 2-4x a warm one).
-Workers come from a forkserver that has imported sympy and math-verify and run `warm_up()` once,
-so every worker, replacements included, starts warm and never inherits the caller's threads or
-CUDA state. One batch uses the pool at a time (a lock), so any thread may call `run_symbolic`.
-A process forked from the caller forgets the pool (it belongs to the parent) and starts its own;
-`shutdown()` runs at interpreter exit.
+The pool is started on first use and kept, because a fresh worker is slow twice over: starting it costs
+the sympy / math-verify imports, and ANTLR's Python runtime builds the parser's prediction DFA as it
+meets new answer shapes (a first pass costs several times a warm one). Workers are forked from
+multiprocessing's forkserver, which has imported sympy and math-verify and graded the warm-up set once
+(its preload), so every worker, replacements after a timeout included, starts warm in milliseconds and
+inherits nothing of the caller (threads, CUDA state). Each call is its own batch: a worker caches the
+parses of the batch's golds (a gold is graded n times per prompt) and drops them when the next batch
+comes; no results are kept between calls.
+
+One call uses the pool at a time (a lock), so any thread may call `run_symbolic`. In a process forked
+from the caller the pool is the parent's: that process drops its handle on it (never stops it) and starts
+its own, with spawned workers that warm up before their first job, because multiprocessing's record of
+the forkserver is the parent's too and cannot be used there. `shutdown()` runs at interpreter exit.
 """
 from __future__ import annotations
 
@@ -18,248 +26,185 @@ import atexit
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import threading
-import time
-import zlib
-from collections import deque
-from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 
-from stages.score.verifier.status import ERROR, TIMEOUT, Verdict, error_verdict
+from pebble import ProcessExpired, ProcessPool
+
+from stages.score.verifier.status import ERROR, TIMEOUT, Verdict, describe, error_verdict
 
 # The forkserver imports these before it forks any worker; `warm` runs warm_up() on import.
 _PRELOAD = ["stages.score.verifier.equivalence", "math_verify", "sympy", "stages.score.verifier.warm"]
-READY = "ready"
-START_TIMEOUT_S = 120.0   # a worker that is not ready by then (imports, warm-up) is killed and replaced
-SHUTDOWN_WAIT_S = 5.0
 MAX_CACHED_GOLDS = 512    # parsed golds a worker keeps within one batch
+STALL_S = 120.0           # no job finished for this long (beyond the time bound): the pool is stuck, restart it
+SHUTDOWN_WAIT_S = 5.0
 
 
-def _serve(connection: Connection) -> None:
-    """A worker: warm up, say ready, then grade jobs until told to stop (None) or the parent goes away."""
+# --- in a worker ----------------------------------------------------------------------------------
+
+_golds: dict[str, list] = {}
+_golds_batch: int | None = None
+
+
+def _start_worker() -> None:
+    """pebble's initializer: runs in each worker before its first job (so its warm-up is never timed)."""
     import logging
 
-    from stages.score.verifier.equivalence import symbolic_equal, warm_up
-
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pebble stops a worker with SIGTERM: die at once, even in C code
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: the pool is the timeout
-    warm_up()  # a no-op when the forkserver already did it: workers fork from a warm parser
-    connection.send(READY)
-    golds: dict[str, list] = {}  # parsed golds of the current batch: a gold is graded n times per prompt
-    batch = None
-    while True:
-        try:
-            job = connection.recv()
-        except (EOFError, OSError):
-            return
-        if job is None:
-            return
-        job_batch, index, pred, gold = job
-        if job_batch != batch or len(golds) > MAX_CACHED_GOLDS:
-            golds, batch = {}, job_batch  # scoped to a batch: the next batch has other prompts
-        try:
-            result = Verdict(*symbolic_equal(pred, gold, golds))
-        except Exception as error:  # math-verify catches its parser's own; what reaches us is a bug of ours
-            result = error_verdict(error)
-        connection.send((job_batch, index, result))
+    from stages.score.verifier.equivalence import warm_up
+
+    warm_up()  # a no-op in a fork of the warmed-up forkserver
 
 
-@dataclass
-class _Worker:
-    process: mp.Process
-    connection: Connection
-    started: float
-    ready: bool = False
-    job: int | None = None        # index of the job it holds
-    deadline: float = float("inf")  # for the job, from when the worker is ready
+def grade_in_worker(batch: int, pred: str, gold: str) -> Verdict:
+    """One job: symbolic_equal, with the batch's parsed golds cached. Our exceptions come back as `error`
+    verdicts (type and message), never as exceptions: pebble would have to unpickle them in the caller."""
+    global _golds, _golds_batch
+    from stages.score.verifier.equivalence import symbolic_equal
+
+    if batch != _golds_batch or len(_golds) > MAX_CACHED_GOLDS:
+        _golds, _golds_batch = {}, batch  # scoped to a batch: the next batch has other prompts
+    try:
+        return Verdict(*symbolic_equal(pred, gold, _golds))
+    except Exception as error:  # math-verify catches its parser's own exceptions; what reaches us is a bug of ours
+        return error_verdict(error)
+
+
+# --- in the caller --------------------------------------------------------------------------------
+
+class _Context:
+    """The multiprocessing context pebble starts the workers with; it remembers them, for worker_pids()."""
+
+    def __init__(self, method: str):
+        self._context = mp.get_context(method)
+        if method == "forkserver":
+            self._context.set_forkserver_preload(_PRELOAD)
+        self.processes: list = []
+
+    def Process(self, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
+        process = self._context.Process(*args, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
 
 
 _lock = threading.Lock()
-_workers: list[_Worker] = []
+_pool: ProcessPool | None = None
+_context: _Context | None = None
+_size = 0
+_start_method = "forkserver"
 _batches = itertools.count()
 
 
-def _context():
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)
-    return context
+def _stop_pool() -> None:
+    global _pool, _context
+    pool, _pool, _context = _pool, None, None
+    if pool is not None:
+        pool.stop()
+        pool.join(timeout=SHUTDOWN_WAIT_S)
 
 
-def _start() -> _Worker:
-    parent, child = mp.Pipe()
-    process = _context().Process(target=_serve, args=(child,), daemon=True, name="verifier-worker")
-    process.start()
-    child.close()
-    return _Worker(process, parent, time.monotonic())
+def _running_pool(workers: int) -> ProcessPool:
+    """The pool, with at least `workers` workers: started on first use, and again after it broke or shrank."""
+    global _pool, _context, _size
+    if _pool is not None and _pool.active and workers <= _size:
+        return _pool
+    size = max(workers, _size if _pool is not None else 0)  # a broken pool comes back at its size
+    _stop_pool()
+    _context = _Context(_start_method)
+    _pool, _size = ProcessPool(max_workers=size, initializer=_start_worker, context=_context), size
+    return _pool
 
 
-def _stop(worker: _Worker, kill: bool) -> None:
-    if kill:
-        worker.process.kill()
-    else:
-        try:
-            worker.connection.send(None)
-        except (BrokenPipeError, OSError):
-            worker.process.kill()
-    worker.process.join(timeout=SHUTDOWN_WAIT_S)
-    if worker.process.is_alive():
-        worker.process.kill()
-        worker.process.join()
-    worker.connection.close()
+def _verdict(future: Future) -> Verdict:
+    try:
+        return future.result(timeout=0)
+    except TimeoutError:  # pebble's: the job ran past timeout_s and its worker was stopped
+        return Verdict(False, TIMEOUT)
+    except ProcessExpired as error:  # the worker died on its own (e.g. out of memory)
+        return Verdict(False, ERROR, f"the worker died while grading ({describe(error)}, exit code {error.exitcode})")
+    except Exception as error:  # the pool broke
+        return error_verdict(error)
 
 
-def _replace(slot: int) -> _Worker:
-    _stop(_workers[slot], kill=True)
-    _workers[slot] = _start()
-    return _workers[slot]
+def _schedule(pool: ProcessPool, batch: int, jobs: list[tuple[str, str]], timeout_s: float) -> list[Future]:
+    return [pool.schedule(grade_in_worker, args=(batch, pred, gold), timeout=timeout_s) for pred, gold in jobs]
+
+
+def _wait(futures: list[Future], timeout_s: float) -> bool:
+    """Wait for every future; False if none finished for STALL_S beyond the time bound (a stuck pool)."""
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=STALL_S + timeout_s, return_when=FIRST_COMPLETED)
+        if not done:
+            return False
+    return True
 
 
 def run_symbolic(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[Verdict]:
-    """symbolic_equal(pred, gold) for every job, in order; timeout where a worker ran past timeout_s, error where
-    our code raised or the worker died.
+    """symbolic_equal(pred, gold) for every job, in order, in a pool of at least `workers` workers.
 
-    Always completes: a worker that times out or dies is killed and replaced, and its job is recorded.
-    Uses up to `workers` workers of the persistent pool, starting the missing ones.
+    Always completes: timeout where a job ran past timeout_s (its worker is replaced), error where our code
+    raised, the worker died or the pool broke. Jobs that never ran because a worker died outside any job
+    (pebble then fails the whole pool and every job it holds) are run once more in a fresh pool.
     """
     if not jobs:
         return []
     with _lock:
-        return _run(jobs, workers, timeout_s)
-
-
-def _run(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[tuple[bool, str]]:
-    results: list[tuple[bool, str] | None] = [None] * len(jobs)
-    batch = next(_batches)
-    size = min(workers, len(jobs))
-    for slot, worker in enumerate(_workers[:size]):
-        if not worker.process.is_alive():  # died while idle (e.g. killed from outside)
-            _replace(slot)
-    while len(_workers) < size:
-        _workers.append(_start())
-    pool = range(size)
-    # Jobs are grouped by gold and each gold has a home worker (a stable hash), which works through
-    # its groups one at a time: the worker's parse of the gold is cached for the call, and a gold
-    # that comes back in a later call (an eval set graded again) meets the parser that learned its shape.
-    # A worker with nothing of its own left takes from the end of the busiest queue, so none idles.
-    queues: list[deque[deque[int]]] = [deque() for _ in pool]
-    by_gold: dict[str, deque[int]] = {}
-    for index, (_, gold) in enumerate(jobs):
-        if gold not in by_gold:
-            by_gold[gold] = deque()
-            queues[zlib.crc32(gold.encode()) % size].append(by_gold[gold])
-        by_gold[gold].append(index)
-    remaining = len(jobs)
-
-    def next_job(slot: int) -> int | None:
-        own = queues[slot]
-        while own and not own[0]:
-            own.popleft()
-        if own:
-            return own[0].popleft()
-        busiest = max(queues, key=lambda queue: sum(map(len, queue)))
-        while busiest and not busiest[-1]:
-            busiest.pop()
-        return busiest[-1].pop() if busiest else None
-
-    def assign(slot: int) -> None:
-        index = next_job(slot)
-        if index is None:
-            return
-        worker = _workers[slot]
+        batch = next(_batches)
+        futures = _schedule(_running_pool(workers), batch, jobs, timeout_s)
         try:
-            worker.connection.send((batch, index, *jobs[index]))
-        except (BrokenPipeError, OSError):  # died since the last check: the job never ran, so retry it once
-            worker = _replace(slot)
-            worker.connection.send((batch, index, *jobs[index]))
-        worker.job = index
-        worker.deadline = time.monotonic() + timeout_s if worker.ready else float("inf")
-
-    def finish(slot: int, index: int, result: tuple[bool, str]) -> None:
-        nonlocal remaining
-        results[index] = result
-        remaining -= 1
-        _workers[slot].job = None
-        assign(slot)
-
-    try:
-        for slot in pool:
-            assign(slot)
-        while remaining:
-            busy = [_workers[slot] for slot in pool if _workers[slot].job is not None]
-            deadlines = [w.deadline if w.ready else w.started + START_TIMEOUT_S for w in busy]
-            ready = wait([w.connection for w in busy], timeout=max(0.0, min(deadlines) - time.monotonic()))
-            now = time.monotonic()
-            for slot in pool:
-                worker = _workers[slot]
-                if worker.job is None:
-                    continue
-                if worker.connection in ready:
-                    try:
-                        message = worker.connection.recv()
-                    except (EOFError, OSError):  # the worker died (e.g. out of memory)
-                        job, process = worker.job, worker.process
-                        _replace(slot)
-                        finish(slot, job, Verdict(False, ERROR, f"the worker died (exit code {process.exitcode})"))
-                        continue
-                    if message == READY:  # the job's clock starts now, not while the worker warmed up
-                        worker.ready, worker.deadline = True, now + timeout_s
-                    elif message[0] == batch and message[1] == worker.job:
-                        finish(slot, worker.job, message[2])
-                elif now >= (worker.deadline if worker.ready else worker.started + START_TIMEOUT_S):
-                    job = worker.job
-                    _replace(slot)
-                    finish(slot, job, Verdict(False, TIMEOUT))
-    finally:
-        # Interrupted mid-batch (e.g. KeyboardInterrupt): a worker still holding a job would answer it
-        # into the next batch, so it goes.
-        for slot in pool:
-            if _workers[slot].job is not None:
-                _workers[slot].job = None
-                _replace(slot)
-    return results  # type: ignore[return-value]
+            stuck = not _wait(futures, timeout_s)
+            retry = [k for k, f in enumerate(futures) if f.done() and isinstance(f.exception(), BrokenProcessPool)]
+            if retry and not stuck:
+                again = _schedule(_running_pool(workers), batch, [jobs[k] for k in retry], timeout_s)
+                stuck = not _wait(again, timeout_s)
+                for k, future in zip(retry, again):
+                    futures[k] = future
+        finally:
+            for future in futures:
+                future.cancel()  # only what is still pending (e.g. on KeyboardInterrupt): pebble stops its worker
+        if stuck:
+            _stop_pool()
+        return [_verdict(f) if f.done() and not f.cancelled() else
+                Verdict(False, ERROR, f"no worker finished a job in {STALL_S + timeout_s:.0f} s; the pool was restarted")
+                for f in futures]
 
 
 def worker_pids() -> list[int]:
     """Process ids of the pool's live workers (for tests and the benchmark's CPU accounting)."""
     with _lock:
-        return [w.process.pid for w in _workers if w.process.is_alive()]
+        if _context is None:
+            return []
+        # Only the ones that have exited, and in place: pebble's thread may be appending (and starting) a replacement.
+        for process in [p for p in _context.processes if p.exitcode is not None]:
+            _context.processes.remove(process)
+        return [p.pid for p in _context.processes if p.is_alive()]
 
 
 def shutdown() -> None:
-    """Stop every worker (politely, then by SIGKILL); the pool starts again on the next call."""
+    """Stop every worker; the pool starts again on the next call."""
+    global _size
     got = _lock.acquire(timeout=SHUTDOWN_WAIT_S)  # at exit a daemon thread may still hold it mid-batch
     try:
-        while _workers:
-            worker = _workers.pop()
-            _stop(worker, kill=not got or worker.job is not None)
+        _stop_pool()
+        _size = 0
     finally:
         if got:
             _lock.release()
 
 
 def _forget_after_fork() -> None:
-    """In a child forked from the caller: the workers are the parent's, so drop them (never message or
-    kill them) and close our copies of their pipes, so that they still see EOF when the parent exits.
-    multiprocessing's forkserver record is also the parent's: in a forked child its next use fails
-    with ChildProcessError (os.waitpid on a process that is not our child), so let it start a new one.
-    """
-    global _lock, _workers
+    """In a child forked from the caller: the pool is the parent's, so drop the handle on it (never stop it)."""
+    global _lock, _pool, _context, _size, _start_method
     _lock = threading.Lock()  # another thread may have held it at the fork
-    for worker in _workers:
-        try:
-            worker.connection.close()
-        except OSError:
-            pass
-    _workers = []
-    try:
-        from multiprocessing import forkserver
-
-        server = forkserver._forkserver
-        if server._forkserver_alive_fd is not None:
-            os.close(server._forkserver_alive_fd)
-        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
-        server._lock = threading.Lock()
-    except (AttributeError, OSError):  # another Python's internals: leave them
-        pass
+    _pool, _context, _size = None, None, 0
+    _start_method = "spawn"  # multiprocessing's record of the forkserver is the parent's: unusable here
 
 
 atexit.register(shutdown)
