@@ -1,23 +1,26 @@
-"""The worker processes of the symbolic tier: a pebble ProcessPool, kept for the life of the process.
+"""The worker processes of the symbolic tier: one pebble ProcessPool of one worker per slot, kept for the
+life of the process.
 
-The time bound: pebble times each job from when a worker takes it, on a thread of its own, and past
-`timeout_s` stops that worker and starts a replacement. It stops a worker with SIGTERM (SIGKILL 3 s
-later); our workers restore SIGTERM's default action, for pebble's own handler is Python code that would
-wait for the interpreter (e.g. for sympy to leave a C call). So the worker dies at once, the bound holds
-whichever thread calls and even inside C code, and there is no `signal.alarm`.
+pebble does the process work: it times each job from when its worker takes it, on a thread of its own,
+and past `timeout_s` stops that worker and starts a replacement; it notices a worker that died and
+replaces it. It stops a worker with SIGTERM (SIGKILL 3 s later); our workers restore SIGTERM's default
+action, for pebble's own handler is Python code that would wait for the interpreter (e.g. for sympy to
+leave a C call). So the worker dies at once: the bound holds whichever thread calls and even inside C
+code, and there is no `signal.alarm`. What is ours is the choice of worker for each job (`_run`): a gold's
+jobs go to its home worker, which is why each worker is a pool of its own.
 
-The pool is started on first use and kept, because a fresh worker is slow twice over: starting it costs
-the sympy / math-verify imports, and ANTLR's Python runtime builds the parser's prediction DFA as it
-meets new answer shapes (a first pass costs several times a warm one). Workers are forked from
+The workers are started on first use and kept, because a fresh worker is slow twice over: starting it
+costs the sympy / math-verify imports, and ANTLR's Python runtime builds the parser's prediction DFA as
+it meets new answer shapes (a first pass costs several times a warm one). They are forked from
 multiprocessing's forkserver, which has imported sympy and math-verify and graded the warm-up set once
 (its preload), so every worker, replacements after a timeout included, starts warm in milliseconds and
 inherits nothing of the caller (threads, CUDA state). Each call is its own batch: a worker caches the
 parses of the batch's golds (a gold is graded n times per prompt) and drops them when the next batch
 comes; no results are kept between calls.
 
-One call uses the pool at a time (a lock), so any thread may call `run_symbolic`. In a process forked
-from the caller the pool is the parent's: that process drops its handle on it (never stops it) and starts
-its own, with spawned workers that warm up before their first job, because multiprocessing's record of
+One call uses the workers at a time (a lock), so any thread may call `run_symbolic`. In a process forked
+from the caller the workers are the parent's: that process drops its handles on them (never stops them)
+and starts its own, spawned, which warm up before their first job, because multiprocessing's record of
 the forkserver is the parent's too and cannot be used there. `shutdown()` runs at interpreter exit.
 """
 from __future__ import annotations
@@ -28,8 +31,11 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import zlib
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
 from pebble import ProcessExpired, ProcessPool
 
@@ -76,7 +82,7 @@ def grade_in_worker(batch: int, pred: str, gold: str) -> Verdict:
 # --- in the caller --------------------------------------------------------------------------------
 
 class _Context:
-    """The multiprocessing context pebble starts the workers with; it remembers them, for worker_pids()."""
+    """The multiprocessing context pebble starts a slot's worker with; it remembers them, for worker_pids()."""
 
     def __init__(self, method: str):
         self._context = mp.get_context(method)
@@ -93,32 +99,42 @@ class _Context:
         return getattr(self._context, name)
 
 
+@dataclass
+class _Slot:
+    """One worker: a pebble pool of one process, so that a gold's jobs go to the worker that knows its shape."""
+    pool: ProcessPool
+    context: _Context
+
+    @classmethod
+    def start(cls) -> _Slot:
+        context = _Context(_start_method)
+        return cls(ProcessPool(max_workers=1, initializer=_start_worker, context=context), context)
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self.pool.join(timeout=SHUTDOWN_WAIT_S)
+
+    def pid(self) -> int | None:
+        # Only exited ones go, and in place: pebble's thread may be appending (and starting) a replacement.
+        for process in [p for p in self.context.processes if p.exitcode is not None]:
+            self.context.processes.remove(process)
+        return next((p.pid for p in self.context.processes if p.is_alive()), None)
+
+
 _lock = threading.Lock()
-_pool: ProcessPool | None = None
-_context: _Context | None = None
-_size = 0
+_slots: list[_Slot] = []
 _start_method = "forkserver"
 _batches = itertools.count()
 
 
-def _stop_pool() -> None:
-    global _pool, _context
-    pool, _pool, _context = _pool, None, None
-    if pool is not None:
-        pool.stop()
-        pool.join(timeout=SHUTDOWN_WAIT_S)
-
-
-def _running_pool(workers: int) -> ProcessPool:
-    """The pool, with at least `workers` workers: started on first use, and again after it broke or shrank."""
-    global _pool, _context, _size
-    if _pool is not None and _pool.active and workers <= _size:
-        return _pool
-    size = max(workers, _size if _pool is not None else 0)  # a broken pool comes back at its size
-    _stop_pool()
-    _context = _Context(_start_method)
-    _pool, _size = ProcessPool(max_workers=size, initializer=_start_worker, context=_context), size
-    return _pool
+def _slot(index: int) -> _Slot:
+    """Slot `index`, started on first use and started again after its pool broke (e.g. a worker killed while idle)."""
+    while len(_slots) <= index:
+        _slots.append(_Slot.start())
+    if not _slots[index].pool.active:
+        _slots[index].stop()
+        _slots[index] = _Slot.start()
+    return _slots[index]
 
 
 def _verdict(future: Future) -> Verdict:
@@ -132,78 +148,105 @@ def _verdict(future: Future) -> Verdict:
         return error_verdict(error)
 
 
-def _schedule(pool: ProcessPool, batch: int, jobs: list[tuple[str, str]], timeout_s: float) -> list[Future]:
-    return [pool.schedule(grade_in_worker, args=(batch, pred, gold), timeout=timeout_s) for pred, gold in jobs]
-
-
-def _wait(futures: list[Future], timeout_s: float) -> bool:
-    """Wait for every future; False if none finished for STALL_S beyond the time bound (a stuck pool)."""
-    pending = set(futures)
-    while pending:
-        done, pending = wait(pending, timeout=STALL_S + timeout_s, return_when=FIRST_COMPLETED)
-        if not done:
-            return False
-    return True
-
-
 def run_symbolic(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[Verdict]:
-    """symbolic_equal(pred, gold) for every job, in order, in a pool of at least `workers` workers.
+    """symbolic_equal(pred, gold) for every job, in order, on `workers` workers.
 
-    Always completes: timeout where a job ran past timeout_s (its worker is replaced), error where our code
-    raised, the worker died or the pool broke. Jobs that never ran because a worker died outside any job
-    (pebble then fails the whole pool and every job it holds) are run once more in a fresh pool.
+    Always completes: timeout where a job ran past timeout_s (its worker is replaced), error where our
+    code raised or the worker died. A job that never ran because its pool broke (pebble fails a pool whose
+    worker died outside any job) runs once more in a fresh one.
+
+    Jobs are grouped by gold and each gold has a home worker (a stable hash), which works through its
+    groups one at a time: its parse of the gold is cached for the call, and a gold that comes back in a
+    later call meets the parser that learned its shape (ANTLR's DFA is per process; without homes every
+    worker must learn every shape, which cost about 2 ms more per response with 2 workers). A worker with
+    nothing of its own left takes from the end of the busiest queue, so none idles.
     """
     if not jobs:
         return []
     with _lock:
-        batch = next(_batches)
-        futures = _schedule(_running_pool(workers), batch, jobs, timeout_s)
-        try:
-            stuck = not _wait(futures, timeout_s)
-            retry = [k for k, f in enumerate(futures) if f.done() and isinstance(f.exception(), BrokenProcessPool)]
-            if retry and not stuck:
-                again = _schedule(_running_pool(workers), batch, [jobs[k] for k in retry], timeout_s)
-                stuck = not _wait(again, timeout_s)
-                for k, future in zip(retry, again):
-                    futures[k] = future
-        finally:
-            for future in futures:
-                future.cancel()  # only what is still pending (e.g. on KeyboardInterrupt): pebble stops its worker
-        if stuck:
-            _stop_pool()
-        return [_verdict(f) if f.done() and not f.cancelled() else
-                Verdict(False, ERROR, f"no worker finished a job in {STALL_S + timeout_s:.0f} s; the pool was restarted")
-                for f in futures]
+        return _run(jobs, workers, timeout_s)
+
+
+def _run(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[Verdict]:
+    batch, size = next(_batches), min(workers, len(jobs))
+    queues: list[deque[deque[int]]] = [deque() for _ in range(size)]
+    by_gold: dict[str, deque[int]] = {}
+    for index, (_, gold) in enumerate(jobs):
+        if gold not in by_gold:
+            by_gold[gold] = deque()
+            queues[zlib.crc32(gold.encode()) % size].append(by_gold[gold])
+        by_gold[gold].append(index)
+    results: list[Verdict | None] = [None] * len(jobs)
+    running: dict[Future, tuple[int, int]] = {}  # future -> (slot, job index)
+    retried: set[int] = set()
+
+    def assign(slot: int, index: int | None = None) -> None:
+        if index is None:
+            index = _next_job(queues, slot)
+        if index is not None:
+            future = _slot(slot).pool.schedule(grade_in_worker, args=(batch, *jobs[index]), timeout=timeout_s)
+            running[future] = (slot, index)
+
+    try:
+        for slot in range(size):
+            assign(slot)
+        while running:
+            done, _ = wait(running, timeout=STALL_S + timeout_s, return_when=FIRST_COMPLETED)
+            if not done:  # every job is bounded, so a pool that finishes none is stuck: restart it
+                for slot, index in running.values():
+                    results[index] = Verdict(False, ERROR, f"no result in {STALL_S + timeout_s:.0f} s; worker restarted")
+                    _slots[slot].stop()
+                    _slots[slot] = _Slot.start()
+                running.clear()
+                break
+            for future in done:
+                slot, index = running.pop(future)
+                if isinstance(future.exception(), BrokenProcessPool) and index not in retried:
+                    retried.add(index)
+                    assign(slot, index)  # _slot() starts a fresh pool
+                    continue
+                results[index] = _verdict(future)
+                assign(slot)
+    finally:
+        for future in running:
+            future.cancel()  # interrupted (e.g. KeyboardInterrupt): pebble stops the worker of a running job
+    return [r if r is not None else Verdict(False, ERROR, "not graded: the pool was stuck") for r in results]
+
+
+def _next_job(queues: list[deque[deque[int]]], slot: int) -> int | None:
+    own = queues[slot]
+    while own and not own[0]:
+        own.popleft()
+    if own:
+        return own[0].popleft()
+    busiest = max(queues, key=lambda queue: sum(map(len, queue)))
+    while busiest and not busiest[-1]:
+        busiest.pop()
+    return busiest[-1].pop() if busiest else None
 
 
 def worker_pids() -> list[int]:
-    """Process ids of the pool's live workers (for tests and the benchmark's CPU accounting)."""
+    """Process ids of the live workers, by slot (for tests and the benchmark's CPU accounting)."""
     with _lock:
-        if _context is None:
-            return []
-        # Only the ones that have exited, and in place: pebble's thread may be appending (and starting) a replacement.
-        for process in [p for p in _context.processes if p.exitcode is not None]:
-            _context.processes.remove(process)
-        return [p.pid for p in _context.processes if p.is_alive()]
+        return [pid for pid in (slot.pid() for slot in _slots) if pid is not None]
 
 
 def shutdown() -> None:
     """Stop every worker; the pool starts again on the next call."""
-    global _size
     got = _lock.acquire(timeout=SHUTDOWN_WAIT_S)  # at exit a daemon thread may still hold it mid-batch
     try:
-        _stop_pool()
-        _size = 0
+        while _slots:
+            _slots.pop().stop()
     finally:
         if got:
             _lock.release()
 
 
 def _forget_after_fork() -> None:
-    """In a child forked from the caller: the pool is the parent's, so drop the handle on it (never stop it)."""
-    global _lock, _pool, _context, _size, _start_method
+    """In a child forked from the caller: the workers are the parent's, so drop the handles on them (never stop them)."""
+    global _lock, _slots, _start_method
     _lock = threading.Lock()  # another thread may have held it at the fork
-    _pool, _context, _size = None, None, 0
+    _slots = []
     _start_method = "spawn"  # multiprocessing's record of the forkserver is the parent's: unusable here
 
 
