@@ -211,39 +211,6 @@ def test_two_stage_parsing_gives_the_same_sympy_objects_as_ll():
         assert sympy.srepr(converter.parse_number(number)) == sympy.srepr(_Latex2Sympy.parse_number.original(converter, number))
 
 
-def test_remembered_full_context_predictions_give_the_same_trees_as_ll():
-    import sympy
-    from antlr4.atn.ParserATNSimulator import ParserATNSimulator
-    from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
-
-    use_two_stage_parsing()
-    remembering = ParserATNSimulator.execATNWithFullContext
-    assert remembering.remembers
-    # Subscripts send these to LL; pairs of the same token types (other names and digits) reuse a prediction.
-    formulas = ["F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}", "G_m = \\sum_{j=1}^{m-2} G_j G_{m-j-2}", "a_{37} = 19, a_3 = 2",
-                "b_{12} = 5, b_7 = 1", "S_{MBCN}:S=7:32", "V_{1}:V_{2}=11:21", "x_1 + x_2 = 3", "y_1 - y_2 = 10",
-                "x_{1}=10^{\\frac{-5+\\sqrt{13}}{6}}, x_{2}=10^{\\frac{-5-\\sqrt{13}}{6}}", "F_k F_{n-k-1}", "F_k + F_{n-k-1}",
-                "f(x_1) = x_1^2", "a_n = a_{n-1} + a_{n-2}", "a_n = a_{n-1} a_{n-2}", "p_1 p_2 p_3", "(x_1, x_2) = (1, 2)",
-                "x_1 \\leq x_2 < 3", "\\{x_1, x_2\\}", "F_n = F_k", "F_n F_k = 1"]
-
-    def trees(predict) -> list[str]:
-        ParserATNSimulator.execATNWithFullContext = predict
-        out = []
-        try:
-            for formula in formulas:
-                try:
-                    out.append(sympy.srepr(_Latex2Sympy(is_real=True).parse(formula)))
-                except Exception as error:  # the same failure either way
-                    out.append(type(error).__name__)
-        finally:
-            ParserATNSimulator.execATNWithFullContext = remembering
-        return out
-
-    plain_ll = trees(remembering.original)
-    assert trees(remembering) == plain_ll  # filling the memory (shapes repeat within the list)
-    assert trees(remembering) == plain_ll  # every prediction remembered
-
-
 def test_power_towers_and_huge_exponents_are_rejected_before_symbolic_work():
     for answer in ["2^{2^{2^{2^{2}}}}", "10^{10^{10}}", "2^2^2^2", "9^{99999999}", "100000!"]:
         assert guard(answer), answer

@@ -330,8 +330,7 @@ def use_two_stage_parsing() -> None:
     that SLL prediction returns either the same parse tree as LL or a syntax error, so
     "SLL, then LL on a syntax error" (the two-stage strategy of the ANTLR book) gives the same
     sympy objects with 3-5x less parsing time; tests check it against plain LL. The hook wraps two methods of
-    latex2sympy2_extended==1.11.0 (pinned); without them parsing stays plain LL. What LL still costs
-    is cut by remember_full_context_predictions.
+    latex2sympy2_extended==1.11.0 (pinned); without them parsing stays plain LL.
     """
     from antlr4.atn.PredictionMode import PredictionMode
     from antlr4.error.ErrorListener import ErrorListener
@@ -364,52 +363,6 @@ def use_two_stage_parsing() -> None:
     _Latex2Sympy.parse_ll, _Latex2Sympy.two_stage = parse, True  # parse_ll: for the tests
     if hasattr(_Latex2Sympy, "parse_number"):
         _Latex2Sympy.parse_number = _integer_number(_Latex2Sympy.parse_number)
-    remember_full_context_predictions()
-
-
-MAX_REMEMBERED_PREDICTIONS = 20_000
-
-
-def remember_full_context_predictions() -> None:
-    """Remember the outcome of ANTLR's full-context (LL) predictions, which its DFA cache never keeps.
-
-    Answers with subscripts (`x_1`, `a_{37}`, `F_{n-k-1}`) fail SLL and need LL prediction, which
-    costs 20-150 ms per formula every time (about a quarter of all warm symbolic time on the public
-    cases). A full-context prediction is a function of the decision, the parser's call stack (the
-    invoking states of the rule contexts, which fix the start configurations), the precedence stack
-    (the grammar's only predicates are precedence predicates of its left-recursive rules) and the
-    token types it reads, from its start to where it stopped: the same inputs give the same
-    alternative. So the alternative is kept under that key and reused when the next formula of the
-    same shape (the same token types, whatever the names and digits) reaches the same decision in
-    the same context. Tests check the trees against plain LL. Wraps one method of
-    antlr4-python3-runtime (4.13.2, pinned with latex2sympy2_extended).
-    """
-    from antlr4.atn.ParserATNSimulator import ParserATNSimulator
-
-    predict = ParserATNSimulator.execATNWithFullContext
-    if getattr(predict, "remembers", False):
-        return
-    remembered: dict[tuple, list[tuple[tuple[int, ...], int]]] = {}
-
-    def remembering_predict(self, dfa, D, s0, input, startIndex, outerContext):
-        stack, ctx = [], outerContext
-        while ctx is not None:
-            stack.append(ctx.invokingState)
-            ctx = ctx.parentCtx
-        key = (id(dfa), tuple(stack), tuple(self.parser._precedenceStack))
-        for types, alt in remembered.get(key, ()):
-            input.seek(startIndex)
-            if all(input.LA(offset + 1) == kind for offset, kind in enumerate(types)):
-                return alt  # adaptivePredict seeks back to where prediction started
-        alt = predict(self, dfa, D, s0, input, startIndex, outerContext)  # raises on no viable alternative
-        types = tuple(input.get(index).type for index in range(startIndex, input.index + 1))
-        if len(remembered) > MAX_REMEMBERED_PREDICTIONS:
-            remembered.clear()
-        remembered.setdefault(key, []).insert(0, (types, alt))
-        return alt
-
-    remembering_predict.remembers, remembering_predict.original = True, predict
-    ParserATNSimulator.execATNWithFullContext = remembering_predict
 
 
 def _integer_number(parse_number):
