@@ -388,6 +388,28 @@ def test_a_worker_that_dies_while_grading_grades_that_answer_error_and_the_rest_
     assert rest == [["ok", None]] * len(SYMBOLIC)
 
 
+def test_a_bug_in_our_parser_hooks_grades_error_although_math_verify_catches_it(tmp_path):
+    """Our integer hook runs inside latex2sympy's parser, whose exceptions math-verify turns into "no parse"."""
+    injected = """
+        import stages.score.verifier.equivalence as equivalence
+
+        def _integer(digits):
+            raise TypeError("injected bug in a parser hook")
+
+        equivalence._integer = _integer
+    """
+    pairs = [(boxed("x^2 + 2x + 1"), "(x+1)^2"), (boxed("\\sin x"), "\\cos x")]  # with an integer token, without
+    script = f"""
+        import json
+        from stages.score.verifier import grade_batch
+        if __name__ == "__main__":
+            print(json.dumps([(g.status, g.error) for g in grade_batch({pairs!r})]))
+    """
+    done = run_with_worker_code(tmp_path, injected, script)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["error", "TypeError: injected bug in a parser hook"], ["ok", None]]
+
+
 @pytest.mark.parametrize("pred, status", [("\\text{}", "parse_error"), ("\\quad", "parse_error"),
                                           ("The answer is nothing", "parse_error"), ("\\frac{1}{}", "ok"), ("=)(", "ok")])
 def test_latex_the_parser_cannot_read_is_a_parse_error_or_unequal_never_an_error(pred, status):

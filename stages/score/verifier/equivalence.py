@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from fractions import Fraction
 from math import gcd
 from typing import NamedTuple
@@ -316,6 +317,21 @@ class _SLLSyntaxError(Exception):
     """Stage one of two-stage parsing met a syntax error: parse again with full LL prediction."""
 
 
+# Exceptions raised by our own code inside latex2sympy's parser (the hooks below). math-verify's parse
+# catches everything its parser raises and reports no parse, which would turn a bug of ours into a
+# parse_error; _parse re-raises what is recorded here instead, so that the pool grades it `error`.
+_hook_errors: list[Exception] = []
+
+
+@contextmanager
+def _ours():
+    try:
+        yield
+    except Exception as error:
+        _hook_errors.append(error)
+        raise
+
+
 def _bail(*_args) -> None:
     raise _SLLSyntaxError
 
@@ -344,11 +360,12 @@ def use_two_stage_parsing() -> None:
     bail.syntaxError = _bail  # the lexer keeps latex2sympy's own listener: SLL does not change lexing
 
     def create_sll_parser(self, latex_str):
-        parser = create_parser(self, latex_str)
+        parser = create_parser(self, latex_str)  # latex2sympy's: what it raises is a parse failure
         if self.__dict__.get("sll", False):
-            parser._interp.predictionMode = PredictionMode.SLL
-            parser.removeErrorListeners()
-            parser.addErrorListener(bail)
+            with _ours():
+                parser._interp.predictionMode = PredictionMode.SLL
+                parser.removeErrorListeners()
+                parser.addErrorListener(bail)
         return parser
 
     def parse_two_stage(self, latex_str):
@@ -369,13 +386,21 @@ def _integer_number(parse_number):
     """latex2sympy builds every number with sympy.Number(text), which goes through sympify and
     parse_expr (~10% of all symbolic time on the public cases). For a token of digits only,
     sympy.Integer(int(text)) is the same object without either; anything else keeps the original."""
-    import sympy
 
     def parse_integer(self, text):
-        return sympy.Integer(int(text)) if text.isascii() and text.isdigit() else parse_number(self, text)
+        if not (text.isascii() and text.isdigit()):
+            return parse_number(self, text)
+        with _ours():
+            return _integer(text)
 
     parse_integer.original = parse_number
     return parse_integer
+
+
+def _integer(digits: str):
+    import sympy
+
+    return sympy.Integer(int(digits))
 
 
 def _parse(latex: str) -> list:
@@ -383,7 +408,13 @@ def _parse(latex: str) -> list:
     from math_verify import LatexExtractionConfig, parse
 
     use_two_stage_parsing()
-    return parse(latex, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+    _hook_errors.clear()
+    parsed = parse(latex, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+    if _hook_errors:  # a bug of ours inside the parser, which math-verify caught: not a parse failure
+        error = _hook_errors[0]
+        _hook_errors.clear()
+        raise error
+    return parsed
 
 
 def is_prose(s: str) -> bool:
