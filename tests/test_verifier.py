@@ -475,15 +475,16 @@ def test_a_worker_killed_from_outside_while_idle_costs_no_grade():
 
 
 def test_the_time_bound_holds_inside_c_code(tmp_path):
-    """A job stuck in one long C call (a big-integer power, which never checks for signals) is killed at
-    the bound: the worker dies of SIGTERM at once, not 3 s later when pebble would send SIGKILL."""
+    """A job stuck in one long C call that never checks for signals (PBKDF2 with 10^9 rounds, minutes) is
+    killed at the bound: the worker dies of SIGTERM at once, where a Python-level handler (pebble's own)
+    would wait for the call to return, until pebble's SIGKILL 3 s later."""
     injected = """
+        import hashlib
         import stages.score.verifier.relations as relations
 
         def relational_equal(pred, gold):
             if "cbound" in gold:
-                base, exponent = 7, 10 ** 8
-                return base ** exponent == 0  # minutes of C code
+                return hashlib.pbkdf2_hmac("sha256", b"x", b"y", 10 ** 9) == b""
             return None
 
         relations.relational_equal = relational_equal

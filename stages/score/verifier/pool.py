@@ -44,7 +44,7 @@ from stages.score.verifier.status import ERROR, TIMEOUT, Verdict, describe, erro
 # The forkserver imports these before it forks any worker; `warm` runs warm_up() on import.
 _PRELOAD = ["stages.score.verifier.equivalence", "math_verify", "sympy", "stages.score.verifier.warm"]
 MAX_CACHED_GOLDS = 512    # parsed golds a worker keeps within one batch
-STALL_S = 120.0           # no job finished for this long (beyond the time bound): the pool is stuck, restart it
+STALL_S = 120.0           # no job finished for this long beyond the time bound: the busy slots are stuck, restart them
 SHUTDOWN_WAIT_S = 5.0
 
 
