@@ -69,7 +69,7 @@ def _warn_about_errors(pairs: list[tuple[str, str]], grades: list[Grade]) -> Non
     for error, (count, index) in seen.items():
         response, gold = pairs[index]
         answer = grades[index].extracted_answer
-        _LOG.warning("verifier bug (status 'error', reward 0) on %d of %d answers, e.g. answer %.80r against gold "
+        _LOG.warning("verifier bug (status 'error', graded incorrect) on %d of %d answers, e.g. answer %.80r against gold "
                      "%.80r: %s", count, len(grades), answer if answer is not None else response[-80:], gold, error)
 
 

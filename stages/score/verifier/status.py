@@ -13,8 +13,8 @@
   forms, relations.py, the glue around math-verify, including sympy calls we make on its parses) or the
   pool (a worker that died, a pool that broke). It says nothing about the answer, so it is never folded
   into `parse_error`: the grade carries the exception's type and message (`Grade.error`), `grade_batch`
-  logs one warning line per distinct error, and the pipeline counts it. The reward is 0, as for every
-  other status than `ok` with a correct answer.
+  logs one warning line per distinct error, and the pipeline counts it. It grades the answer incorrect,
+  as every status but `ok` does (deepscaler's format reward still counts).
 """
 from __future__ import annotations
 
