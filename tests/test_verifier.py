@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -491,18 +492,22 @@ def test_the_time_bound_holds_inside_c_code(tmp_path):
     """
     script = f"""
         import json, time
-        from stages.score.verifier import grade_batch
+        from stages.score.verifier import grade_batch, pool
         if __name__ == "__main__":
             assert all(g.correct for g in grade_batch({SYMBOLIC!r}))  # the pool is up and warm
             started = time.perf_counter()
             grades = grade_batch([({boxed("x")!r}, "x_{{cbound}}")] + {SYMBOLIC!r}, timeout_s=0.5)
-            print(json.dumps([time.perf_counter() - started] + [g.status for g in grades]))
+            elapsed = time.perf_counter() - started
+            # How the stopped worker died (our slots' record of their processes; worker_pids() would prune it).
+            codes = [p.exitcode for slot in pool._slots for p in slot.context.processes if p.exitcode is not None]
+            print(json.dumps([elapsed, codes] + [g.status for g in grades]))
     """
     done = run_with_worker_code(tmp_path, injected, script)
     assert done.returncode == 0, done.stderr
-    elapsed, *statuses = json.loads(done.stdout)
+    elapsed, codes, *statuses = json.loads(done.stdout)
     assert statuses == ["timeout"] + ["ok"] * len(SYMBOLIC)
-    assert elapsed < 2.5, elapsed
+    assert codes == [-signal.SIGTERM], codes  # killed by the SIGTERM itself: pebble's SIGKILL would be -9
+    assert elapsed < 3.0, elapsed  # and so well before pebble's SIGKILL, due 3 s after the bound
 
 
 def test_no_worker_outlives_shutdown_or_the_interpreter():
