@@ -8,13 +8,17 @@ What is timed, and through what:
   (`python -m stages.score.verifier`), start-up included; median of --repeats calls each.
 - The public case mix (../shared/data/verifier-cases-public.jsonl, each pred boxed in a short response):
   cold: one fresh CLI call per pass, so python start-up, imports, the worker pool's start and
-        warm-up and a first sight of every answer are all in it; median of --repeats calls.
+        warm-up and a first sight of every answer are all in it; median of --repeats calls. Also
+        printed: CPU time per response of the CLI process and all its descendants (this process
+        becomes a subreaper, so it reaps and counts the forkserver and workers that outlive the CLI).
   steady: `grade_batch` (what the score stage calls) in one process: one pass to start the pool,
         then --passes passes, each its own grade_batch call over the shuffled cases; median. The
         pool keeps no results between calls (parsed golds are cached within a call only), but its
         parser has met these answer shapes before, and sympy keeps its own cache. Also printed:
-        CPU time per response (workers and the calling process), which the other jobs on a shared
-        machine disturb less than wall time.
+        CPU time per response (the calling process and all its descendants), which the other jobs on
+        a shared machine disturb less than wall time, and the rate it gives on --workers free cores.
+- `error` statuses (bugs of the verifier, stages/score/verifier/status.py) in the cold and steady passes:
+  the goal is none. Every figure is printed with the 1-minute load average while it was measured.
 - The adversarial slow-down again with grade_batch alone, in-process (without the CLI's JSON reading),
   and the slowest single adversarial response (bound: the 5 s timeout).
 With --baseline DIR (another checkout, e.g. ../main), the CLI and steady figures are measured for
@@ -26,6 +30,7 @@ Writes bench/results/verifier.json: {"benchmark", "command", "date", "machine", 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -62,10 +67,22 @@ import json, os, random, sys, time
 from pathlib import Path
 import stages.score.verifier as verifier
 
-def cpu():  # utime + stime of the workers (/proc: they are not our children) and of this process
-    pids = verifier.worker_pids() if hasattr(verifier, "worker_pids") else []
-    ticks = sum(sum(int(f) for f in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[11:13]) for p in pids)
-    return pids, ticks / os.sysconf("SC_CLK_TCK") + time.process_time()
+def cpu():  # utime + stime of this process and of every live descendant (workers, forkserver), from /proc
+    stats = {}
+    for name in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split() if name.isdigit() else None
+        except OSError:
+            continue
+        if fields:
+            stats[int(name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    me, ticks, pids = os.getpid(), 0, []
+    for pid, (parent, used) in stats.items():
+        while parent in stats and parent != me:
+            parent = stats[parent][0]
+        if parent == me:
+            ticks, pids = ticks + used, pids + [pid]
+    return sorted(pids), ticks / os.sysconf("SC_CLK_TCK") + time.process_time()
 
 def main():
     pairs, passes, workers = json.loads(sys.stdin.read()), int(sys.argv[1]), int(sys.argv[2])
@@ -74,7 +91,8 @@ def main():
     grades = verifier.grade_batch(pairs, workers=workers, timeout_s=5.0)
     first = [g.correct for g in grades]
     out = {"first": len(pairs) / (time.perf_counter() - started), "correct": first, "rates": [], "cpu_s": [],
-           "timeouts": [sum(g.status == "timeout" for g in grades)], "changed": 0}
+           "timeouts": [sum(g.status == "timeout" for g in grades)], "errors": [sum(g.status == "error" for g in grades)],
+           "changed": 0, "loads": []}
     for _ in range(passes):
         order = list(range(len(pairs)))
         rng.shuffle(order)
@@ -86,6 +104,8 @@ def main():
         if pids and after_pids == pids:  # a worker replaced mid-pass takes its CPU time with it
             out["cpu_s"].append(cpu_after - cpu_before)
         out["timeouts"].append(sum(g.status == "timeout" for g in grades))  # a loaded machine can push one past 5 s
+        out["errors"].append(sum(g.status == "error" for g in grades))
+        out["loads"].append(os.getloadavg()[0])
         out["changed"] += sum(grades[k].correct != first[i] for k, i in enumerate(order))
     print(json.dumps(out))
 
@@ -113,14 +133,32 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def become_subreaper() -> bool:
+    """Make this process adopt its orphaned descendants (Linux prctl PR_SET_CHILD_SUBREAPER), so that the
+    CPU time of a CLI call's forkserver and workers, which outlive the CLI process by a moment, is ours to count."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans() -> None:
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
 def run_cli(checkout: Path, stdin: str, workers: int) -> tuple[float, float, list[dict]]:
-    """(wall seconds of the whole CLI call, CPU seconds of the CLI process, output rows). The CPU time
-    leaves out the forkserver and its workers (not our children), which integer answers never start."""
+    """(wall seconds of the whole CLI call, CPU seconds, output rows). The CPU time is that of the CLI process
+    and, once this process is a subreaper, of all its descendants (forkserver, workers); else of the CLI only."""
     cpu_before = _children_cpu()
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "stages.score.verifier", "--workers", str(workers)], input=stdin,
                           capture_output=True, text=True, cwd=checkout, env=environment(checkout), check=True)
     seconds = time.perf_counter() - started
+    _reap_orphans()  # only CLI descendants exist now: this process starts its own pool after the CLI calls
     return seconds, _children_cpu() - cpu_before, [json.loads(line) for line in done.stdout.splitlines()]
 
 
@@ -142,8 +180,8 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def row(metric: str, value: float, unit: str, goal: str, met: bool) -> dict:
-    return {"metric": metric, "value": round(value, 4), "unit": unit, "goal": goal, "met": bool(met)}
+def row(metric: str, value: float, unit: str, goal: str, met: bool | None) -> dict:
+    return {"metric": metric, "value": round(value, 4), "unit": unit, "goal": goal, "met": None if met is None else bool(met)}
 
 
 def rates(values: list[float]) -> str:
@@ -166,6 +204,7 @@ def main() -> None:
     rng = random.Random(0)
     loads = [os.getloadavg()[0]]
     print(f"{os.cpu_count()} CPUs ({cpu_model()}), load average {loads[0]:.2f} before the runs (other jobs on this machine)")
+    tree_cpu = become_subreaper()
 
     integers = integer_rows(args.n, rng)
     mixed = list(integers)
@@ -180,15 +219,20 @@ def main() -> None:
     # CLI calls, alternated (checkouts and cases) so that drifts of the machine's load hit all alike.
     cli: dict[tuple[str, str], list[float]] = {}
     cli_cpu: dict[tuple[str, str], list[float]] = {}
+    cli_load: dict[tuple[str, str], list[float]] = {}  # the 1-minute load average when each call started
     outputs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeats):
         for name, checkout in checkouts.items():
             for case in ("integer", "mixed", "public"):
+                cli_load.setdefault((name, case), []).append(os.getloadavg()[0])
                 seconds, cpu, outputs[(name, case)] = run_cli(checkout, stdins[case], args.workers)
                 cli.setdefault((name, case), []).append(len(integers if case != "public" else pairs) / seconds)
                 cli_cpu.setdefault((name, case), []).append(cpu)
     steady = {name: run_steady(checkout, pairs, args.passes, args.workers) for name, checkout in checkouts.items()}
     loads.append(os.getloadavg()[0])
+
+    def load(values: list[float]) -> str:
+        return f"load {min(values):.1f}-{max(values):.1f}"
 
     results = {}
     for name in checkouts:
@@ -201,22 +245,30 @@ def main() -> None:
         slowdown = 100 * (1 - with_adversarial / base)
         print(f"\n{name}:")
         print(f"  integer answers, 4 kB responses (CLI, {len(integers)} per call, start-up included): median "
-              f"{base:,.0f} responses/s ({rates(cli[(name, 'integer')])})")
+              f"{base:,.0f} responses/s ({rates(cli[(name, 'integer')])}; {load(cli_load[(name, 'integer')])})")
         cpu_slowdown = 100 * (statistics.median(cli_cpu[(name, "mixed")]) / statistics.median(cli_cpu[(name, "integer")]) - 1)
         print(f"  with 1% adversarial: median {with_adversarial:,.0f} responses/s ({rates(cli[(name, 'mixed')])}), "
               f"slow-down {slowdown:.1f}% (in CPU time of the CLI process: {cpu_slowdown:.1f}%; statuses "
-              f"{sorted({o['status'] for o in outputs[(name, 'mixed')]})})")
+              f"{sorted({o['status'] for o in outputs[(name, 'mixed')]})}; {load(cli_load[(name, 'mixed')])})")
+        cold_cpu_ms = 1000 * statistics.median(cli_cpu[(name, "public")]) / len(pairs)
+        cold_errors = sum(o["status"] == "error" for o in out)
         print(f"  public case mix, cold (a fresh CLI call per pass): median {cold:,.0f} responses/s "
-              f"({rates(cli[(name, 'public')])}); agreement {agree}/{len(cases)}, false positives {false_positives}")
+              f"({rates(cli[(name, 'public')])}; {load(cli_load[(name, 'public')])}); agreement {agree}/{len(cases)}, "
+              f"false positives {false_positives}, error statuses {cold_errors}")
+        print(f"    CPU time ({'the CLI process and all its descendants' if tree_cpu else 'the CLI process only'}): "
+              f"median {cold_cpu_ms:.1f} ms/response")
         print(f"  public case mix, steady (grade_batch, {args.workers} workers, one process): median {steady_rate:,.0f} "
               f"responses/s over {args.passes} passes ({rates(steady[name]['rates'])}); the first call: "
-              f"{steady[name]['first']:,.0f}/s; timeouts per call {steady[name]['timeouts']}, answers that changed "
+              f"{steady[name]['first']:,.0f}/s; {load(steady[name]['loads'])}; timeouts per call "
+              f"{steady[name]['timeouts']}, error statuses per call {steady[name]['errors']}, answers that changed "
               f"between calls {steady[name]['changed']}, first call vs the CLI {differ}")
+        cpu_ms = float("nan")
         if steady[name]["cpu_s"]:
             cpu_ms = 1000 * statistics.median(steady[name]["cpu_s"]) / len(pairs)
-            print(f"    CPU time (workers and the calling process): median {cpu_ms:.2f} ms/response, so "
+            print(f"    CPU time (the calling process and all its descendants): median {cpu_ms:.2f} ms/response, so "
                   f"{args.workers} free cores would give about {args.workers * 1000 / cpu_ms:,.0f} responses/s")
-        results[name] = (base, slowdown, cold, steady_rate, agree, false_positives)
+        errors = cold_errors + sum(steady[name]["errors"])
+        results[name] = (base, slowdown, cold, steady_rate, agree, false_positives, cold_cpu_ms, cpu_ms, errors)
 
     sys.path.insert(0, str(ROOT))  # this checkout's verifier, in-process
     from stages.score.verifier import grade_batch
@@ -233,17 +285,18 @@ def main() -> None:
     grading_slowdown = 100 * (1 - statistics.median(in_process["mixed"]) / statistics.median(in_process["integer"]))
     print(f"\ngrade_batch alone (in-process): integer answers median {statistics.median(in_process['integer']):,.0f} "
           f"responses/s ({rates(in_process['integer'])}), with 1% adversarial {statistics.median(in_process['mixed']):,.0f} "
-          f"({rates(in_process['mixed'])}): slow-down {grading_slowdown:.1f}%")
+          f"({rates(in_process['mixed'])}): slow-down {grading_slowdown:.1f}% (load {os.getloadavg()[0]:.1f} after)")
 
     slowest = 0.0
     for text in ADVERSARIAL:
         started = time.perf_counter()
         grade_batch([(text, "3")], timeout_s=TIMEOUT_S)
         slowest = max(slowest, time.perf_counter() - started)
-    print(f"\nslowest single adversarial response (in-process, bound {TIMEOUT_S:.0f} s): {slowest * 1000:.1f} ms")
+    print(f"\nslowest single adversarial response (in-process, bound {TIMEOUT_S:.0f} s): {slowest * 1000:.1f} ms "
+          f"(load {os.getloadavg()[0]:.1f})")
     print(f"load average: {loads[0]:.2f} before, {loads[1]:.2f} after")
 
-    base, slowdown, cold, steady_rate, agree, false_positives = results["this checkout"]
+    base, slowdown, cold, steady_rate, agree, false_positives, cold_cpu_ms, cpu_ms, errors = results["this checkout"]
     rows = [
         row("integer answers, 4 kB responses (CLI, start-up included)", base, "responses/s",
             f">= {GOAL_INTEGER:,.0f} responses/s", base >= GOAL_INTEGER),
@@ -255,6 +308,13 @@ def main() -> None:
             f">= {GOAL_PUBLIC:.0f} responses/s", cold >= GOAL_PUBLIC),
         row("public case mix, steady state (grade_batch, warm pool)", steady_rate, "responses/s",
             f">= {GOAL_PUBLIC:.0f} responses/s", steady_rate >= GOAL_PUBLIC),
+        row("public case mix, cold pass: CPU time per response (CLI process and descendants)", cold_cpu_ms, "ms",
+            "", None),
+        row("public case mix, steady state: CPU time per response (caller and workers)", cpu_ms, "ms",
+            f"<= {args.workers * 1000 / GOAL_PUBLIC:.0f} ms ({GOAL_PUBLIC:.0f}/s on {args.workers} free cores)",
+            cpu_ms <= args.workers * 1000 / GOAL_PUBLIC),
+        row("public case mix, 'error' statuses (bugs of the verifier), cold and steady passes", errors, "count", "0",
+            errors == 0),
         row("public case mix, agreement with labels", agree / len(cases), "fraction", ">= 0.97", agree / len(cases) >= 0.97),
         row("public case mix, false positives", false_positives, "count", "0", false_positives == 0),
         row("slowest single adversarial response", slowest, "s", f"< {TIMEOUT_S:.0f} s", slowest < TIMEOUT_S),

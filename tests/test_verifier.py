@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,8 +17,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+import stages.score.verifier as verifier
 from common.config import ConfigError, config_from_dict
-from stages.score.verifier import grade, grade_batch, shutdown, worker_pids
+from stages.score.verifier import STATUSES, grade, grade_batch, shutdown, worker_pids
 from stages.score.verifier.equivalence import _exact_numbers, decide, guard, parse_answer, use_two_stage_parsing
 from stages.score.verifier.extract import extract_answer
 
@@ -210,39 +212,6 @@ def test_two_stage_parsing_gives_the_same_sympy_objects_as_ll():
         assert sympy.srepr(converter.parse_number(number)) == sympy.srepr(_Latex2Sympy.parse_number.original(converter, number))
 
 
-def test_remembered_full_context_predictions_give_the_same_trees_as_ll():
-    import sympy
-    from antlr4.atn.ParserATNSimulator import ParserATNSimulator
-    from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
-
-    use_two_stage_parsing()
-    remembering = ParserATNSimulator.execATNWithFullContext
-    assert remembering.remembers
-    # Subscripts send these to LL; pairs of the same token types (other names and digits) reuse a prediction.
-    formulas = ["F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}", "G_m = \\sum_{j=1}^{m-2} G_j G_{m-j-2}", "a_{37} = 19, a_3 = 2",
-                "b_{12} = 5, b_7 = 1", "S_{MBCN}:S=7:32", "V_{1}:V_{2}=11:21", "x_1 + x_2 = 3", "y_1 - y_2 = 10",
-                "x_{1}=10^{\\frac{-5+\\sqrt{13}}{6}}, x_{2}=10^{\\frac{-5-\\sqrt{13}}{6}}", "F_k F_{n-k-1}", "F_k + F_{n-k-1}",
-                "f(x_1) = x_1^2", "a_n = a_{n-1} + a_{n-2}", "a_n = a_{n-1} a_{n-2}", "p_1 p_2 p_3", "(x_1, x_2) = (1, 2)",
-                "x_1 \\leq x_2 < 3", "\\{x_1, x_2\\}", "F_n = F_k", "F_n F_k = 1"]
-
-    def trees(predict) -> list[str]:
-        ParserATNSimulator.execATNWithFullContext = predict
-        out = []
-        try:
-            for formula in formulas:
-                try:
-                    out.append(sympy.srepr(_Latex2Sympy(is_real=True).parse(formula)))
-                except Exception as error:  # the same failure either way
-                    out.append(type(error).__name__)
-        finally:
-            ParserATNSimulator.execATNWithFullContext = remembering
-        return out
-
-    plain_ll = trees(remembering.original)
-    assert trees(remembering) == plain_ll  # filling the memory (shapes repeat within the list)
-    assert trees(remembering) == plain_ll  # every prediction remembered
-
-
 def test_power_towers_and_huge_exponents_are_rejected_before_symbolic_work():
     for answer in ["2^{2^{2^{2^{2}}}}", "10^{10^{10}}", "2^2^2^2", "9^{99999999}", "100000!"]:
         assert guard(answer), answer
@@ -335,6 +304,120 @@ def test_grading_from_a_non_main_thread():
     assert results["pids"] == worker_pids()
 
 
+# --- errors of our own code -------------------------------------------------------------------
+
+def test_a_bug_in_an_in_process_tier_grades_error_with_its_message_and_logs_one_line(monkeypatch, caplog):
+    def broken(pred, gold):
+        raise TypeError("injected bug")
+
+    monkeypatch.setattr(verifier, "fast_equal", broken)  # what grade_batch calls first on every extracted answer
+    with caplog.at_level("WARNING", logger="stages.score.verifier"):
+        grades = grade_batch([(boxed("4"), "4"), (boxed("5"), "4"), ("no box", "4")])
+    assert [g.status for g in grades] == ["error", "error", "no_answer"]  # never parse_error, never a crashed batch
+    assert [g.error for g in grades] == ["TypeError: injected bug"] * 2 + [None]
+    assert [g.extracted_answer for g in grades] == ["4", "5", None] and not any(g.correct for g in grades)
+    lines = [r.getMessage() for r in caplog.records if "verifier bug" in r.getMessage()]
+    assert len(lines) == 1 and "2 of 3 answers" in lines[0] and "TypeError: injected bug" in lines[0]
+
+
+def run_with_worker_code(tmp_path: Path, injected: str, script: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter where every process, the pool's workers included, first runs
+    `injected` (a sitecustomize module): the only way to change code inside workers that start from a
+    fresh interpreter (the forkserver) rather than from the test process."""
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(injected))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=180)
+
+
+INJECTED_BUG = """
+    import stages.score.verifier.relations as relations
+
+    def relational_equal(pred, gold):  # one of our tiers, which only the workers run
+        raise TypeError("injected bug")
+
+    relations.relational_equal = relational_equal
+"""
+GRADE_SYMBOLIC = f"""
+    import json
+    from stages.score.verifier import grade_batch
+    if __name__ == "__main__":
+        print(json.dumps([(g.status, g.correct, g.error) for g in grade_batch({SYMBOLIC!r})]))
+"""
+
+
+def test_a_bug_in_our_code_inside_a_worker_grades_error_not_parse_error(tmp_path):
+    done = run_with_worker_code(tmp_path, INJECTED_BUG, GRADE_SYMBOLIC)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["error", False, "TypeError: injected bug"]] * len(SYMBOLIC)
+    warnings = [line for line in done.stderr.splitlines() if "verifier bug" in line]
+    assert len(warnings) == 1 and f"on {len(SYMBOLIC)} of {len(SYMBOLIC)} answers" in warnings[0], done.stderr
+    # The control: the same run without the injected bug grades every pair ok and correct.
+    done = run_with_worker_code(tmp_path, "", GRADE_SYMBOLIC)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["ok", True, None]] * len(SYMBOLIC)
+    assert "verifier bug" not in done.stderr
+
+
+# math-verify returns no parse for these (parse_error), and keeps the text of these, which it then compares as
+# strings (ok, not equal): neither is an exception of ours.
+def test_a_worker_that_dies_while_grading_grades_that_answer_error_and_the_rest_ok(tmp_path):
+    injected = """
+        import os
+        import stages.score.verifier.relations as relations
+
+        real = relations.relational_equal
+
+        def relational_equal(pred, gold):
+            if "dies" in gold:
+                os.kill(os.getpid(), 9)  # as the kernel's out-of-memory killer would
+            return real(pred, gold)
+
+        relations.relational_equal = relational_equal
+    """
+    script = f"""
+        import json
+        from stages.score.verifier import grade_batch
+        if __name__ == "__main__":
+            grades = grade_batch([({boxed("x")!r}, "x_{{dies}}")] + {SYMBOLIC!r})
+            print(json.dumps([(g.status, g.error) for g in grades]))
+    """
+    done = run_with_worker_code(tmp_path, injected, script)
+    assert done.returncode == 0, done.stderr
+    (status, error), *rest = json.loads(done.stdout)
+    assert status == "error" and "the worker died while grading" in error and "exit code -9" in error, error
+    assert rest == [["ok", None]] * len(SYMBOLIC)
+
+
+def test_a_bug_in_our_parser_hooks_grades_error_although_math_verify_catches_it(tmp_path):
+    """Our integer hook runs inside latex2sympy's parser, whose exceptions math-verify turns into "no parse"."""
+    injected = """
+        import stages.score.verifier.equivalence as equivalence
+
+        def _integer(digits):
+            raise TypeError("injected bug in a parser hook")
+
+        equivalence._integer = _integer
+    """
+    pairs = [(boxed("x^2 + 2x + 1"), "(x+1)^2"), (boxed("\\sin x"), "\\cos x")]  # with an integer token, without
+    script = f"""
+        import json
+        from stages.score.verifier import grade_batch
+        if __name__ == "__main__":
+            print(json.dumps([(g.status, g.error) for g in grade_batch({pairs!r})]))
+    """
+    done = run_with_worker_code(tmp_path, injected, script)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [["error", "TypeError: injected bug in a parser hook"], ["ok", None]]
+
+
+@pytest.mark.parametrize("pred, status", [("\\text{}", "parse_error"), ("\\quad", "parse_error"),
+                                          ("The answer is nothing", "parse_error"), ("\\frac{1}{}", "ok"), ("=)(", "ok")])
+def test_latex_the_parser_cannot_read_is_a_parse_error_or_unequal_never_an_error(pred, status):
+    g = grade(boxed(pred), "x + \\frac{2}{3}")
+    assert (g.status, g.correct, g.error) == (status, False, None)
+
+
 # --- the persistent pool ------------------------------------------------------------------------
 
 def _gone(pid: int, wait_s: float = 10.0) -> bool:
@@ -359,17 +442,72 @@ def test_the_pool_is_reused_across_batches():
     assert grade(boxed("x^{2}+2x+1"), "(x+1)^2").correct and worker_pids() == pids  # one worker of the same pool
 
 
+def _eventually(condition, wait_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_a_timed_out_worker_is_replaced_and_its_replacement_kept():
     grade_batch(SYMBOLIC, workers=2)
     before = worker_pids()
     grades = grade_batch([(boxed(SLOW), SLOW_GOLD)], workers=1, timeout_s=0.1)
-    replaced = worker_pids()
     assert grades[0].status == "timeout"
-    assert len(before) == len(replaced) == 2
+    # pebble starts the replacement on its own thread, just after it has stopped the worker that ran over.
+    assert _eventually(lambda: len(worker_pids()) == 2)
+    replaced = worker_pids()
+    assert len(before) == 2
     assert replaced[0] != before[0] and replaced[1] == before[1]  # only the worker that ran over
     assert _gone(before[0])
     assert all(g.correct for g in grade_batch(SYMBOLIC, workers=2))
     assert worker_pids() == replaced
+
+
+def test_a_worker_killed_from_outside_while_idle_costs_no_grade():
+    grade_batch(SYMBOLIC, workers=2)
+    os.kill(worker_pids()[0], 9)
+    assert all(g.status == "ok" and g.correct for g in grade_batch(SYMBOLIC, workers=2))
+    time.sleep(0.3)  # pebble has seen the death by now: a pool it broke is replaced on the next call
+    assert all(g.status == "ok" and g.correct for g in grade_batch(SYMBOLIC, workers=2))
+    assert len(worker_pids()) == 2
+
+
+def test_the_time_bound_holds_inside_c_code(tmp_path):
+    """A job stuck in one long C call that never checks for signals (PBKDF2 with 10^9 rounds, minutes) is
+    killed at the bound: the worker dies of SIGTERM at once, where a Python-level handler (pebble's own)
+    would wait for the call to return, until pebble's SIGKILL 3 s later."""
+    injected = """
+        import hashlib
+        import stages.score.verifier.relations as relations
+
+        def relational_equal(pred, gold):
+            if "cbound" in gold:
+                return hashlib.pbkdf2_hmac("sha256", b"x", b"y", 10 ** 9) == b""
+            return None
+
+        relations.relational_equal = relational_equal
+    """
+    script = f"""
+        import json, time
+        from stages.score.verifier import grade_batch, pool
+        if __name__ == "__main__":
+            assert all(g.correct for g in grade_batch({SYMBOLIC!r}))  # the pool is up and warm
+            started = time.perf_counter()
+            grades = grade_batch([({boxed("x")!r}, "x_{{cbound}}")] + {SYMBOLIC!r}, timeout_s=0.5)
+            elapsed = time.perf_counter() - started
+            # How the stopped worker died (our slots' record of their processes; worker_pids() would prune it).
+            codes = [p.exitcode for slot in pool._slots for p in slot.context.processes if p.exitcode is not None]
+            print(json.dumps([elapsed, codes] + [g.status for g in grades]))
+    """
+    done = run_with_worker_code(tmp_path, injected, script)
+    assert done.returncode == 0, done.stderr
+    elapsed, codes, *statuses = json.loads(done.stdout)
+    assert statuses == ["timeout"] + ["ok"] * len(SYMBOLIC)
+    assert codes == [-signal.SIGTERM], codes  # killed by the SIGTERM itself: pebble's SIGKILL would be -9
+    assert elapsed < 3.0, elapsed  # and so well before pebble's SIGKILL, due 3 s after the bound
 
 
 def test_no_worker_outlives_shutdown_or_the_interpreter():
@@ -413,6 +551,27 @@ def test_a_forked_process_starts_its_own_pool_and_leaves_the_parents_alone():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_a_forked_child_that_exits_normally_costs_the_parent_no_grade():
+    """A child of a bare os.fork() that exits through the interpreter runs multiprocessing's and pebble's
+    exit handlers, which stop the workers they inherited records of: the parent's. The parent grades on."""
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from stages.score.verifier import grade_batch
+        pairs = {SYMBOLIC!r}
+        assert all(g.correct for g in grade_batch(pairs))
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)
+        os.waitpid(child, 0)
+        for wait in (0.0, 0.5):  # at once, and after pebble has seen any death
+            time.sleep(wait)
+            grades = grade_batch(pairs)
+            assert [(g.status, g.correct) for g in grades] == [("ok", True)] * len(pairs), grades
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_cli_round_trip_through_a_subprocess():
     rows = [{"gold": "4", "response": boxed("4")}, {"gold": "1/2", "response": boxed("\\frac{1}{2}")},
             {"gold": "3", "response": "no box"}, {"gold": "[0,1)", "response": boxed("[0,1]")}]
@@ -435,6 +594,8 @@ def test_cli_round_trip_through_a_subprocess():
 def test_public_cases_accuracy_and_no_false_positives():
     cases = [json.loads(line) for line in PUBLIC_CASES.read_text().splitlines()]
     grades = grade_batch([(boxed(c["pred"]), c["gold"]) for c in cases])
+    assert [(i, g.error) for i, g in enumerate(grades) if g.status == "error"] == []  # a bug of ours is never a grade
+    assert {g.status for g in grades} <= set(STATUSES)
     disagreements = {i for i, (c, g) in enumerate(zip(cases, grades)) if g.correct != c["equal"]}
     false_positives = {i for i in disagreements if grades[i].correct}
     listed = [json.loads(line) for line in DISAGREEMENTS.read_text().splitlines()]
@@ -458,6 +619,7 @@ def test_eval_golds_equal_themselves_and_not_other_golds():
     others = [(g, golds[(i + 1) % len(golds)]) for i, g in enumerate(golds)]
     others = [(a, b) for a, b in others if a.strip() != b.strip()]
     grades = grade_batch([(boxed(g), g) for g in golds] + [(boxed(a), b) for a, b in others])
+    assert [(i, g.error) for i, g in enumerate(grades) if g.status == "error"] == []
     self_rate = sum(g.correct for g in grades[: len(golds)]) / len(golds)
     other_rate = sum(not g.correct for g in grades[len(golds):]) / len(others)
     assert self_rate == 1.0

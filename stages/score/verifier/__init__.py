@@ -8,20 +8,27 @@ fractions and surds, the number prose ends on) run in the calling process; every
 to a persistent pool of killable worker processes (pool.py) with a hard time bound.
 `shutdown()` stops the pool (it also runs at interpreter exit); the next call starts it again.
 `python -m stages.score.verifier` is the batch CLI over JSON lines.
+
+A grade's status is ok | no_answer | timeout | parse_error | error; status.py says which is which. `error`
+is a bug of ours (an exception in our tiers or pool), never a verdict on the answer: the grade carries the
+exception's type and message and `grade_batch` logs one warning line per distinct error.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from stages.score.verifier.equivalence import decide, fast_equal, guard
 from stages.score.verifier.extract import extract_answer, has_think_answer_format
 from stages.score.verifier.pool import run_symbolic, shutdown, worker_pids
+from stages.score.verifier.status import ERROR, OK, PARSE_ERROR, STATUSES, Verdict, error_verdict
 
 MODES = ("correct", "deepscaler")
 DEFAULT_WORKERS = 2
 DEFAULT_TIMEOUT_S = 5.0
 # The card's reward: 0.67 for a correct boxed answer, 0.33 for the <think>...<answer> format.
 DEEPSCALER_CORRECT, DEEPSCALER_FORMAT = 0.67, 0.33
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,8 @@ class Grade:
     reward: float
     correct: bool
     extracted_answer: str | None
-    status: str  # ok | no_answer | timeout | parse_error
+    status: str  # ok | no_answer | timeout | parse_error | error (status.py says which is which)
+    error: str | None = None  # for status "error": the exception's type and message
 
 
 def _reward(mode: str, correct: bool, from_box: bool, response: str) -> float:
@@ -41,38 +49,63 @@ def _reward(mode: str, correct: bool, from_box: bool, response: str) -> float:
     return round(reward, 4)
 
 
+def _in_process(answer: str, gold: str) -> Verdict | str:
+    """The sympy-free tiers: a verdict, or the pred a worker must grade symbolically."""
+    equal = fast_equal(answer, gold)
+    if equal is not None:
+        return Verdict(equal, OK)
+    if guard(answer) or guard(gold):  # power towers and the like never reach a worker
+        return Verdict(False, PARSE_ERROR)
+    pred, decision = decide(answer, gold)
+    return pred if decision is None else Verdict(*decision)
+
+
+def _warn_about_errors(pairs: list[tuple[str, str]], grades: list[Grade]) -> None:
+    """One warning line per distinct error of this call, with how many answers it hit and the first of them."""
+    seen: dict[str, list[int]] = {}  # error -> [count, index of the first answer]
+    for index, g in enumerate(grades):
+        if g.status == ERROR:
+            seen.setdefault(g.error or "unknown error", [0, index])[0] += 1
+    for error, (count, index) in seen.items():
+        response, gold = pairs[index]
+        answer = grades[index].extracted_answer
+        _LOG.warning("verifier bug (status 'error', graded incorrect) on %d of %d answers, e.g. answer %.80r against gold "
+                     "%.80r: %s", count, len(grades), answer if answer is not None else response[-80:], gold, error)
+
+
 def grade_batch(pairs: list[tuple[str, str]], mode: str = "correct", workers: int = DEFAULT_WORKERS,
                 timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Grade]:
-    """Grade (response, gold) pairs, in order. Fast-path answers never leave this process."""
+    """Grade (response, gold) pairs, in order. Fast-path answers never leave this process.
+
+    Always completes: an exception in our own code grades that answer `error` (and is logged), not the batch.
+    """
     if mode not in MODES:
         raise ValueError(f"reward mode '{mode}' is not one of {', '.join(MODES)}")
-    decided: list[tuple[bool, str] | None] = []
+    verdicts: list[Verdict | None] = []
     extracted: list[tuple[str | None, bool]] = []
     slow: list[tuple[int, str]] = []  # (index, the pred a worker should parse)
     for index, (response, gold) in enumerate(pairs):
-        answer, status, from_box = extract_answer(response)
+        answer, from_box = None, False
+        try:
+            answer, status, from_box = extract_answer(response)
+            outcome = Verdict(False, status) if answer is None else _in_process(answer, gold.strip())
+        except Exception as error:  # a bug of ours: visible as `error`, never a silent parse_error
+            outcome = error_verdict(error)
         extracted.append((answer, from_box))
-        if answer is None:
-            decided.append((False, status))
-            continue
-        equal = fast_equal(answer, gold.strip())
-        if equal is not None:
-            decided.append((equal, "ok"))
-        elif guard(answer) or guard(gold):  # power towers and the like never reach a worker
-            decided.append((False, "parse_error"))
-        else:
-            pred, decision = decide(answer, gold.strip())
-            decided.append(decision)
-            if decision is None:
-                slow.append((index, pred))
+        verdicts.append(outcome if isinstance(outcome, Verdict) else None)
+        if not isinstance(outcome, Verdict):
+            slow.append((index, outcome))
     # Identical (pred, gold) pairs are graded once: the samples of a prompt often agree.
     jobs = list(dict.fromkeys((pred, pairs[index][1].strip()) for index, pred in slow))
     results = dict(zip(jobs, run_symbolic(jobs, workers, timeout_s)))
     for index, pred in slow:
-        decided[index] = results[(pred, pairs[index][1].strip())]
+        verdicts[index] = results[(pred, pairs[index][1].strip())]
     grades = []
-    for (response, _), (answer, from_box), (correct, status) in zip(pairs, extracted, decided):
-        grades.append(Grade(_reward(mode, correct, from_box, response), correct, answer, status))
+    for (response, _), (answer, from_box), verdict in zip(pairs, extracted, verdicts):
+        assert verdict is not None
+        grades.append(Grade(_reward(mode, verdict.equal, from_box, response), verdict.equal, answer, verdict.status,
+                            verdict.error))
+    _warn_about_errors(pairs, grades)
     return grades
 
 
@@ -81,4 +114,4 @@ def grade(response: str, gold: str, mode: str = "correct", timeout_s: float = DE
     return grade_batch([(response, gold)], mode, workers=1, timeout_s=timeout_s)[0]
 
 
-__all__ = ["Grade", "MODES", "grade", "grade_batch", "shutdown", "worker_pids"]
+__all__ = ["ERROR", "Grade", "MODES", "STATUSES", "grade", "grade_batch", "shutdown", "worker_pids"]

@@ -3,7 +3,8 @@
     python -m stages.score.verifier [--workers K] [--timeout S] [--mode correct|deepscaler] < in.jsonl > out.jsonl
 
 Input lines: {"gold": str, "response": str}. Output lines, in the same order:
-{"correct": bool, "reward": float, "status": "ok|no_answer|timeout|parse_error", "extracted": str|null}.
+{"correct": bool, "reward": float, "status": "ok|no_answer|timeout|parse_error|error", "extracted": str|null}.
+`error` is a bug of the verifier (see stages/score/verifier/status.py); each distinct one is logged on stderr.
 """
 from __future__ import annotations
 

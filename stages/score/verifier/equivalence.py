@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from fractions import Fraction
 from math import gcd
 from typing import NamedTuple
@@ -316,6 +317,21 @@ class _SLLSyntaxError(Exception):
     """Stage one of two-stage parsing met a syntax error: parse again with full LL prediction."""
 
 
+# Exceptions raised by our own code inside latex2sympy's parser (the hooks below). math-verify's parse
+# catches everything its parser raises and reports no parse, which would turn a bug of ours into a
+# parse_error; _parse re-raises what is recorded here instead, so that the pool grades it `error`.
+_hook_errors: list[Exception] = []
+
+
+@contextmanager
+def _ours():
+    try:
+        yield
+    except Exception as error:
+        _hook_errors.append(error)
+        raise
+
+
 def _bail(*_args) -> None:
     raise _SLLSyntaxError
 
@@ -330,8 +346,7 @@ def use_two_stage_parsing() -> None:
     that SLL prediction returns either the same parse tree as LL or a syntax error, so
     "SLL, then LL on a syntax error" (the two-stage strategy of the ANTLR book) gives the same
     sympy objects with 3-5x less parsing time; tests check it against plain LL. The hook wraps two methods of
-    latex2sympy2_extended==1.11.0 (pinned); without them parsing stays plain LL. What LL still costs
-    is cut by remember_full_context_predictions.
+    latex2sympy2_extended==1.11.0 (pinned); without them parsing stays plain LL.
     """
     from antlr4.atn.PredictionMode import PredictionMode
     from antlr4.error.ErrorListener import ErrorListener
@@ -345,11 +360,12 @@ def use_two_stage_parsing() -> None:
     bail.syntaxError = _bail  # the lexer keeps latex2sympy's own listener: SLL does not change lexing
 
     def create_sll_parser(self, latex_str):
-        parser = create_parser(self, latex_str)
+        parser = create_parser(self, latex_str)  # latex2sympy's: what it raises is a parse failure
         if self.__dict__.get("sll", False):
-            parser._interp.predictionMode = PredictionMode.SLL
-            parser.removeErrorListeners()
-            parser.addErrorListener(bail)
+            with _ours():
+                parser._interp.predictionMode = PredictionMode.SLL
+                parser.removeErrorListeners()
+                parser.addErrorListener(bail)
         return parser
 
     def parse_two_stage(self, latex_str):
@@ -364,65 +380,27 @@ def use_two_stage_parsing() -> None:
     _Latex2Sympy.parse_ll, _Latex2Sympy.two_stage = parse, True  # parse_ll: for the tests
     if hasattr(_Latex2Sympy, "parse_number"):
         _Latex2Sympy.parse_number = _integer_number(_Latex2Sympy.parse_number)
-    remember_full_context_predictions()
-
-
-MAX_REMEMBERED_PREDICTIONS = 20_000
-
-
-def remember_full_context_predictions() -> None:
-    """Remember the outcome of ANTLR's full-context (LL) predictions, which its DFA cache never keeps.
-
-    Answers with subscripts (`x_1`, `a_{37}`, `F_{n-k-1}`) fail SLL and need LL prediction, which
-    costs 20-150 ms per formula every time (about a quarter of all warm symbolic time on the public
-    cases). A full-context prediction is a function of the decision, the parser's call stack (the
-    invoking states of the rule contexts, which fix the start configurations), the precedence stack
-    (the grammar's only predicates are precedence predicates of its left-recursive rules) and the
-    token types it reads, from its start to where it stopped: the same inputs give the same
-    alternative. So the alternative is kept under that key and reused when the next formula of the
-    same shape (the same token types, whatever the names and digits) reaches the same decision in
-    the same context. Tests check the trees against plain LL. Wraps one method of
-    antlr4-python3-runtime (4.13.2, pinned with latex2sympy2_extended).
-    """
-    from antlr4.atn.ParserATNSimulator import ParserATNSimulator
-
-    predict = ParserATNSimulator.execATNWithFullContext
-    if getattr(predict, "remembers", False):
-        return
-    remembered: dict[tuple, list[tuple[tuple[int, ...], int]]] = {}
-
-    def remembering_predict(self, dfa, D, s0, input, startIndex, outerContext):
-        stack, ctx = [], outerContext
-        while ctx is not None:
-            stack.append(ctx.invokingState)
-            ctx = ctx.parentCtx
-        key = (id(dfa), tuple(stack), tuple(self.parser._precedenceStack))
-        for types, alt in remembered.get(key, ()):
-            input.seek(startIndex)
-            if all(input.LA(offset + 1) == kind for offset, kind in enumerate(types)):
-                return alt  # adaptivePredict seeks back to where prediction started
-        alt = predict(self, dfa, D, s0, input, startIndex, outerContext)  # raises on no viable alternative
-        types = tuple(input.get(index).type for index in range(startIndex, input.index + 1))
-        if len(remembered) > MAX_REMEMBERED_PREDICTIONS:
-            remembered.clear()
-        remembered.setdefault(key, []).insert(0, (types, alt))
-        return alt
-
-    remembering_predict.remembers, remembering_predict.original = True, predict
-    ParserATNSimulator.execATNWithFullContext = remembering_predict
 
 
 def _integer_number(parse_number):
     """latex2sympy builds every number with sympy.Number(text), which goes through sympify and
     parse_expr (~10% of all symbolic time on the public cases). For a token of digits only,
     sympy.Integer(int(text)) is the same object without either; anything else keeps the original."""
-    import sympy
 
     def parse_integer(self, text):
-        return sympy.Integer(int(text)) if text.isascii() and text.isdigit() else parse_number(self, text)
+        if not (text.isascii() and text.isdigit()):
+            return parse_number(self, text)
+        with _ours():
+            return _integer(text)
 
     parse_integer.original = parse_number
     return parse_integer
+
+
+def _integer(digits: str):
+    import sympy
+
+    return sympy.Integer(int(digits))
 
 
 def _parse(latex: str) -> list:
@@ -430,7 +408,13 @@ def _parse(latex: str) -> list:
     from math_verify import LatexExtractionConfig, parse
 
     use_two_stage_parsing()
-    return parse(latex, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+    _hook_errors.clear()
+    parsed = parse(latex, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+    if _hook_errors:  # a bug of ours inside the parser, which math-verify caught: not a parse failure
+        error = _hook_errors[0]
+        _hook_errors.clear()
+        raise error
+    return parsed
 
 
 def is_prose(s: str) -> bool:
@@ -520,6 +504,9 @@ def decide(pred: str, gold: str) -> tuple[str, tuple[bool, str] | None]:
 def symbolic_equal(pred: str, gold: str, golds: dict[str, list] | None = None) -> tuple[bool, str]:
     """(equal, status) via math-verify; status is ok or parse_error. Run it in a killable worker.
 
+    parse_error when math-verify returns no parse for either side (it catches what its parser raises on
+    odd LaTeX). Any exception that gets out of here is a bug of ours, which the pool grades `error`.
+
     `golds` caches parsed golds by their text (the same gold is graded once per sampled response);
     the parse of a gold depends on nothing but its text, so a cached parse is the same parse.
     """
@@ -564,21 +551,25 @@ _warm = False
 
 
 def warm_up() -> None:
-    """Grade WARM_UP_PAIRS once in this process (idempotent; a fork inherits the warm state). Never raises:
-    the forkserver runs it on import, where an exception would take the server down."""
+    """Grade WARM_UP_PAIRS once in this process (idempotent; a fork inherits the warm state).
+
+    Never raises: the forkserver runs it on import, where an exception would take the server down. An
+    exception is logged, one line per pair, and warm-up goes on; the same bug then grades as `error`.
+    """
     global _warm
     if _warm:
         return
     _warm = True
     import logging
 
-    try:
-        from math_verify import verify
+    from math_verify import verify
 
-        logging.getLogger("math_verify").setLevel(logging.ERROR)
-        for pred, gold in WARM_UP_PAIRS:  # straight to the parser and math-verify: the cheap tiers would decide most
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: the pool is the timeout
+    for pred, gold in WARM_UP_PAIRS:  # straight to the parser and math-verify: the cheap tiers would decide most
+        try:
             gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
             if gold_parsed and pred_parsed:
                 verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)
-    except Exception:
-        pass
+        except Exception as error:
+            logging.getLogger(__name__).warning("verifier warm-up: %s: %s on %r against %r", type(error).__name__,
+                                                error, pred, gold)

@@ -1,16 +1,27 @@
-"""A persistent pool of worker processes for symbolic grading; a worker past the time bound is killed and replaced.
+"""The worker processes of the symbolic tier: one pebble ProcessPool of one worker per slot, kept for the
+life of the process.
 
-No `signal.alarm`: the parent waits on the workers' pipes with a deadline and SIGKILLs a worker
-that misses it, so the bound holds from any thread and even inside C code that ignores signals.
+pebble does the process work: it times each job from when its worker takes it, on a thread of its own,
+and past `timeout_s` stops that worker and starts a replacement; it notices a worker that died and
+replaces it. It stops a worker with SIGTERM (SIGKILL 3 s later); our workers restore SIGTERM's default
+action, for pebble's own handler is Python code that would wait for the interpreter (e.g. for sympy to
+leave a C call). So the worker dies at once: the bound holds whichever thread calls and even inside C
+code, and there is no `signal.alarm`. What is ours is the choice of worker for each job (`_run`): a gold's
+jobs go to its home worker, which is why each worker is a pool of its own.
 
-The pool is started on first use and kept for the life of the process, because a fresh worker is
-slow twice over: starting it costs the sympy/math-verify imports, and ANTLR's Python runtime builds
-the parser's prediction DFA as it meets new answer shapes (a first pass costs 2-4x a warm one).
-Workers come from a forkserver that has imported sympy and math-verify and run `warm_up()` once,
-so every worker, replacements included, starts warm and never inherits the caller's threads or
-CUDA state. One batch uses the pool at a time (a lock), so any thread may call `run_symbolic`.
-A process forked from the caller forgets the pool (it belongs to the parent) and starts its own;
-`shutdown()` runs at interpreter exit.
+The workers are started on first use and kept, because a fresh worker is slow twice over: starting it
+costs the sympy / math-verify imports, and ANTLR's Python runtime builds the parser's prediction DFA as
+it meets new answer shapes (a first pass costs several times a warm one). They are forked from
+multiprocessing's forkserver, which has imported sympy and math-verify and graded the warm-up set once
+(its preload), so every worker, replacements after a timeout included, starts warm in milliseconds and
+inherits nothing of the caller (threads, CUDA state). Each call is its own batch: a worker caches the
+parses of the batch's golds (a gold is graded n times per prompt) and drops them when the next batch
+comes; no results are kept between calls.
+
+One call uses the workers at a time (a lock), so any thread may call `run_symbolic`. In a process forked
+from the caller the workers are the parent's: that process drops its handles on them (never stops them)
+and starts its own, spawned, which warm up before their first job, because multiprocessing's record of
+the forkserver is the parent's too and cannot be used there. `shutdown()` runs at interpreter exit.
 """
 from __future__ import annotations
 
@@ -18,104 +29,137 @@ import atexit
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import threading
-import time
 import zlib
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+
+from pebble import ProcessExpired, ProcessPool
+
+from stages.score.verifier.status import ERROR, TIMEOUT, Verdict, describe, error_verdict
 
 # The forkserver imports these before it forks any worker; `warm` runs warm_up() on import.
 _PRELOAD = ["stages.score.verifier.equivalence", "math_verify", "sympy", "stages.score.verifier.warm"]
-READY = "ready"
-START_TIMEOUT_S = 120.0   # a worker that is not ready by then (imports, warm-up) is killed and replaced
-SHUTDOWN_WAIT_S = 5.0
 MAX_CACHED_GOLDS = 512    # parsed golds a worker keeps within one batch
+STALL_S = 120.0           # no job finished for this long beyond the time bound: the busy slots are stuck, restart them
+SHUTDOWN_WAIT_S = 5.0
 
 
-def _serve(connection: Connection) -> None:
-    """A worker: warm up, say ready, then grade jobs until told to stop (None) or the parent goes away."""
+# --- in a worker ----------------------------------------------------------------------------------
+
+_golds: dict[str, list] = {}
+_golds_batch: int | None = None
+
+
+def _start_worker() -> None:
+    """pebble's initializer: runs in each worker before its first job (so its warm-up is never timed)."""
     import logging
 
-    from stages.score.verifier.equivalence import symbolic_equal, warm_up
-
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pebble stops a worker with SIGTERM: die at once, even in C code
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: the pool is the timeout
-    warm_up()  # a no-op when the forkserver already did it: workers fork from a warm parser
-    connection.send(READY)
-    golds: dict[str, list] = {}  # parsed golds of the current batch: a gold is graded n times per prompt
-    batch = None
-    while True:
-        try:
-            job = connection.recv()
-        except (EOFError, OSError):
-            return
-        if job is None:
-            return
-        job_batch, index, pred, gold = job
-        if job_batch != batch or len(golds) > MAX_CACHED_GOLDS:
-            golds, batch = {}, job_batch  # scoped to a batch: the next batch has other prompts
-        try:
-            result = symbolic_equal(pred, gold, golds)
-        except Exception:  # a parser bug on odd input is a parse error, not a crashed batch
-            result = (False, "parse_error")
-        connection.send((job_batch, index, result))
+    from stages.score.verifier.equivalence import warm_up
+
+    warm_up()  # a no-op in a fork of the warmed-up forkserver
+
+
+def grade_in_worker(batch: int, pred: str, gold: str) -> Verdict:
+    """One job: symbolic_equal, with the batch's parsed golds cached. Our exceptions come back as `error`
+    verdicts (type and message), never as exceptions: pebble would have to unpickle them in the caller."""
+    global _golds, _golds_batch
+    from stages.score.verifier.equivalence import symbolic_equal
+
+    if batch != _golds_batch or len(_golds) > MAX_CACHED_GOLDS:
+        _golds, _golds_batch = {}, batch  # scoped to a batch: the next batch has other prompts
+    try:
+        return Verdict(*symbolic_equal(pred, gold, _golds))
+    except Exception as error:  # math-verify catches its parser's own exceptions; what reaches us is a bug of ours
+        return error_verdict(error)
+
+
+# --- in the caller --------------------------------------------------------------------------------
+
+class _Context:
+    """The multiprocessing context pebble starts a slot's worker with; it remembers them, for worker_pids()."""
+
+    def __init__(self, method: str):
+        self._context = mp.get_context(method)
+        if method == "forkserver":
+            self._context.set_forkserver_preload(_PRELOAD)
+        self.processes: list = []
+
+    def Process(self, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
+        process = self._context.Process(*args, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
 
 
 @dataclass
-class _Worker:
-    process: mp.Process
-    connection: Connection
-    started: float
-    ready: bool = False
-    job: int | None = None        # index of the job it holds
-    deadline: float = float("inf")  # for the job, from when the worker is ready
+class _Slot:
+    """One worker: a pebble pool of one process, so that a gold's jobs go to the worker that knows its shape."""
+    pool: ProcessPool
+    context: _Context
+
+    @classmethod
+    def start(cls) -> _Slot:
+        context = _Context(_start_method)
+        return cls(ProcessPool(max_workers=1, initializer=_start_worker, context=context), context)
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self.pool.join(timeout=SHUTDOWN_WAIT_S)
+
+    def pid(self) -> int | None:
+        # Only exited ones go, and in place: pebble's thread may be appending (and starting) a replacement.
+        for process in [p for p in self.context.processes if p.exitcode is not None]:
+            self.context.processes.remove(process)
+        return next((p.pid for p in self.context.processes if p.is_alive()), None)
 
 
 _lock = threading.Lock()
-_workers: list[_Worker] = []
+_slots: list[_Slot] = []
+_start_method = "forkserver"
 _batches = itertools.count()
 
 
-def _context():
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)
-    return context
+def _slot(index: int) -> _Slot:
+    """Slot `index`, started on first use and started again after its pool broke (e.g. a worker killed while idle)."""
+    while len(_slots) <= index:
+        _slots.append(_Slot.start())
+    if not _slots[index].pool.active:
+        _slots[index].stop()
+        _slots[index] = _Slot.start()
+    return _slots[index]
 
 
-def _start() -> _Worker:
-    parent, child = mp.Pipe()
-    process = _context().Process(target=_serve, args=(child,), daemon=True, name="verifier-worker")
-    process.start()
-    child.close()
-    return _Worker(process, parent, time.monotonic())
+def _verdict(future: Future) -> Verdict:
+    try:
+        return future.result(timeout=0)
+    except TimeoutError:  # pebble's: the job ran past timeout_s and its worker was stopped
+        return Verdict(False, TIMEOUT)
+    except ProcessExpired as error:  # the worker died on its own (e.g. out of memory)
+        return Verdict(False, ERROR, f"the worker died while grading ({describe(error)}, exit code {error.exitcode})")
+    except Exception as error:  # the pool broke
+        return error_verdict(error)
 
 
-def _stop(worker: _Worker, kill: bool) -> None:
-    if kill:
-        worker.process.kill()
-    else:
-        try:
-            worker.connection.send(None)
-        except (BrokenPipeError, OSError):
-            worker.process.kill()
-    worker.process.join(timeout=SHUTDOWN_WAIT_S)
-    if worker.process.is_alive():
-        worker.process.kill()
-        worker.process.join()
-    worker.connection.close()
+def run_symbolic(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[Verdict]:
+    """symbolic_equal(pred, gold) for every job, in order, on `workers` workers.
 
+    Always completes: timeout where a job ran past timeout_s (its worker is replaced), error where our
+    code raised or the worker died. A job that never ran because its pool broke (pebble fails a pool whose
+    worker died outside any job) runs once more in a fresh one.
 
-def _replace(slot: int) -> _Worker:
-    _stop(_workers[slot], kill=True)
-    _workers[slot] = _start()
-    return _workers[slot]
-
-
-def run_symbolic(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[tuple[bool, str]]:
-    """symbolic_equal(pred, gold) for every job, in order; (False, "timeout") where a worker ran past timeout_s.
-
-    Always completes: a worker that times out or dies is killed and replaced, and its job is recorded.
-    Uses up to `workers` workers of the persistent pool, starting the missing ones.
+    Jobs are grouped by gold and each gold has a home worker (a stable hash), which works through its
+    groups one at a time: its parse of the gold is cached for the call, and a gold that comes back in a
+    later call meets the parser that learned its shape (ANTLR's DFA is per process; without homes every
+    worker must learn every shape, which cost about 2 ms more per response with 2 workers). A worker with
+    nothing of its own left takes from the end of the busiest queue, so none idles.
     """
     if not jobs:
         return []
@@ -123,140 +167,87 @@ def run_symbolic(jobs: list[tuple[str, str]], workers: int, timeout_s: float) ->
         return _run(jobs, workers, timeout_s)
 
 
-def _run(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[tuple[bool, str]]:
-    results: list[tuple[bool, str] | None] = [None] * len(jobs)
-    batch = next(_batches)
-    size = min(workers, len(jobs))
-    for slot, worker in enumerate(_workers[:size]):
-        if not worker.process.is_alive():  # died while idle (e.g. killed from outside)
-            _replace(slot)
-    while len(_workers) < size:
-        _workers.append(_start())
-    pool = range(size)
-    # Jobs are grouped by gold and each gold has a home worker (a stable hash), which works through
-    # its groups one at a time: the worker's parse of the gold is cached for the call, and a gold
-    # that comes back in a later call (an eval set graded again) meets the parser that learned its shape.
-    # A worker with nothing of its own left takes from the end of the busiest queue, so none idles.
-    queues: list[deque[deque[int]]] = [deque() for _ in pool]
+def _run(jobs: list[tuple[str, str]], workers: int, timeout_s: float) -> list[Verdict]:
+    batch, size = next(_batches), min(workers, len(jobs))
+    queues: list[deque[deque[int]]] = [deque() for _ in range(size)]
     by_gold: dict[str, deque[int]] = {}
     for index, (_, gold) in enumerate(jobs):
         if gold not in by_gold:
             by_gold[gold] = deque()
             queues[zlib.crc32(gold.encode()) % size].append(by_gold[gold])
         by_gold[gold].append(index)
-    remaining = len(jobs)
+    results: list[Verdict | None] = [None] * len(jobs)
+    running: dict[Future, tuple[int, int]] = {}  # future -> (slot, job index)
+    retried: set[int] = set()
 
-    def next_job(slot: int) -> int | None:
-        own = queues[slot]
-        while own and not own[0]:
-            own.popleft()
-        if own:
-            return own[0].popleft()
-        busiest = max(queues, key=lambda queue: sum(map(len, queue)))
-        while busiest and not busiest[-1]:
-            busiest.pop()
-        return busiest[-1].pop() if busiest else None
-
-    def assign(slot: int) -> None:
-        index = next_job(slot)
+    def assign(slot: int, index: int | None = None) -> None:
         if index is None:
-            return
-        worker = _workers[slot]
-        try:
-            worker.connection.send((batch, index, *jobs[index]))
-        except (BrokenPipeError, OSError):  # died since the last check: the job never ran, so retry it once
-            worker = _replace(slot)
-            worker.connection.send((batch, index, *jobs[index]))
-        worker.job = index
-        worker.deadline = time.monotonic() + timeout_s if worker.ready else float("inf")
-
-    def finish(slot: int, index: int, result: tuple[bool, str]) -> None:
-        nonlocal remaining
-        results[index] = result
-        remaining -= 1
-        _workers[slot].job = None
-        assign(slot)
+            index = _next_job(queues, slot)
+        if index is not None:
+            future = _slot(slot).pool.schedule(grade_in_worker, args=(batch, *jobs[index]), timeout=timeout_s)
+            running[future] = (slot, index)
 
     try:
-        for slot in pool:
+        for slot in range(size):
             assign(slot)
-        while remaining:
-            busy = [_workers[slot] for slot in pool if _workers[slot].job is not None]
-            deadlines = [w.deadline if w.ready else w.started + START_TIMEOUT_S for w in busy]
-            ready = wait([w.connection for w in busy], timeout=max(0.0, min(deadlines) - time.monotonic()))
-            now = time.monotonic()
-            for slot in pool:
-                worker = _workers[slot]
-                if worker.job is None:
+        while running:
+            done, _ = wait(running, timeout=STALL_S + timeout_s, return_when=FIRST_COMPLETED)
+            if not done:  # every job is bounded, so a pool that finishes none is stuck: restart it
+                for slot, index in running.values():
+                    results[index] = Verdict(False, ERROR, f"no result in {STALL_S + timeout_s:.0f} s; worker restarted")
+                    _slots[slot].stop()
+                    _slots[slot] = _Slot.start()
+                running.clear()
+                break
+            for future in done:
+                slot, index = running.pop(future)
+                if isinstance(future.exception(), BrokenProcessPool) and index not in retried:
+                    retried.add(index)
+                    assign(slot, index)  # _slot() starts a fresh pool
                     continue
-                if worker.connection in ready:
-                    try:
-                        message = worker.connection.recv()
-                    except (EOFError, OSError):  # the worker died (e.g. out of memory)
-                        job = worker.job
-                        _replace(slot)
-                        finish(slot, job, (False, "parse_error"))
-                        continue
-                    if message == READY:  # the job's clock starts now, not while the worker warmed up
-                        worker.ready, worker.deadline = True, now + timeout_s
-                    elif message[0] == batch and message[1] == worker.job:
-                        finish(slot, worker.job, message[2])
-                elif now >= (worker.deadline if worker.ready else worker.started + START_TIMEOUT_S):
-                    job = worker.job
-                    _replace(slot)
-                    finish(slot, job, (False, "timeout"))
+                results[index] = _verdict(future)
+                assign(slot)
     finally:
-        # Interrupted mid-batch (e.g. KeyboardInterrupt): a worker still holding a job would answer it
-        # into the next batch, so it goes.
-        for slot in pool:
-            if _workers[slot].job is not None:
-                _workers[slot].job = None
-                _replace(slot)
-    return results  # type: ignore[return-value]
+        for future in running:
+            future.cancel()  # interrupted (e.g. KeyboardInterrupt): pebble stops the worker of a running job
+    return [r if r is not None else Verdict(False, ERROR, "not graded: the pool was stuck") for r in results]
+
+
+def _next_job(queues: list[deque[deque[int]]], slot: int) -> int | None:
+    own = queues[slot]
+    while own and not own[0]:
+        own.popleft()
+    if own:
+        return own[0].popleft()
+    busiest = max(queues, key=lambda queue: sum(map(len, queue)))
+    while busiest and not busiest[-1]:
+        busiest.pop()
+    return busiest[-1].pop() if busiest else None
 
 
 def worker_pids() -> list[int]:
-    """Process ids of the pool's live workers (for tests and the benchmark's CPU accounting)."""
+    """Process ids of the live workers, by slot (for tests and the benchmark's CPU accounting)."""
     with _lock:
-        return [w.process.pid for w in _workers if w.process.is_alive()]
+        return [pid for pid in (slot.pid() for slot in _slots) if pid is not None]
 
 
 def shutdown() -> None:
-    """Stop every worker (politely, then by SIGKILL); the pool starts again on the next call."""
+    """Stop every worker; the pool starts again on the next call."""
     got = _lock.acquire(timeout=SHUTDOWN_WAIT_S)  # at exit a daemon thread may still hold it mid-batch
     try:
-        while _workers:
-            worker = _workers.pop()
-            _stop(worker, kill=not got or worker.job is not None)
+        while _slots:
+            _slots.pop().stop()
     finally:
         if got:
             _lock.release()
 
 
 def _forget_after_fork() -> None:
-    """In a child forked from the caller: the workers are the parent's, so drop them (never message or
-    kill them) and close our copies of their pipes, so that they still see EOF when the parent exits.
-    multiprocessing's forkserver record is also the parent's: in a forked child its next use fails
-    with ChildProcessError (os.waitpid on a process that is not our child), so let it start a new one.
-    """
-    global _lock, _workers
+    """In a child forked from the caller: the workers are the parent's, so drop the handles on them (never stop them)."""
+    global _lock, _slots, _start_method
     _lock = threading.Lock()  # another thread may have held it at the fork
-    for worker in _workers:
-        try:
-            worker.connection.close()
-        except OSError:
-            pass
-    _workers = []
-    try:
-        from multiprocessing import forkserver
-
-        server = forkserver._forkserver
-        if server._forkserver_alive_fd is not None:
-            os.close(server._forkserver_alive_fd)
-        server._forkserver_pid = server._forkserver_address = server._forkserver_alive_fd = None
-        server._lock = threading.Lock()
-    except (AttributeError, OSError):  # another Python's internals: leave them
-        pass
+    _slots = []
+    _start_method = "spawn"  # multiprocessing's record of the forkserver is the parent's: unusable here
 
 
 atexit.register(shutdown)
