@@ -28,7 +28,7 @@ from common.config import load_config
 from common.data import load_prompts
 from common.modeling import load_tokenizer
 from stages.generate.sampling import SamplingParams, open_engine
-from stages.generate.vllm_engine import vllm_available
+from common.vllm import vllm_available
 
 STUDENT, OTHER = Path("assets/tiny/student"), Path("assets/tiny/teacher")  # same architecture
 OPEN_AND_CLOSE = ("from pathlib import Path\nfrom common.config import load_config\n"

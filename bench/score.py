@@ -21,7 +21,7 @@ from bench.generate import tiny_world_prompts
 from bench.record import write_results
 from common.config import load_config
 from stages.generate.sampling import SamplingParams, open_engine
-from stages.generate.vllm_engine import vllm_available
+from common.vllm import vllm_available
 from stages.score.teacher import open_scorer
 
 STUDENT, TEACHER = Path("assets/tiny/student"), Path("assets/tiny/teacher")

@@ -5,7 +5,7 @@
 What is timed, and through what:
 - 4 kB responses with integer answers (DAPO's case), and the same with 1% adversarial responses
   (power towers, a megabyte of nested braces): whole calls of the batch CLI
-  (`python -m stages.score.verifier`), start-up included; median of --repeats calls each.
+  (`python -m common.verifier`), start-up included; median of --repeats calls each.
 - The public case mix (../shared/data/verifier-cases-public.jsonl, each pred boxed in a short response):
   cold: one fresh CLI call per pass, so python start-up, imports, the worker pool's start and
         warm-up and a first sight of every answer are all in it; median of --repeats calls. Also
@@ -17,7 +17,7 @@ What is timed, and through what:
         parser has met these answer shapes before, and sympy keeps its own cache. Also printed:
         CPU time per response (the calling process and all its descendants), which the other jobs on
         a shared machine disturb less than wall time, and the rate it gives on --workers free cores.
-- `error` statuses (bugs of the verifier, stages/score/verifier/status.py) in the cold and steady passes:
+- `error` statuses (bugs of the verifier, common/verifier/status.py) in the cold and steady passes:
   the goal is none. Every figure is printed with the 1-minute load average while it was measured.
 - The adversarial slow-down again with grade_batch alone, in-process (without the CLI's JSON reading),
   and the slowest single adversarial response (bound: the 5 s timeout).
@@ -65,7 +65,7 @@ TIMEOUT_S = 5.0
 STEADY = r'''
 import json, os, random, sys, time
 from pathlib import Path
-import stages.score.verifier as verifier
+import common.verifier as verifier
 
 def cpu():  # utime + stime of this process and of every live descendant (workers, forkserver), from /proc
     stats = {}
@@ -155,7 +155,7 @@ def run_cli(checkout: Path, stdin: str, workers: int) -> tuple[float, float, lis
     and, once this process is a subreaper, of all its descendants (forkserver, workers); else of the CLI only."""
     cpu_before = _children_cpu()
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "stages.score.verifier", "--workers", str(workers)], input=stdin,
+    done = subprocess.run([sys.executable, "-m", "common.verifier", "--workers", str(workers)], input=stdin,
                           capture_output=True, text=True, cwd=checkout, env=environment(checkout), check=True)
     seconds = time.perf_counter() - started
     _reap_orphans()  # only CLI descendants exist now: this process starts its own pool after the CLI calls
@@ -271,7 +271,7 @@ def main() -> None:
         results[name] = (base, slowdown, cold, steady_rate, agree, false_positives, cold_cpu_ms, cpu_ms, errors)
 
     sys.path.insert(0, str(ROOT))  # this checkout's verifier, in-process
-    from stages.score.verifier import grade_batch
+    from common.verifier import grade_batch
 
     # The same slow-down without the CLI's reading of 80 MB more JSON: grade_batch alone, in this process.
     integer_pairs = [(r["response"], r["gold"]) for r in integers]

@@ -120,15 +120,16 @@ class EvalConfig:
 
 @dataclass
 class OrchestratorConfig:
-    # subprocess: a fresh process per stage (simple, nothing held between stages);
-    # resident: generation and teacher engines stay loaded in Dask workers across iterations.
-    mode: Mode = "subprocess"
+    # resident: one controller, Dask workers that keep the generation engine, the teacher and the
+    # trainer loaded across iterations (orchestrator/roles.py);
+    # subprocess: a fresh process per stage (nothing held between stages; for debugging one stage).
+    mode: Mode = "resident"
 
 
 @dataclass
 class ClusterConfig:
     address: str = ""               # Dask scheduler to join; empty = an embedded LocalCluster
-    workers: int = 1                # worker processes in resident mode (one per GPU)
+    workers: int = 1                # embedded cluster: worker processes, each with every role (one per GPU)
 
 
 @dataclass
@@ -154,8 +155,17 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def results_dict(self) -> dict:
+        """The keys that change what a run computes: all but how and where it runs (OPERATIONAL)."""
+        return {key: value for key, value in self.to_dict().items() if key not in OPERATIONAL}
+
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """The run's identity: a hash of `results_dict()`. Switching a run to resident mode, another
+        cluster or another MLflow store keeps it (thread counts may move fp32 rounding, not results)."""
+        return hashlib.sha256(json.dumps(self.results_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+OPERATIONAL = ("orchestrator", "cluster", "mlflow", "threads")
 
 
 def _build(cls, raw: dict, prefix: str):

@@ -31,6 +31,11 @@ def load_run_config(run: Path) -> Config:
 
 
 def quiet_libraries() -> None:
+    """Library banners and progress bars off in stage output; warnings that matter and errors stay."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, so DeepSpeed need not warn that it guessed
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

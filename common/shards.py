@@ -1,7 +1,8 @@
 """The contract between stages: run layout, Parquet schemas, atomic writes, manifests, readers.
 
 A stage's output folder is complete only when its `_MANIFEST.json` exists; the manifest lists every
-file with its row count and sha256, the config hash, timings and the stage's metrics. Everything is
+file with its row count and sha256, timings and the stage's metrics (the config is the run's
+frozen run.yaml). Everything is
 written to a temporary name and renamed, so a crash leaves either nothing or a whole file.
 
 Layout of a run folder:
@@ -172,7 +173,7 @@ def write_shard(table: pa.Table, out_dir: Path, index: int) -> Path:
     return path
 
 
-def write_manifest(out_dir: Path, stage: str, iteration: int, config_hash: str, started: float,
+def write_manifest(out_dir: Path, stage: str, iteration: int, started: float,
                    metrics: dict | None = None, extra: dict | None = None) -> dict:
     """Seal a stage's output folder: list its shards with rows and sha256, then write the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +182,6 @@ def write_manifest(out_dir: Path, stage: str, iteration: int, config_hash: str, 
     manifest = {
         "stage": stage,
         "iteration": iteration,
-        "config_hash": config_hash,
         "files": files,
         "rows": sum(f["rows"] for f in files),
         "started_at": started,

@@ -35,19 +35,18 @@ class StageFailed(RuntimeError):
 
 
 def prepare_run(run: Path, config: Config, force: bool) -> Config:
-    """Freeze the config on first start; refuse to continue a run under a different config."""
+    """Freeze the config on first start; refuse to continue a run under a config that computes
+    something else (config.hash), unless forced. A change of how it runs only (mode, cluster,
+    MLflow store, threads) is taken, and frozen, as is."""
     run.mkdir(parents=True, exist_ok=True)
     frozen = run / RUN_CONFIG
     if frozen.exists():
         previous = config_from_dict(yaml.safe_load(frozen.read_text()))
-        if previous.hash() != config.hash():
-            if not force:
-                changed = _differences(previous.to_dict(), config.to_dict())
-                raise ConfigError(f"run {run} was started with another config (changed: {', '.join(changed)}); "
-                                  "use a new RUN=..., or FORCE=1 to continue under the new config")
-            save_config(config, frozen)
-    else:
-        save_config(config, frozen)
+        if previous.hash() != config.hash() and not force:
+            changed = _differences(previous.results_dict(), config.results_dict())
+            raise ConfigError(f"run {run} was started with another config (changed: {', '.join(changed)}); "
+                              "use a new RUN=..., or FORCE=1 to continue under the new config")
+    save_config(config, frozen)
     initial = shards.checkpoint_dir(run, 0)
     if shards.checkpoint_ready(initial) and shards.read_manifest(shards.stage_dir(run, 0, "train")) is None:
         try:

@@ -32,8 +32,8 @@ PANELS = [
     ("stage throughput (tokens/s)", [("generate.tokens_per_s", "generate"),
                                      ("score.tokens_per_s", "score (prompt + response)"),
                                      ("train.tokens_per_s", "train")]),
-    ("stage wall time (s, process)", [("time.generate_process_s", "generate"), ("time.score_process_s", "score"),
-                                      ("time.train_process_s", "train")]),
+    ("stage wall time (s)", [("time.generate_wall_s", "generate"), ("time.score_wall_s", "score"),
+                             ("time.train_wall_s", "train")]),
 ]
 
 

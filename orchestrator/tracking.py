@@ -6,6 +6,7 @@ records that they went out, and a crash before the marker is caught by looking t
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -36,6 +37,10 @@ class Tracker:
     def __init__(self, config: Config, run: Path):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import mlflow
+
+        # Its sqlite store logs "Creating initial tables" / "Updating database tables" at INFO on start
+        # (mlflow sets its loggers' levels on import: quieten them after it).
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
         self.mlflow = mlflow
         self.run = Path(run)

@@ -4,11 +4,12 @@ from pipeline_helpers import orchestrate
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
-    """Two uninterrupted tiny iterations (run as 1 + 1: a second call continues the run)."""
+    """Two uninterrupted tiny iterations by stage processes (run as 1 + 1: a second call continues the
+    run); the resident runs of other tests must write the same bytes."""
     run = tmp_path_factory.mktemp("runs") / "reference"
-    first = orchestrate(run, 1)
+    first = orchestrate(run, 1, "-o", "orchestrator.mode=subprocess")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = orchestrate(run, 1)
+    second = orchestrate(run, 1, "-o", "orchestrator.mode=subprocess")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "1 iteration(s) done" in second.stdout
     # What the two calls printed, for the tests of the terminal output.

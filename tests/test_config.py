@@ -38,3 +38,12 @@ def test_literal_choices_are_listed_in_the_error():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_the_hash_covers_what_changes_results_and_nothing_else():
+    """A run can move to resident mode, another cluster, another MLflow store or thread count and keep
+    its identity; a learning rate cannot."""
+    base = load_config("configs/tiny.yaml")
+    operational = ["orchestrator.mode=subprocess", "cluster.workers=2", "threads=1", "mlflow.experiment=other"]
+    assert load_config("configs/tiny.yaml", operational).hash() == base.hash()
+    assert load_config("configs/tiny.yaml", ["train.lr=1e-3"]).hash() != base.hash()

@@ -15,7 +15,7 @@ from common.config import load_config
 from common.data import load_prompts
 from common.modeling import load_tokenizer
 from orchestrator.loop import prepare_run
-from stages.score.verifier import grade
+from common.verifier import grade
 
 SHARED = Path("../shared/data")
 RECIPE = "configs/qwen3-1.7b-opd-dapo.yaml"

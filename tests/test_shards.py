@@ -21,9 +21,9 @@ def test_round_trip_and_manifest(tmp_path):
     rows = rollout_rows(10)
     shards.write_shard(pa.Table.from_pylist(rows[:6], schema=shards.ROLLOUT_SCHEMA), out, 0)
     shards.write_shard(pa.Table.from_pylist(rows[6:], schema=shards.ROLLOUT_SCHEMA), out, 1)
-    manifest = shards.write_manifest(out, "rollouts", 3, "cfg", started=0.0, metrics={"m": 1.0})
+    manifest = shards.write_manifest(out, "rollouts", 3, started=0.0, metrics={"m": 1.0})
     assert manifest["rows"] == 10 and [f["rows"] for f in manifest["files"]] == [6, 4]
-    assert json.loads((out / shards.MANIFEST).read_text())["config_hash"] == "cfg"
+    assert json.loads((out / shards.MANIFEST).read_text())["metrics"] == {"m": 1.0}
     table = shards.read_stage(out, "rollouts")
     assert table.schema == shards.ROLLOUT_SCHEMA
     assert table.to_pylist() == [{**r, "rollout_logprobs": r["rollout_logprobs"]} for r in rows]
@@ -43,7 +43,7 @@ def test_unfinished_stage_is_rejected(tmp_path):
 def test_altered_or_missing_shard_is_rejected(tmp_path):
     out = shards.stage_dir(tmp_path, 0, "rollouts")
     path = shards.write_shard(pa.Table.from_pylist(rollout_rows(4), schema=shards.ROLLOUT_SCHEMA), out, 0)
-    shards.write_manifest(out, "rollouts", 0, "cfg", started=0.0)
+    shards.write_manifest(out, "rollouts", 0, started=0.0)
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(shards.ContractError, match="sha256"):
         shards.read_stage(out, "rollouts")
@@ -55,6 +55,6 @@ def test_altered_or_missing_shard_is_rejected(tmp_path):
 def test_missing_column_is_rejected(tmp_path):
     out = shards.stage_dir(tmp_path, 0, "scored")
     shards.write_shard(pa.Table.from_pylist(rollout_rows(2), schema=shards.ROLLOUT_SCHEMA), out, 0)
-    shards.write_manifest(out, "scored", 0, "cfg", started=0.0)
+    shards.write_manifest(out, "scored", 0, started=0.0)
     with pytest.raises(shards.ContractError, match="teacher_logprobs"):
         shards.read_stage(out, "scored")

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.modeling import file_sha256
-from stages.score.verifier import grade
+from common.verifier import grade
 from tiny_world.task import DAPO_SCHEMA, parse_question, worked_solution
 
 ASSETS = Path("assets/tiny")

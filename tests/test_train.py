@@ -55,7 +55,7 @@ def write_scored(run: Path, iteration: int, seed: int, nan_row: int | None = Non
         })
     out_dir = shards.stage_dir(run, iteration, "scored")
     shards.write_shard(pa.Table.from_pylist(rows, schema=shards.SCORED_SCHEMA), out_dir, 0)
-    shards.write_manifest(out_dir, "scored", iteration, "synthetic", 0.0)
+    shards.write_manifest(out_dir, "scored", iteration, 0.0)
 
 
 def new_run(tmp_path: Path, name: str, *overrides: str) -> Path:

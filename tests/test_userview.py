@@ -98,7 +98,7 @@ def test_inspect_shows_summaries_and_the_token_table(runs):
 ENTRY_POINTS = [
     ["-m", "orchestrator"], ["-m", "orchestrator", "iterate"], ["-m", "orchestrator", "inspect"],
     ["-m", "orchestrator", "report"], ["-m", "orchestrator", "compare"], ["-m", "orchestrator", "eval"],
-    ["-m", "orchestrator", "check"], ["-m", "stages.score.verifier"],
+    ["-m", "orchestrator", "check"], ["-m", "common.verifier"],
     ["-m", "stages.generate"], ["-m", "stages.score"], ["-m", "stages.train"],
     ["-m", "tiny_world.build"], ["-m", "tiny_world.evaluate"], ["-m", "tiny_world.sft_check"],
 ]

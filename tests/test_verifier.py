@@ -17,11 +17,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import stages.score.verifier as verifier
+import common.verifier as verifier
 from common.config import ConfigError, config_from_dict
-from stages.score.verifier import STATUSES, grade, grade_batch, shutdown, worker_pids
-from stages.score.verifier.equivalence import _exact_numbers, decide, guard, parse_answer, use_two_stage_parsing
-from stages.score.verifier.extract import extract_answer
+from common.verifier import STATUSES, grade, grade_batch, shutdown, worker_pids
+from common.verifier.equivalence import _exact_numbers, decide, guard, parse_answer, use_two_stage_parsing
+from common.verifier.extract import extract_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # the shared folder sits next to the repository (../shared)
@@ -141,7 +141,7 @@ RELATIONS = [  # (pred, gold, decided by relations.py: equal / None = left to ma
 
 @pytest.mark.parametrize("pred, gold, expected", RELATIONS)
 def test_relations_are_decided_exactly_and_agree_with_math_verify(pred, gold, expected):
-    from stages.score.verifier.relations import relational_equal
+    from common.verifier.relations import relational_equal
 
     assert relational_equal(pred, gold) is expected
     if expected is not None:
@@ -151,7 +151,7 @@ def test_relations_are_decided_exactly_and_agree_with_math_verify(pred, gold, ex
 def test_relations_agree_with_math_verify_on_generated_relations():
     """Random linear and quadratic relations, rescaled, flipped or perturbed: wherever relations.py
     decides, math-verify (the worker's answer without it) must give the same answer."""
-    from stages.score.verifier.relations import relational_equal
+    from common.verifier.relations import relational_equal
 
     rng = random.Random(7)
     names = {"=": ["="], "<": ["<", "\\lt"], "<=": ["\\le", "\\leq"], ">": [">"], ">=": ["\\ge", "\\geq"]}
@@ -311,7 +311,7 @@ def test_a_bug_in_an_in_process_tier_grades_error_with_its_message_and_logs_one_
         raise TypeError("injected bug")
 
     monkeypatch.setattr(verifier, "fast_equal", broken)  # what grade_batch calls first on every extracted answer
-    with caplog.at_level("WARNING", logger="stages.score.verifier"):
+    with caplog.at_level("WARNING", logger="common.verifier"):
         grades = grade_batch([(boxed("4"), "4"), (boxed("5"), "4"), ("no box", "4")])
     assert [g.status for g in grades] == ["error", "error", "no_answer"]  # never parse_error, never a crashed batch
     assert [g.error for g in grades] == ["TypeError: injected bug"] * 2 + [None]
@@ -331,7 +331,7 @@ def run_with_worker_code(tmp_path: Path, injected: str, script: str) -> subproce
 
 
 INJECTED_BUG = """
-    import stages.score.verifier.relations as relations
+    import common.verifier.relations as relations
 
     def relational_equal(pred, gold):  # one of our tiers, which only the workers run
         raise TypeError("injected bug")
@@ -340,7 +340,7 @@ INJECTED_BUG = """
 """
 GRADE_SYMBOLIC = f"""
     import json
-    from stages.score.verifier import grade_batch
+    from common.verifier import grade_batch
     if __name__ == "__main__":
         print(json.dumps([(g.status, g.correct, g.error) for g in grade_batch({SYMBOLIC!r})]))
 """
@@ -364,7 +364,7 @@ def test_a_bug_in_our_code_inside_a_worker_grades_error_not_parse_error(tmp_path
 def test_a_worker_that_dies_while_grading_grades_that_answer_error_and_the_rest_ok(tmp_path):
     injected = """
         import os
-        import stages.score.verifier.relations as relations
+        import common.verifier.relations as relations
 
         real = relations.relational_equal
 
@@ -377,7 +377,7 @@ def test_a_worker_that_dies_while_grading_grades_that_answer_error_and_the_rest_
     """
     script = f"""
         import json
-        from stages.score.verifier import grade_batch
+        from common.verifier import grade_batch
         if __name__ == "__main__":
             grades = grade_batch([({boxed("x")!r}, "x_{{dies}}")] + {SYMBOLIC!r})
             print(json.dumps([(g.status, g.error) for g in grades]))
@@ -392,7 +392,7 @@ def test_a_worker_that_dies_while_grading_grades_that_answer_error_and_the_rest_
 def test_a_bug_in_our_parser_hooks_grades_error_although_math_verify_catches_it(tmp_path):
     """Our integer hook runs inside latex2sympy's parser, whose exceptions math-verify turns into "no parse"."""
     injected = """
-        import stages.score.verifier.equivalence as equivalence
+        import common.verifier.equivalence as equivalence
 
         def _integer(digits):
             raise TypeError("injected bug in a parser hook")
@@ -402,7 +402,7 @@ def test_a_bug_in_our_parser_hooks_grades_error_although_math_verify_catches_it(
     pairs = [(boxed("x^2 + 2x + 1"), "(x+1)^2"), (boxed("\\sin x"), "\\cos x")]  # with an integer token, without
     script = f"""
         import json
-        from stages.score.verifier import grade_batch
+        from common.verifier import grade_batch
         if __name__ == "__main__":
             print(json.dumps([(g.status, g.error) for g in grade_batch({pairs!r})]))
     """
@@ -481,7 +481,7 @@ def test_the_time_bound_holds_inside_c_code(tmp_path):
     would wait for the call to return, until pebble's SIGKILL 3 s later."""
     injected = """
         import hashlib
-        import stages.score.verifier.relations as relations
+        import common.verifier.relations as relations
 
         def relational_equal(pred, gold):
             if "cbound" in gold:
@@ -492,7 +492,7 @@ def test_the_time_bound_holds_inside_c_code(tmp_path):
     """
     script = f"""
         import json, time
-        from stages.score.verifier import grade_batch, pool
+        from common.verifier import grade_batch, pool
         if __name__ == "__main__":
             assert all(g.correct for g in grade_batch({SYMBOLIC!r}))  # the pool is up and warm
             started = time.perf_counter()
@@ -520,7 +520,7 @@ def test_no_worker_outlives_shutdown_or_the_interpreter():
     assert set(worker_pids()).isdisjoint(pids)
     # A process that exits without calling shutdown(): its workers go with it (atexit).
     script = textwrap.dedent(f"""
-        from stages.score.verifier import grade_batch, worker_pids
+        from common.verifier import grade_batch, worker_pids
         grade_batch({SYMBOLIC!r}, workers=2)
         print(*worker_pids())
     """)
@@ -533,7 +533,7 @@ def test_no_worker_outlives_shutdown_or_the_interpreter():
 def test_a_forked_process_starts_its_own_pool_and_leaves_the_parents_alone():
     script = textwrap.dedent(f"""
         import os, sys
-        from stages.score.verifier import grade_batch, worker_pids
+        from common.verifier import grade_batch, worker_pids
         pairs = {SYMBOLIC!r}
         assert all(g.correct for g in grade_batch(pairs))
         parent = worker_pids()
@@ -556,7 +556,7 @@ def test_a_forked_child_that_exits_normally_costs_the_parent_no_grade():
     exit handlers, which stop the workers they inherited records of: the parent's. The parent grades on."""
     script = textwrap.dedent(f"""
         import os, sys, time
-        from stages.score.verifier import grade_batch
+        from common.verifier import grade_batch
         pairs = {SYMBOLIC!r}
         assert all(g.correct for g in grade_batch(pairs))
         child = os.fork()
@@ -576,14 +576,14 @@ def test_cli_round_trip_through_a_subprocess():
     rows = [{"gold": "4", "response": boxed("4")}, {"gold": "1/2", "response": boxed("\\frac{1}{2}")},
             {"gold": "3", "response": "no box"}, {"gold": "[0,1)", "response": boxed("[0,1]")}]
     stdin = "".join(json.dumps(r) + "\n" for r in rows)
-    done = subprocess.run([sys.executable, "-m", "stages.score.verifier", "--workers", "1", "--timeout", "5"],
+    done = subprocess.run([sys.executable, "-m", "common.verifier", "--workers", "1", "--timeout", "5"],
                           input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     out = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(o["correct"], o["status"], o["extracted"]) for o in out] == [
         (True, "ok", "4"), (True, "ok", "\\frac{1}{2}"), (False, "no_answer", None), (False, "ok", "[0,1]")]
     assert all(set(o) == {"correct", "reward", "status", "extracted"} for o in out)
-    help_text = subprocess.run([sys.executable, "-m", "stages.score.verifier", "--help"], capture_output=True,
+    help_text = subprocess.run([sys.executable, "-m", "common.verifier", "--help"], capture_output=True,
                                text=True, cwd=ROOT, timeout=60).stdout
     assert "--mode" in help_text and "--timeout" in help_text
 

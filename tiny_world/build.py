@@ -25,7 +25,7 @@ from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 from common.modeling import file_sha256, render_prompt
 from stages.generate.hf_engine import sample
 from stages.generate.sampling import SamplingParams
-from stages.score.verifier import grade_batch
+from common.verifier import grade_batch
 from tiny_world.task import make_pairs, question, to_table, worked_solution
 from tiny_world.tokenizer import train_tokenizer
 

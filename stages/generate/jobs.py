@@ -20,7 +20,8 @@ from common.data import Prompt, PromptSet, iteration_prompts, prepared_prompts
 from common.modeling import file_sha256, peak_gpu_gib
 from common.progress import Progress, stage_summary
 from common.seeds import eval_seed, rollout_seed
-from stages.score.verifier import grade_batch  # moves to common/ with the verifier
+from common.verifier import grade_batch
+from common.verifier.status import ERROR, NO_ANSWER
 from stages.generate.sampling import GenerationEngine, SamplingParams
 
 
@@ -126,7 +127,8 @@ def sample_job(config: Config, iteration: int, job: ShardJob, engine: Generation
                   "truncated": sum(r["finish_reason"] == "length" for r in rows), "sample_seconds": sample_seconds,
                   "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(),
                   "eval_set": job.eval_set, "correct": sum(r.get("correct", False) for r in rows),
-                  "boxed": sum(r.get("verifier_status", "no_answer") != "no_answer" for r in rows)}
+                  "boxed": sum(r.get("verifier_status", NO_ANSWER) != NO_ANSWER for r in rows),
+                  "verifier_errors": sum(r.get("verifier_status") == ERROR for r in rows)}
 
 
 def run_job(config: Config, run: Path, iteration: int, job: ShardJob, engine: GenerationEngine,
@@ -174,7 +176,7 @@ def seal_rollouts(config: Config, run: Path, iteration: int, done: list[dict], s
         **gate,
     }
     out_dir = shards.stage_dir(run, iteration, "rollouts")
-    manifest = shards.write_manifest(out_dir, "rollouts", iteration, config.hash(), started, metrics,
+    manifest = shards.write_manifest(out_dir, "rollouts", iteration, started, metrics,
                                      {"policy_version": version})
     stage_summary("generate", iteration, manifest["rows"], figures["tokens"], metrics["generate/tokens_per_s"],
                   manifest["seconds"], f"mean length {metrics['generate/mean_response_length']:.1f}")
@@ -190,6 +192,7 @@ def eval_metrics(done: list[dict], folder: str) -> dict[str, float]:
         metrics[f"{folder}/{name}/accuracy"] = sum(d["correct"] for d in mine) / rows
         metrics[f"{folder}/{name}/boxed_fraction"] = sum(d["boxed"] for d in mine) / rows
         metrics[f"{folder}/{name}/mean_response_length"] = sum(d["response_tokens"] for d in mine) / rows
+        metrics[f"{folder}/{name}/verifier_errors"] = sum(d["verifier_errors"] for d in mine)
     accuracies = [value for key, value in metrics.items() if key.endswith("/accuracy")]
     metrics[f"{folder}/accuracy"] = sum(accuracies) / len(accuracies)
     metrics[f"{folder}/mean_response_length"] = sum(d["response_tokens"] for d in done) / sum(d["rows"] for d in done)
@@ -201,7 +204,7 @@ def seal_eval(config: Config, run: Path, iteration: int, folder: str, done: list
     metrics = eval_metrics(done, folder)
     figures = _throughput(done, started)
     out_dir = shards.stage_dir(run, iteration, folder)
-    manifest = shards.write_manifest(out_dir, "eval", iteration, config.hash(), started, metrics,
+    manifest = shards.write_manifest(out_dir, "eval", iteration, started, metrics,
                                      {"policy_version": version, "k": k})
     per_set = ", ".join(f"{key.split('/')[1]} {value:.3f}" for key, value in metrics.items()
                         if key.endswith("/accuracy") and key.count("/") == 2)

@@ -21,7 +21,8 @@ from common.config import Config, ConfigError
 from common.modeling import load_tokenizer, local_model_dir, peak_gpu_gib, policy_version
 from common.progress import stage_summary
 from stages.score.mechanism import mechanism_metrics
-from stages.score.verifier import grade_batch
+from common.verifier import grade_batch
+from common.verifier.status import ERROR, NO_ANSWER
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
@@ -99,13 +100,15 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], sta
         "rollout/reverse_kl": reverse_kl / max(tokens, 1),
         "rollout/reward_mean": sum(columns["reward"]) / rows,
         "rollout/accuracy": sum(columns["correct"]) / rows,
-        "rollout/boxed_fraction": sum(s != "no_answer" for s in columns["verifier_status"]) / rows,
+        "rollout/boxed_fraction": sum(s != NO_ANSWER for s in columns["verifier_status"]) / rows,
+        # A bug of the verifier's own (status 'error'), never a verdict on the answer: should stay 0.
+        "rollout/verifier_errors": sum(s == ERROR for s in columns["verifier_status"]),
         "rollout/teacher_logprob_mean": sum(map(sum, scores)) / max(tokens, 1),
         "score/peak_gpu_gib": max(d["peak_gpu_gib"] for d in done),
         "score/workers": workers,
         **mechanism_metrics(columns),
     }
-    manifest = shards.write_manifest(out_dir, "scored", iteration, config.hash(), started, metrics,
+    manifest = shards.write_manifest(out_dir, "scored", iteration, started, metrics,
                                      {"teacher_version": teacher_version})
     stage_summary("score", iteration, manifest["rows"], forward_tokens, metrics["score/tokens_per_s"],
                   manifest["seconds"],

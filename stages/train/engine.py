@@ -8,6 +8,8 @@ without gradients (lp_old) may go through `engine.module`: they add nothing to a
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -59,7 +61,10 @@ def init_distributed(rank: int | None = None, world: int | None = None, address:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    # On CPUs DeepSpeed builds its shared-memory comm op here and print()s "... built successfully"
+    # each time: a banner in every iteration's output, not news. Errors still raise.
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 

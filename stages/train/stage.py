@@ -155,7 +155,7 @@ def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> 
     if trainer.rank != 0:
         return None
     produced = trainer.holds
-    manifest = shards.write_manifest(out_dir, "train", iteration, config.hash(), started, metrics,
+    manifest = shards.write_manifest(out_dir, "train", iteration, started, metrics,
                                      {"policy_version": version, "produced_checkpoint": str(target),
                                       "produced_version": produced})
     prune_checkpoints(run, (source, target), config.train.keep_checkpoint_every)

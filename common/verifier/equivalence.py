@@ -512,7 +512,7 @@ def symbolic_equal(pred: str, gold: str, golds: dict[str, list] | None = None) -
     """
     from math_verify import verify
 
-    from stages.score.verifier.relations import relational_equal  # imports math-verify's normalizer: workers only
+    from common.verifier.relations import relational_equal  # imports math-verify's normalizer: workers only
 
     pred, decided = decide(pred, gold)
     if decided is not None:

@@ -1,10 +1,10 @@
 """Batch CLI of the math verifier (a stable contract: tests and benchmarks use it).
 
-    python -m stages.score.verifier [--workers K] [--timeout S] [--mode correct|deepscaler] < in.jsonl > out.jsonl
+    python -m common.verifier [--workers K] [--timeout S] [--mode correct|deepscaler] < in.jsonl > out.jsonl
 
 Input lines: {"gold": str, "response": str}. Output lines, in the same order:
 {"correct": bool, "reward": float, "status": "ok|no_answer|timeout|parse_error|error", "extracted": str|null}.
-`error` is a bug of the verifier (see stages/score/verifier/status.py); each distinct one is logged on stderr.
+`error` is a bug of the verifier (see common/verifier/status.py); each distinct one is logged on stderr.
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import argparse
 import json
 import sys
 
-from stages.score.verifier import DEFAULT_TIMEOUT_S, DEFAULT_WORKERS, MODES, grade_batch
+from common.verifier import DEFAULT_TIMEOUT_S, DEFAULT_WORKERS, MODES, grade_batch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.score.verifier", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m common.verifier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="symbolic worker processes")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per response")

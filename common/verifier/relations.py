@@ -26,7 +26,7 @@ from fractions import Fraction
 from latex2sympy2_extended.math_normalization import normalize_latex
 from math_verify import LatexExtractionConfig
 
-from stages.score.verifier.equivalence import Value, is_prose, normalize, simple_value
+from common.verifier.equivalence import Value, is_prose, normalize, simple_value
 
 MAX_CHARS = 200
 MAX_DEGREE = 8

@@ -7,7 +7,7 @@ Extraction (extract.py) and the sympy-free tiers of equivalence.py (integers, de
 fractions and surds, the number prose ends on) run in the calling process; everything else goes
 to a persistent pool of killable worker processes (pool.py) with a hard time bound.
 `shutdown()` stops the pool (it also runs at interpreter exit); the next call starts it again.
-`python -m stages.score.verifier` is the batch CLI over JSON lines.
+`python -m common.verifier` is the batch CLI over JSON lines.
 
 A grade's status is ok | no_answer | timeout | parse_error | error; status.py says which is which. `error`
 is a bug of ours (an exception in our tiers or pool), never a verdict on the answer: the grade carries the
@@ -16,14 +16,17 @@ exception's type and message and `grade_batch` logs one warning line per distinc
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass
 
-from stages.score.verifier.equivalence import decide, fast_equal, guard
-from stages.score.verifier.extract import extract_answer, has_think_answer_format
-from stages.score.verifier.pool import run_symbolic, shutdown, worker_pids
-from stages.score.verifier.status import ERROR, OK, PARSE_ERROR, STATUSES, Verdict, error_verdict
+from common.config import RewardMode
 
-MODES = ("correct", "deepscaler")
+from common.verifier.equivalence import decide, fast_equal, guard
+from common.verifier.extract import extract_answer, has_think_answer_format
+from common.verifier.pool import run_symbolic, shutdown, worker_pids
+from common.verifier.status import ERROR, OK, PARSE_ERROR, STATUSES, Verdict, error_verdict
+
+MODES: tuple[str, ...] = typing.get_args(RewardMode)  # the config's choices (score.reward_mode)
 DEFAULT_WORKERS = 2
 DEFAULT_TIMEOUT_S = 5.0
 # The card's reward: 0.67 for a correct boxed answer, 0.33 for the <think>...<answer> format.
