@@ -36,7 +36,8 @@ iterate: $(STAMP)  ## make iterate N=3 [CONFIG=configs/tiny.yaml] [RUN=tiny] [OV
 	$(PY) -m orchestrator iterate --run $(RUN_DIR) --config $(CONFIG) -n $(N) \
 		$(foreach o,$(OVERRIDES),-o $(o)) $(if $(FORCE),--force)
 
-test: $(STAMP)  ## the fast suite (CI runs this)
+test: $(STAMP)  ## lint, then the fast suite (CI runs this)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

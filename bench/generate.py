@@ -27,8 +27,8 @@ from bench.record import write_results
 from common.config import load_config
 from common.data import load_prompts
 from common.modeling import load_tokenizer
-from stages.generate.sampling import SamplingParams, open_engine
 from common.vllm import vllm_available
+from stages.generate.sampling import SamplingParams, open_engine
 
 STUDENT, OTHER = Path("assets/tiny/student"), Path("assets/tiny/teacher")  # same architecture
 OPEN_AND_CLOSE = ("from pathlib import Path\nfrom common.config import load_config\n"

@@ -20,8 +20,8 @@ import torch
 from bench.generate import tiny_world_prompts
 from bench.record import write_results
 from common.config import load_config
-from stages.generate.sampling import SamplingParams, open_engine
 from common.vllm import vllm_available
+from stages.generate.sampling import SamplingParams, open_engine
 from stages.score.teacher import open_scorer
 
 STUDENT, TEACHER = Path("assets/tiny/student"), Path("assets/tiny/teacher")
@@ -65,7 +65,7 @@ def gpu_hf_scoring() -> list[dict]:
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     peak = 2 * 8192**3 / statistics.median(timed(lambda: a @ a, 10)[3:])
-    del a
+    a = None  # frees GPU memory (`del` would leave the closure above a dangling name)
     teacher = build("4B").eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, VOCAB, (1024,), generator=g).tolist() for _ in range(8)]

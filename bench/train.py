@@ -81,7 +81,7 @@ def main() -> None:
     init_distributed()
     results = {}
     # Alternate the two engines so machine noise hits both alike.
-    for round_ in range(2):
+    for _round in range(2):
         for name in ("plain", "deepspeed"):
             torch.manual_seed(0)
             if name == "plain":

@@ -13,7 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.runs import UserError, mlflow_run, require_run, run_names
+from orchestrator.runs import UserError, mlflow_run, require_run
 
 KEY_PARAMS = ["model.student", "model.teacher", "train.loss", "train.lr", "train.warmup_steps",
               "generate.prompts_per_iteration", "generate.n", "train.mini_batch_prompts", "seed"]

@@ -16,8 +16,8 @@ from rich.table import Table
 from rich.text import Text
 
 from common import shards
-from stages.score.mechanism import token_overlap
 from orchestrator.runs import UserError, require_iteration, require_run
+from stages.score.mechanism import token_overlap
 
 
 def summary(stage_path: Path) -> pl.DataFrame:

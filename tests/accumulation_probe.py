@@ -5,8 +5,9 @@ gradient each engine holds before step() (read with DeepSpeed's own API) and its
 
 Run by tests/test_train.py in a fresh process (DeepSpeed's process group is per process). For each
 case it writes: the relative L2 error of the gradient against a plain torch reference of the whole
-mini-batch in one backward, for a single micro-batch and for each split (>= 4 micro-batches), the relative error of the gradient norm DeepSpeed reports after
-step() (stages 1-3), and the relative L2 distance of the weights' update, split vs single.
+mini-batch in one backward, for a single micro-batch and for each split (>= 4 micro-batches), the
+relative error of the gradient norm DeepSpeed reports after step() (stages 1-3), and the relative L2
+distance of the weights' update, split vs single.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ def test_sampled_logprobs_match_a_recomputation():
     prompts = load_prompts("assets/tiny/data/eval.parquet", tokenizer, 1024, False).prompts[:12]
     params = SamplingParams(n=2, max_new_tokens=48, temperature=1.0, seed=3, batch_size=10)
     samples = sample(model, [p.prompt_ids for p in prompts], params, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    assert len(samples) == 24 and {(s.prompt_index, s.sample_idx) for s in samples} == {(p, k) for p in range(12) for k in range(2)}
+    assert len(samples) == 24
+    assert {(s.prompt_index, s.sample_idx) for s in samples} == {(p, k) for p in range(12) for k in range(2)}
     for s in samples:
         assert len(s.logprobs) == len(s.response_ids)
         assert (s.finish_reason == "stop") == (s.response_ids[-1] == tokenizer.eos_token_id)

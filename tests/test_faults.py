@@ -19,7 +19,6 @@ from common import shards
 from common.config import ConfigError
 from common.data import load_prompts
 from common.modeling import load_tokenizer
-from common.modeling import policy_version
 from orchestrator.checks import check_run
 
 

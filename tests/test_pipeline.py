@@ -2,7 +2,6 @@
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -11,6 +10,7 @@ from pipeline_helpers import orchestrate
 from common import shards
 from common.config import load_config
 from common.modeling import policy_version
+
 
 @pytest.fixture(scope="module")
 def run(reference_run):

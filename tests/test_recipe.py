@@ -5,17 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-import polars as pl
 import pytest
 
 from common import shards
 from common.config import load_config
 from common.data import load_prompts
 from common.modeling import load_tokenizer
-from orchestrator.loop import prepare_run
 from common.verifier import grade
+from orchestrator.loop import prepare_run
 
 SHARED = Path("../shared/data")
 RECIPE = "configs/qwen3-1.7b-opd-dapo.yaml"

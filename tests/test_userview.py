@@ -3,13 +3,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from pipeline_helpers import OVERRIDES, orchestrate
 
 from common.progress import Progress, progress_enabled, stage_summary
+
 
 def python(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("OPD_PROGRESS", "FORCE_COLOR")}
@@ -46,7 +45,7 @@ def test_iterate_echoes_config_and_prints_one_summary_per_stage(runs):
     assert "overrides: " + " ".join(OVERRIDES) in alpha.stdout
     for iteration in (0, 1):
         for stage in ("generate", "score", "train", "eval"):
-            lines = [l for l in alpha.stdout.splitlines() if l.startswith(f"{stage} iter {iteration}: 16 rows, ")]
+            lines = [line for line in alpha.stdout.splitlines() if line.startswith(f"{stage} iter {iteration}: 16 rows, ")]
             assert len(lines) == 1, (stage, iteration, alpha.stdout)
             assert " tok/s, " in lines[0]
     assert "\r" not in alpha.stderr  # no progress bars in captured (CI) output
@@ -77,9 +76,9 @@ def test_compare_lists_both_runs(runs):
     root, _ = runs
     result = python("-m", "orchestrator", "compare", "--runs", "reference,beta", "--root", str(root))
     assert result.returncode == 0, result.stderr[-3000:]
-    header = next(l for l in result.stdout.splitlines() if "reference" in l)
+    header = next(line for line in result.stdout.splitlines() if "reference" in line)
     assert "beta" in header
-    lr_row = next(l for l in result.stdout.splitlines() if l.strip().startswith("train.lr"))
+    lr_row = next(line for line in result.stdout.splitlines() if line.strip().startswith("train.lr"))
     assert "0.0001" in lr_row and "0.0005" in lr_row
     assert "mean reverse KL" in result.stdout and "eval accuracy" in result.stdout
 

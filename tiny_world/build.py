@@ -23,9 +23,9 @@ import torch
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
 from common.modeling import file_sha256, render_prompt
+from common.verifier import grade_batch
 from stages.generate.hf_engine import sample
 from stages.generate.sampling import SamplingParams
-from common.verifier import grade_batch
 from tiny_world.task import make_pairs, question, to_table, worked_solution
 from tiny_world.tokenizer import train_tokenizer
 

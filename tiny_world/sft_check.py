@@ -37,7 +37,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
     rng = random.Random(args.seed)
     model.train()
-    for step in range(args.steps):
+    for _step in range(args.steps):
         input_ids, labels, mask = sft_batch(rng.sample(examples, 64), tokenizer.pad_token_id)
         model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -20,7 +20,6 @@ import typing
 from dataclasses import dataclass
 
 from common.config import RewardMode
-
 from common.verifier.equivalence import decide, fast_equal, guard
 from common.verifier.extract import extract_answer, has_think_answer_format
 from common.verifier.pool import run_symbolic, shutdown, worker_pids

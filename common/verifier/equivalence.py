@@ -6,7 +6,7 @@ Tiers, cheapest first:
    with no sympy; this decides almost every DAPO response in the calling process.
 3. `decide`: also without sympy, in the calling process: the number prose ends on, the
    \frac{2}{4} rule, and `simple_equal` for a few regex-recognised exact forms (\frac{a}{b}, a/b,
-   a\sqrt{n}, \frac{a\pi}{b}, and bracketed lists of them with the same brackets).
+   a\\sqrt{n}, \frac{a\\pi}{b}, and bracketed lists of them with the same brackets).
 4. `symbolic_equal`: first relations.py, which decides polynomial equations and inequalities and
    an inequality against an interval exactly, on the text math-verify would parse; then
    math-verify's LaTeX parser (ANTLR -> sympy objects) and its comparison, after `guard` has

@@ -17,7 +17,7 @@ import pyarrow as pa
 from common import shards
 from common.config import Config, ConfigError
 from common.data import Prompt, PromptSet, iteration_prompts, prepared_prompts
-from common.modeling import file_sha256, peak_gpu_gib
+from common.modeling import file_sha256, peak_gpu_gib, peak_rss_gib
 from common.progress import Progress, stage_summary
 from common.seeds import eval_seed, rollout_seed
 from common.verifier import grade_batch
@@ -126,6 +126,7 @@ def sample_job(config: Config, iteration: int, job: ShardJob, engine: Generation
     return rows, {"index": job.index, "rows": len(rows), "response_tokens": sum(len(r["response_ids"]) for r in rows),
                   "truncated": sum(r["finish_reason"] == "length" for r in rows), "sample_seconds": sample_seconds,
                   "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(),
+                  "peak_rss_gib": peak_rss_gib(),
                   "eval_set": job.eval_set, "correct": sum(r.get("correct", False) for r in rows),
                   "boxed": sum(r.get("verifier_status", NO_ANSWER) != NO_ANSWER for r in rows),
                   "verifier_errors": sum(r.get("verifier_status") == ERROR for r in rows)}
@@ -172,6 +173,7 @@ def seal_rollouts(config: Config, run: Path, iteration: int, done: list[dict], s
         "generate/shards": len(done),
         "generate/workers": len({d.get("worker") for d in done}),
         "generate/peak_gpu_gib": max(d["peak_gpu_gib"] for d in done),  # the HF engine's (vLLM's is its EngineCore's)
+        "generate/peak_rss_gib": max(d["peak_rss_gib"] for d in done),
         **{f"generate/dropped_{reason}": count for reason, count in dropped.items()},
         **gate,
     }

@@ -16,8 +16,16 @@ from common import shards
 from common.config import Config
 from common.modeling import load_tokenizer, policy_version
 from stages.generate.gate import check_weight_sync
-from stages.generate.jobs import (ShardJob, eval_folder, eval_jobs, rollout_jobs, run_job, seal_eval, seal_rollouts,
-                                  train_prompts)
+from stages.generate.jobs import (
+    ShardJob,
+    eval_folder,
+    eval_jobs,
+    rollout_jobs,
+    run_job,
+    seal_eval,
+    seal_rollouts,
+    train_prompts,
+)
 from stages.generate.sampling import GenerationEngine
 
 

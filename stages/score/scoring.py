@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 
 from common import shards
 from common.config import Config, ConfigError
-from common.modeling import load_tokenizer, local_model_dir, peak_gpu_gib, policy_version
+from common.modeling import load_tokenizer, local_model_dir, peak_gpu_gib, peak_rss_gib, policy_version
 from common.progress import stage_summary
-from stages.score.mechanism import mechanism_metrics
 from common.verifier import grade_batch
 from common.verifier.status import ERROR, NO_ANSWER
+from stages.score.mechanism import mechanism_metrics
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
@@ -80,7 +80,7 @@ def score_shard(config: Config, run: Path, iteration: int, rollout_file: Path, s
     shards.write_shard(shards.conform(scored, "scored"), shards.stage_dir(run, iteration, "scored"), index)
     forward_tokens = sum(map(len, columns["prompt_ids"])) + sum(map(len, columns["response_ids"]))
     return {"index": index, "forward_seconds": forward_seconds, "forward_tokens": forward_tokens,
-            "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib()}
+            "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(), "peak_rss_gib": peak_rss_gib()}
 
 
 def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], started: float, teacher_version: str,
@@ -105,6 +105,7 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], sta
         "rollout/verifier_errors": sum(s == ERROR for s in columns["verifier_status"]),
         "rollout/teacher_logprob_mean": sum(map(sum, scores)) / max(tokens, 1),
         "score/peak_gpu_gib": max(d["peak_gpu_gib"] for d in done),
+        "score/peak_rss_gib": max(d["peak_rss_gib"] for d in done),
         "score/workers": workers,
         **mechanism_metrics(columns),
     }

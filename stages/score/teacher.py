@@ -14,8 +14,8 @@ import torch
 
 from common.config import Config, model_len
 from common.modeling import load_inference_model, load_tokenizer, response_logprobs
-from common.vllm import close_llm, open_llm, prompt_logprobs
 from common.progress import Progress
+from common.vllm import close_llm, open_llm, prompt_logprobs
 
 
 class TeacherScorer(Protocol):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from common import shards
 from common.config import Config
 from common.faults import fault_point
-from common.modeling import load_tokenizer, peak_gpu_gib, policy_version
+from common.modeling import load_tokenizer, peak_gpu_gib, peak_rss_gib, policy_version, rss_gib
 from common.progress import stage_summary
 from common.seeds import minibatch_seed, train_seed
 from stages.train.engine import OPTIMIZER_STATE, export_policy, init_distributed, open_engine
@@ -141,6 +141,7 @@ def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> 
     resident = trainer.holds == version  # the engine wrote v_i itself: no load, no DeepSpeed set-up
     engine = trainer.engine_at(source)
     setup_seconds = time.time() - started
+    baseline_rss = rss_gib()  # the model, its gradients' buffers and the optimizer state, before any step
     torch.manual_seed(train_seed(config.seed, iteration))  # after any loading: the same stream resident or not
     train_started = time.time()
     metrics = train_iteration(config, engine, data, columns["prompt_id"], trainer.tokenizer.pad_token_id,
@@ -150,6 +151,8 @@ def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> 
     metrics["train/setup_seconds"] = setup_seconds
     metrics["train/resident_engine"] = float(resident)
     metrics["train/peak_gpu_gib"] = peak_gpu_gib()
+    metrics["train/peak_rss_gib"] = peak_rss_gib()
+    metrics["train/baseline_rss_gib"] = baseline_rss
     save_checkpoint(trainer, target, probe_sequences(columns))
     trainer.holds = policy_version(target)
     if trainer.rank != 0:
