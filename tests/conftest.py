@@ -1,5 +1,11 @@
+import os
+
 import pytest
-from pipeline_helpers import orchestrate
+from pipeline_helpers import ROOT, orchestrate
+
+# Tests name the repository's assets and configs by relative paths, as a user at its root would: the same
+# from any working directory pytest is started in (the stage processes they start inherit it).
+os.chdir(ROOT)
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common import shards
 from common.modeling import policy_version
 from orchestrator.checks import check_run
+
+ROOT = Path(__file__).resolve().parents[1]
+# The one rule for ../shared (DAPO-Math-17k, the benchmarks, the public verifier cases): it sits beside
+# the repository, and a test that reads it is skipped, saying so, on a clone without it.
+SHARED_DATA = ROOT.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} not present (../shared sits "
+                                  "beside the repository)")
 
 # Two tiny iterations in about a minute on 2 cores: 8 prompts x 2 responses, 2 optimizer steps; shards
 # of 4 rows, so that the rollouts and the eval have several shards to share between workers.

@@ -29,12 +29,17 @@ def test_sampled_logprobs_match_a_recomputation():
     assert gap < 1e-4
 
 
-def test_same_seed_same_samples():
+def test_same_seed_same_samples_and_another_seed_other_samples():
     tokenizer, model = load_tokenizer(STUDENT), load_model(STUDENT)
     prompts = [p.prompt_ids for p in load_prompts("assets/tiny/data/eval.parquet", tokenizer, 1024, False).prompts[:8]]
     params = SamplingParams(n=2, max_new_tokens=32, seed=11)
     first, second = (sample(model, prompts, params, [tokenizer.eos_token_id], tokenizer.pad_token_id) for _ in range(2))
     assert [s.response_ids for s in first] == [s.response_ids for s in second]
+    other = sample(model, prompts, SamplingParams(n=2, max_new_tokens=32, seed=12), [tokenizer.eos_token_id],
+                   tokenizer.pad_token_id)
+    # The seed reaches the sampler: most of the 16 responses change with it (a fixed stream would change none).
+    changed = sum(a.response_ids != b.response_ids for a, b in zip(first, other))
+    assert changed >= 8, changed
     greedy = SamplingParams(n=1, max_new_tokens=32, temperature=0.0)
     assert all(lp <= 0 for s in sample(model, prompts, greedy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
                for lp in s.logprobs)

@@ -32,7 +32,8 @@ def test_reference_run_holds_every_invariant(reference_run):
     assert check_run(reference_run) == (2, [])
 
 
-@pytest.mark.parametrize("mode", ["resident", "subprocess"])
+# Subprocess mode: the same kills in `make test-slow` and in `make faults` (the default mode is resident).
+@pytest.mark.parametrize("mode", ["resident", pytest.param("subprocess", marks=pytest.mark.slow)])
 def test_kill_9_at_the_worst_moments_then_resume(reference_run, tmp_path, mode):
     """Killed while writing a shard, inside a training step, between logging metrics and recording
     it, after sealing a checkpoint but before renaming it, and (resident: the controller seals every
@@ -140,8 +141,3 @@ def test_unreadable_data_is_a_config_error_naming_the_key(tmp_path, case):
     with pytest.raises(ConfigError) as error:
         load_prompts(path, load_tokenizer("assets/tiny/student"), 128, False, "data.train")
     assert str(error.value).startswith("config key 'data.train': ") and "\n" not in str(error.value)
-
-
-def test_run_files_follow_the_umask(reference_run):
-    world_writable = [p for p in reference_run.rglob("*") if p.stat().st_mode & 0o002]
-    assert world_writable == []

@@ -9,6 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pipeline_helpers import SHARED_DATA, needs_shared
 
 from common import shards
 from common.config import load_config
@@ -17,7 +18,6 @@ from common.modeling import load_tokenizer
 from common.verifier import grade
 from orchestrator.loop import prepare_run
 
-SHARED = Path("../shared/data")
 RECIPE = "configs/qwen3-1.7b-opd-dapo.yaml"
 TOKENIZER = "assets/tiny/student"  # no Qwen3 tokenizer offline: the tiny one renders the real prompts
 
@@ -61,6 +61,7 @@ def test_recipe_config_matches_the_card(key):
     assert value(load_config(RECIPE), key) == CARD[key]
 
 
+@needs_shared
 def test_recipe_evaluates_the_papers_benchmarks_with_its_sampling():
     e = load_config(RECIPE).eval
     assert [Path(p).name for p in e.sets] == ["eval-AIME24.parquet", "eval-AIME25.parquet", "eval-AMC23.parquet",
@@ -74,9 +75,10 @@ def tokenizer():
     return load_tokenizer(TOKENIZER)
 
 
+@needs_shared
 @pytest.mark.parametrize("template", ["boxed", "answer"])
 def test_dapo_ingestion_on_the_real_files(tokenizer, template):
-    path = SHARED / f"dapo-math-17k-{template}-template.parquet"
+    path = SHARED_DATA / f"dapo-math-17k-{template}-template.parquet"
     raw = pl.read_parquet(path)
     texts = raw.select(pl.col("prompt").list.first().struct.field("content")).to_series()
     prompt_set = load_prompts(path, tokenizer, max_prompt_tokens=1024, enable_thinking=False)
@@ -114,6 +116,7 @@ def test_amc_golds_grade_as_integers():
     assert not grade("so \\boxed{14.2}", "142.0").correct
 
 
+@needs_shared
 def test_make_eval_reports_avg_at_k_per_benchmark(tmp_path):
     """`python -m orchestrator eval` on v0000 of a fresh run: the tiny eval split and AMC23, k = 2."""
     run = tmp_path / "evalrun"

@@ -316,3 +316,48 @@ def test_peak_memory_does_not_grow_with_the_micro_batch_beyond_one_chunk_of_logi
     logits_growth = (4096 - 1024) * 20_000 * 4
     assert large - small < 0.2 * logits_growth, peaks
     assert large_whole - small_whole > 0.9 * logits_growth, peaks  # the measurement sees a whole tensor
+
+
+# ---- the loss moves the student toward the teacher ------------------------------------------
+
+def test_a_few_k1_steps_on_a_fixed_scored_batch_lower_lp_minus_lq_on_its_tokens():
+    """The student's own samples, scored by the teacher; five AdamW steps (lr 1e-4) of the k1 policy-gradient loss
+    lower lp - lq on those tokens: its mean, and its mean magnitude (a student that only lowered its
+    log-probs everywhere would lower the mean alone). The control mirrors the teacher around lp_old
+    (q' = 2 lp_old - q flips every token's advantage): the same steps then widen the gap."""
+    from common.data import load_prompts
+    from common.modeling import load_tokenizer
+    from stages.generate.hf_engine import sample
+    from stages.generate.sampling import SamplingParams
+    from stages.train.loss import TokenBatch, distillation_loss
+
+    tokenizer, teacher = load_tokenizer(STUDENT), load_model("assets/tiny/teacher")
+    prompts = [p.prompt_ids for p in load_prompts("assets/tiny/data/eval.parquet", tokenizer, 1024, False).prompts[:16]]
+    samples = sample(load_model(STUDENT), prompts, SamplingParams(n=2, max_new_tokens=32, seed=0),
+                     [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    rows = ([prompts[s.prompt_index] for s in samples], [s.response_ids for s in samples])
+    with torch.no_grad():
+        teacher_lp = torch.cat(response_logprobs(teacher, *rows, tokenizer.pad_token_id).sampled)
+
+    def train_and_measure(target) -> tuple[tuple[float, float], tuple[float, float]]:
+        torch.manual_seed(0)
+        student = load_model(STUDENT)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        with torch.no_grad():
+            old = torch.cat(response_logprobs(student, *rows, tokenizer.pad_token_id).sampled)
+        target = target(old)
+        for _ in range(5):
+            logprobs = torch.cat(response_logprobs(student, *rows, tokenizer.pad_token_id).sampled)
+            distillation_loss(TokenBatch(logprobs, old, target), normaliser=len(logprobs)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            after = torch.cat(response_logprobs(student, *rows, tokenizer.pad_token_id).sampled)
+        return tuple((gap.mean().item(), gap.abs().mean().item()) for gap in (old - teacher_lp, after - teacher_lp))
+
+    (mean_before, size_before), (mean_after, size_after) = train_and_measure(lambda old: teacher_lp)
+    assert mean_before > 0.1 and mean_after < 0.85 * mean_before, (mean_before, mean_after)
+    assert size_after < 0.85 * size_before, (size_before, size_after)
+    (_, control_before), (_, control_after) = train_and_measure(lambda old: 2 * old - teacher_lp)
+    assert control_before == pytest.approx(size_before) and control_after > 1.1 * size_before, (size_before,
+                                                                                                control_after)

@@ -7,6 +7,7 @@ import time
 import pytest
 from pipeline_helpers import OVERRIDES, orchestrate
 
+from common import shards
 from common.progress import Progress, progress_enabled, stage_summary
 
 
@@ -49,6 +50,20 @@ def test_iterate_echoes_config_and_prints_one_summary_per_stage(runs):
             assert len(lines) == 1, (stage, iteration, alpha.stdout)
             assert " tok/s, " in lines[0]
     assert "\r" not in alpha.stderr  # no progress bars in captured (CI) output
+
+
+def test_report_table_is_the_learning_curve_of_the_manifests(reference_run):
+    from orchestrator.report import learning_table
+
+    table = learning_table(reference_run).splitlines()
+    assert table[0] == "| iteration | 0 | 1 | 2 |"
+    evals = [shards.read_manifest(shards.stage_dir(reference_run, i, "eval"))["metrics"]["eval/accuracy"]
+             for i in range(3)]
+    assert table[2] == "| eval accuracy, sampled (16 prompts) | " + " | ".join(f"{a:.3f}" for a in evals) + " |"
+    scored = [shards.read_manifest(shards.stage_dir(reference_run, i, "scored"))["metrics"] for i in range(2)]
+    assert table[4].endswith(" | ".join(f"{m['rollout/reverse_kl']:.3f}" for m in scored) + " |  |")  # v2: no rollouts
+    final = shards.read_manifest(shards.stage_dir(reference_run, 1, "train"))["produced_version"]
+    assert f"2 iterations; final weights `{final}`." in table
 
 
 def test_report_writes_a_png_and_logs_it_to_mlflow(runs):
@@ -100,6 +115,7 @@ ENTRY_POINTS = [
     ["-m", "orchestrator", "check"], ["-m", "common.verifier"],
     ["-m", "stages.generate"], ["-m", "stages.score"], ["-m", "stages.train"],
     ["-m", "tiny_world.build"], ["-m", "tiny_world.evaluate"], ["-m", "tiny_world.sft_check"],
+    ["-m", "rehearsal.rehearse"], ["-m", "bench.peers"],
 ]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from pipeline_helpers import ROOT, SHARED_DATA, needs_shared
 
 import common.verifier as verifier
 from common.config import ConfigError, config_from_dict
@@ -23,11 +24,9 @@ from common.verifier import STATUSES, grade, grade_batch, shutdown, worker_pids
 from common.verifier.equivalence import _exact_numbers, decide, guard, parse_answer, use_two_stage_parsing
 from common.verifier.extract import extract_answer
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"  # the shared folder sits next to the repository (../shared)
+DATA = SHARED_DATA
 PUBLIC_CASES = DATA / "verifier-cases-public.jsonl"
 DISAGREEMENTS = ROOT / "tests" / "data" / "verifier_disagreements.jsonl"
-needs_data = pytest.mark.skipif(not PUBLIC_CASES.exists(), reason="shared verifier data not present")
 
 
 def boxed(answer: str) -> str:
@@ -590,7 +589,7 @@ def test_cli_round_trip_through_a_subprocess():
 
 # --- accuracy -----------------------------------------------------------------------------------
 
-@needs_data
+@needs_shared
 def test_public_cases_accuracy_and_no_false_positives():
     cases = [json.loads(line) for line in PUBLIC_CASES.read_text().splitlines()]
     grades = grade_batch([(boxed(c["pred"]), c["gold"]) for c in cases])
@@ -613,7 +612,7 @@ def eval_golds() -> list[str]:
     return golds
 
 
-@needs_data
+@needs_shared
 def test_eval_golds_equal_themselves_and_not_other_golds():
     golds = eval_golds()
     others = [(g, golds[(i + 1) % len(golds)]) for i, g in enumerate(golds)]
