@@ -20,8 +20,8 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check \
-	qwen3-tokenizer rehearsal-models \
-	clean-runs faults bench bench-train bench-verifier bench-generate bench-score bench-peers bench-summary
+	qwen3-tokenizer rehearsal-models rehearse \
+	clean-runs faults bench bench-train bench-verifier bench-generate bench-score bench-phases bench-peers bench-summary
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +49,8 @@ inspect: $(STAMP)  ## make inspect RUN=tiny [ITER=3] [ROW=0]
 eval: $(STAMP)  ## make eval RUN=tiny [CKPT=3] [K=4]: avg@k of a checkpoint on the eval sets, logged to MLflow
 	$(PY) -m orchestrator eval --run $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) $(if $(K),--k $(K))
 
-report: $(STAMP)  ## make report RUN=tiny: runs/tiny/report.png (curves vs iteration), also logged to MLflow
-	$(PY) -m orchestrator report --run $(RUN_DIR)
+report: $(STAMP)  ## make report RUN=tiny [TABLE=1]: runs/tiny/report.png (curves vs iteration, also in MLflow); TABLE=1 prints them as Markdown
+	$(PY) -m orchestrator report --run $(RUN_DIR) $(if $(TABLE),--table)
 
 compare: $(STAMP)  ## make compare RUNS=tiny,lr-test: key params and final metrics side by side (MLflow)
 	@test -n "$(RUNS)" || { echo "error: RUNS is empty (fix: make compare RUNS=tiny,lr-test)" >&2; exit 2; }
@@ -72,14 +72,23 @@ qwen3-tokenizer: $(STAMP)  ## assets/qwen3-tokenizer: Qwen3's tokenizer (151,669
 rehearsal-models: $(STAMP) qwen3-tokenizer  ## assets/rehearsal/{student,teacher}: real-width Qwen3 1.7B/4B, random weights [LAYERS=2]
 	$(PY) -m rehearsal.models --out assets/rehearsal --tokenizer assets/qwen3-tokenizer $(if $(LAYERS),--layers $(LAYERS))
 
+# The card's config on those models, Qwen3's tokenizer and the real DAPO prompts, overriding only what two
+# CPU cores cannot hold (each override printed with its reason); then `orchestrator check` and one line of
+# each stage's tokens/s and peak RSS. SMALL=1: the seconds-long variant (one 16-token iteration, ZeRO-1).
+rehearse: $(STAMP) rehearsal-models  ## the card's recipe at real vocabulary and widths on this CPU (~15 min) [SMALL=1]
+	$(PY) -m rehearsal.rehearse $(if $(SMALL),--small --run runs/rehearse-small)
+
 tiny-eval: $(STAMP)  ## one line: teacher/student accuracy, greedy and sampled, on the eval split
 	$(PY) -m tiny_world.evaluate --assets assets/tiny
 
-faults: $(STAMP)  ## crash campaign: 20 kill -9 trials on the tiny world, each resumed and checked (~40 min)
-	$(PY) tests/fault_campaign.py --trials $(or $(TRIALS),20)
+faults: $(STAMP)  ## crash campaign: 20 kill -9 trials per mode (resident, subprocess), each resumed and checked [TRIALS=20] [MODES=resident]
+	$(PY) tests/fault_campaign.py --trials $(or $(TRIALS),20) $(if $(MODES),--modes $(MODES))
 
 bench-train: $(STAMP)  ## the train stage's step under DeepSpeed vs a plain torch loop (tiny model, CPU)
 	$(PY) -m bench.train
+
+bench-phases: $(STAMP)  ## each phase's own work, resident vs subprocess mode, and each mode's clock (~5 min)
+	$(PY) -m bench.phases
 
 bench-generate: $(STAMP)  ## HF vs vLLM engine tokens/s on the tiny world; engine overhead per iteration, subprocess vs resident
 	$(PY) -m bench.generate
@@ -104,7 +113,7 @@ bench-summary: $(STAMP)  ## docs/benchmarks.md from bench/results/*.json
 	$(PY) -m bench.summary
 
 # Every benchmark in turn, then the one summary table (also after a failure, which then fails `make bench`).
-BENCHES := verifier train generate score peers
+BENCHES := verifier train generate score phases peers
 bench: $(STAMP)  ## every benchmark, then docs/benchmarks.md
 	@failed=""; for b in $(BENCHES); do \
 		$(MAKE) bench-$$b || failed="$$failed bench-$$b"; \

@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
     rep.add_argument("--out", type=Path, default=None, help="PNG path (default: <run>/report.png)")
     rep.add_argument("--no-teacher", action="store_true", help="skip the teacher's eval accuracy reference line")
+    rep.add_argument("--table", action="store_true", help="print the learning curve as a Markdown table instead "
+                     "(from the stage manifests; no PNG, no MLflow)")
     com = command("compare", "table of key params and final metrics of two or more runs")
     com.add_argument("--runs", required=True, help="comma-separated run names, e.g. tiny,lr-test")
     com.add_argument("--root", type=Path, default=Path("runs"), help="folder holding the runs (default: %(default)s)")
@@ -81,9 +83,12 @@ def main() -> None:
             print(f"{args.run}: {finished} finished iteration(s), {len(problems)} problem(s)")
             raise SystemExit(1 if problems else 0)
         elif args.command == "report":
-            from orchestrator.report import report
+            from orchestrator.report import learning_table, report
 
-            print(f"report: {report(args.run, args.out, teacher=not args.no_teacher)} (logged to MLflow)")
+            if args.table:
+                print(learning_table(args.run))
+            else:
+                print(f"report: {report(args.run, args.out, teacher=not args.no_teacher)} (logged to MLflow)")
         else:
             from orchestrator.compare import compare
 

@@ -16,7 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from orchestrator.runs import mlflow_run, require_run, run_config
+from common import shards
+from orchestrator.runs import UserError, mlflow_run, require_run, run_config
 
 REPORT = "report.png"
 TEACHER_CACHE = "teacher_eval.json"
@@ -113,6 +114,46 @@ def plot(curves: dict, teacher_accuracy: float | None, title: str, path: Path) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def learning_table(run: Path) -> str:
+    """The run's learning curve as a Markdown table, from its sealed stage manifests: eval accuracy at
+    each evaluated checkpoint, rollout accuracy and mean reverse KL of the iterations there, and the wall
+    time since the run's first stage started (meaningful for a run made by one uninterrupted command)."""
+    run = require_run(run)
+    manifests = {(path.parent.parent.name, path.parent.name): json.loads(path.read_text())
+                 for path in run.glob(f"iter=*/*/{shards.MANIFEST}")}
+    if not manifests:
+        raise UserError(f"{run} has no finished stage yet", f"run `make iterate RUN={run.name}` first")
+    started = min(m["started_at"] for m in manifests.values())
+    evals = sorted(m["iteration"] for (_, stage), m in manifests.items() if stage == "eval")
+
+    def metric(iteration: int, stage: str, name: str, digits: int) -> str:
+        manifest = manifests.get((shards.iteration_dir(run, iteration).name, stage))
+        return f"{manifest['metrics'][name]:.{digits}f}" if manifest else ""
+
+    def elapsed(iteration: int) -> str:
+        return f"{(manifests[(shards.iteration_dir(run, iteration).name, 'eval')]['finished_at'] - started) / 60:.1f}"
+
+    trained = sorted(m["iteration"] for (_, stage), m in manifests.items() if stage == "train")
+    config = run_config(run)
+    rows = [
+        ("iteration", [str(i) for i in evals]),
+        (f"eval accuracy, sampled ({config.eval.prompts or 'all'} prompts)", [metric(i, "eval", "eval/accuracy", 3)
+                                                                             for i in evals]),
+        ("rollout accuracy (that iteration's samples)", [metric(i, "scored", "rollout/accuracy", 3) for i in evals]),
+        ("mean reverse KL, lp - lq per token", [metric(i, "scored", "rollout/reverse_kl", 3) for i in evals]),
+        ("wall time at the eval (min)", [elapsed(i) for i in evals]),
+    ]
+    lines = [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    lines.insert(1, "|---|" + "---|" * len(evals))
+    if trained:
+        last = manifests[(shards.iteration_dir(run, trained[-1]).name, "train")]
+        lines.append(f"\n{len(trained)} iterations; final weights `{last['produced_version']}`.")
+    cache = run / TEACHER_CACHE
+    if cache.exists():
+        lines.append(f"Teacher eval accuracy, same settings: {json.loads(cache.read_text())['accuracy']:.3f}.")
+    return "\n".join(lines)
 
 
 def report(run: Path, out: Path | None = None, teacher: bool = True) -> Path:
