@@ -9,7 +9,7 @@ On the tiny world (64 prompts x 4 samples, up to 64 new tokens, temperature 1, t
     process that imports the stack and opens the engine on v_i (timed as that process's wall time);
     resident mode pays `load_policy(v_i)` on the loaded engine (timed in process).
 On a GPU it also times the HF engine on the Qwen3-1.7B shape (random weights, 256 sequences x 512
-new tokens), against the 4,200 tokens/s of plain transformers `generate` (DESIGN §6; goal >= 2x).
+new tokens), against the 4,200 tokens/s of plain transformers `generate` (../shared/DESIGN.md §6; goal >= 2x).
 Results go to bench/results/generate.json; vLLM rows are skipped when vLLM is not installed.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ Times, on one GPU: the HF sampling engine (stages/generate/hf_engine.py) on the 
 teacher scorer's chunked log-prob gather (common/modeling.py) on the 4B shape, and one training
 step of the card's loss (stages/train/loss.py) on the 1.7B shape with gradient checkpointing.
 MFU counts 2N FLOPs per token forward, 6N per training token (8N with checkpointing), N including
-embeddings, attention FLOPs not counted, against the measured bf16 matmul ceiling (DESIGN §9).
+embeddings, attention FLOPs not counted, against the measured bf16 matmul ceiling (../shared/DESIGN.md §9).
 """
 from __future__ import annotations
 

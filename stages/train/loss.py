@@ -1,4 +1,4 @@
-"""Every training loss, in one place (DESIGN §4).
+"""Every training loss, in one place (written out in docs/loss.md; ../shared/DESIGN.md §4).
 
 The card's loss is `k1` in policy-gradient form: the per-token advantage is the negative, clamped,
 detached log-ratio between student and teacher on the student's own sampled token, fed to a PPO
