@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 from common.config import Config, ConfigError, load_config
@@ -44,6 +45,9 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # DeepSpeed's ZeRO-3 calls torch collectives that torch 2.13 marks deprecated, on every gather.
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=f".*{name}.* is deprecated", category=FutureWarning)
 
 
 def set_threads(config: Config) -> None:

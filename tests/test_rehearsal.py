@@ -3,7 +3,7 @@ DAPO prompts, random-weight models of Qwen3-1.7B-Base's and Qwen3-4B-Base's shap
 
 Both are slow: the models are ~2 GiB to build and a forward at vocab 151,936 costs seconds on 2 cores.
 The small variant is one 16-token iteration under ZeRO-1 (minutes); the full one is the rehearsal of
-docs/recipe.md (ZeRO-3 with offload, 8192-token micro-batches, several per step)."""
+docs/recipe.md (ZeRO-3 with offload, 8192-token micro-batches, two per step)."""
 import subprocess
 import sys
 
@@ -38,8 +38,7 @@ def assert_rehearsed(run, result, micro_batches: int) -> None:
     assert last.startswith("rehearse iter 0: generate ") and "peak RSS" in last, last
     train = shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"]
     assert train["train/micro_batches_per_step"] >= micro_batches
-    rollouts = shards.read_manifest(shards.stage_dir(run, 0, "rollouts"))["metrics"]
-    assert rollouts["generate/weight_sync_gap_mean"] < 1e-3  # the engine holds the trainer's v0
+    assert train["train/logprob_gap_mean"] < 1e-3  # the sampler's log-probs are the trainer's, at vocab 151,936
 
 
 @pytest.mark.slow
@@ -54,7 +53,7 @@ def test_the_small_rehearsal_trains_at_the_real_vocabulary_and_passes_check(mode
 def test_the_full_rehearsal_keeps_the_cards_settings_and_passes_check(models, tmp_path):
     run = tmp_path / "rehearse"
     result = rehearse(run)
-    assert_rehearsed(run, result, micro_batches=3)
+    assert_rehearsed(run, result, micro_batches=2)
     t = run_config(run).train  # the frozen config: the card's training settings stand
     assert (t.zero_stage, t.offload_params, t.offload_optimizer, t.packing, t.gradient_checkpointing) == (
         3, True, True, True, True)
