@@ -32,16 +32,20 @@ def test_reference_run_holds_every_invariant(reference_run):
     assert check_run(reference_run) == (2, [])
 
 
-# Subprocess mode: the same kills in `make test-slow` and in `make faults` (the default mode is resident).
-@pytest.mark.parametrize("mode", ["resident", pytest.param("subprocess", marks=pytest.mark.slow)])
-def test_kill_9_at_the_worst_moments_then_resume(reference_run, tmp_path, mode):
+# The default suite kills one of each: a generation worker, the trainer rank, the controller. Every
+# kill in both modes: `make test-slow`; random moments and targets: `make faults`.
+@pytest.mark.parametrize("mode, faults", [
+    ("resident", ("shard:1", "train_step:1", "manifest:2")),
+    pytest.param("resident", ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1", "manifest:2"), marks=pytest.mark.slow),
+    pytest.param("subprocess", ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1"), marks=pytest.mark.slow),
+], ids=["resident", "resident-every-kill", "subprocess"])
+def test_kill_9_at_the_worst_moments_then_resume(reference_run, tmp_path, mode, faults):
     """Killed while writing a shard, inside a training step, between logging metrics and recording
     it, after sealing a checkpoint but before renaming it, and (resident: the controller seals every
     folder) before a manifest: each resume picks up where it was. In resident mode the first two and
     the fourth kill a worker (a generation worker, the trainer rank), the others the controller."""
     run = tmp_path / "faulted"
     mode_override = ("-o", f"orchestrator.mode={mode}")
-    faults = ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1") + (("manifest:2",) if mode == "resident" else ())
     for fault in faults:
         result = orchestrate(run, 2, *mode_override, fault=fault)
         assert result.returncode != 0, f"{fault} was never reached"

@@ -30,6 +30,7 @@ def test_mechanism_metrics_on_a_hand_made_example():
     assert metrics["mechanism/teacher_mass_on_shared"] == pytest.approx(0.5)  # the teacher's p(2)
 
 
+@pytest.mark.slow  # a whole iteration; the loss itself: test_loss.py; vLLM's top-k columns: test_vllm.py
 def test_reverse_kl_on_the_students_topk_end_to_end(tmp_path):
     run = tmp_path / "topk"
     result = orchestrate(run, 1, "-o", "generate.student_topk=4", "-o", "score.teacher_topk=4",

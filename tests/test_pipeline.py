@@ -67,6 +67,7 @@ def test_changed_config_is_refused_unless_forced(run):
     assert frozen.train.lr == 1e-4
 
 
+@pytest.mark.slow  # the default suite's kill -9 and corruption tests resume the same way
 def test_interrupted_iteration_resumes_at_the_missing_stage(run, tmp_path):
     """Lose the end of iteration 1 (train manifest and checkpoint v0002): the next call redoes only
     the train stage, and, being deterministic, produces the very same v0002."""

@@ -193,6 +193,7 @@ engine.module.policy.save_pretrained(sys.argv[2])
 """
 
 
+@pytest.mark.slow  # the resident test's checkpoints (in memory) equal the subprocess ones (reloaded from files)
 def test_resume_continues_the_same_optimizer_trajectory(tmp_path):
     """Two iterations in one process == iteration 0, a fresh process restoring v0001 and its
     optimizer state, iteration 1: bitwise on CPU. Without the optimizer state they differ."""
