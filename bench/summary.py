@@ -76,7 +76,8 @@ def render(results: Path = RESULTS) -> str:
                 format_met(row.get("met")), document.get("date", "") if first else "",
                 document.get("machine", "") if first else "",
             ]) + " |")
-    details = {"peers": "bench/results.md", "train": "docs/training.md", "verifier": "README.md"}
+    details = {"peers": "bench/results.md", "phases": "docs/engines.md", "generate": "docs/engines.md",
+               "score": "docs/engines.md", "train": "docs/training.md", "verifier": "docs/verifier.md"}
     lines += ["", "Details: " + ", ".join(f"{name} in [{path}](../{path})" for name, path in details.items()) + "."]
     return "\n".join(lines) + "\n"
 
