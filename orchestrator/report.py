@@ -121,34 +121,35 @@ def learning_table(run: Path) -> str:
     each evaluated checkpoint, rollout accuracy and mean reverse KL of the iterations there, and the wall
     time since the run's first stage started (meaningful for a run made by one uninterrupted command)."""
     run = require_run(run)
-    manifests = {(path.parent.parent.name, path.parent.name): json.loads(path.read_text())
-                 for path in run.glob(f"iter=*/*/{shards.MANIFEST}")}
+    # Keyed by folder name, not the manifest's stage: `make eval` writes eval-k<K> folders beside eval.
+    manifests = {(m["iteration"], path.parent.name): m for path in run.glob(f"iter=*/*/{shards.MANIFEST}")
+                 if (m := shards.read_manifest(path.parent))}
     if not manifests:
         raise UserError(f"{run} has no finished stage yet", f"run `make iterate RUN={run.name}` first")
     started = min(m["started_at"] for m in manifests.values())
-    evals = sorted(m["iteration"] for (_, stage), m in manifests.items() if stage == "eval")
+    evals = sorted(i for i, stage in manifests if stage == "eval")
 
-    def metric(iteration: int, stage: str, name: str, digits: int) -> str:
-        manifest = manifests.get((shards.iteration_dir(run, iteration).name, stage))
-        return f"{manifest['metrics'][name]:.{digits}f}" if manifest else ""
+    def metric(iteration: int, stage: str, name: str) -> str:
+        manifest = manifests.get((iteration, stage))
+        return f"{manifest['metrics'][name]:.3f}" if manifest else ""
 
     def elapsed(iteration: int) -> str:
-        return f"{(manifests[(shards.iteration_dir(run, iteration).name, 'eval')]['finished_at'] - started) / 60:.1f}"
+        return f"{(manifests[(iteration, 'eval')]['finished_at'] - started) / 60:.1f}"
 
-    trained = sorted(m["iteration"] for (_, stage), m in manifests.items() if stage == "train")
+    trained = sorted(i for i, stage in manifests if stage == "train")
     config = run_config(run)
     rows = [
         ("iteration", [str(i) for i in evals]),
-        (f"eval accuracy, sampled ({config.eval.prompts or 'all'} prompts)", [metric(i, "eval", "eval/accuracy", 3)
+        (f"eval accuracy, sampled ({config.eval.prompts or 'all'} prompts)", [metric(i, "eval", "eval/accuracy")
                                                                              for i in evals]),
-        ("rollout accuracy (that iteration's samples)", [metric(i, "scored", "rollout/accuracy", 3) for i in evals]),
-        ("mean reverse KL, lp - lq per token", [metric(i, "scored", "rollout/reverse_kl", 3) for i in evals]),
+        ("rollout accuracy (that iteration's samples)", [metric(i, "scored", "rollout/accuracy") for i in evals]),
+        ("mean reverse KL, lp - lq per token", [metric(i, "scored", "rollout/reverse_kl") for i in evals]),
         ("wall time at the eval (min)", [elapsed(i) for i in evals]),
     ]
     lines = [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
     lines.insert(1, "|---|" + "---|" * len(evals))
     if trained:
-        last = manifests[(shards.iteration_dir(run, trained[-1]).name, "train")]
+        last = manifests[(trained[-1], "train")]
         lines.append(f"\n{len(trained)} iterations; final weights `{last['produced_version']}`.")
     cache = run / TEACHER_CACHE
     if cache.exists():
