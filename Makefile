@@ -36,9 +36,11 @@ iterate: $(STAMP)  ## make iterate N=3 [CONFIG=configs/tiny.yaml] [RUN=tiny] [OV
 	$(PY) -m orchestrator iterate --run $(RUN_DIR) --config $(CONFIG) -n $(N) \
 		$(foreach o,$(OVERRIDES),-o $(o)) $(if $(FORCE),--force)
 
+# Two pytest workers, one per core, a test file each at a time (module fixtures such as the vLLM engines
+# are built once); tests/conftest.py gives every process one thread and shares the reference run.
 test: $(STAMP)  ## lint, then the fast suite (CI runs this)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
