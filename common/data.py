@@ -88,13 +88,18 @@ def load_prompts(path: str | Path, tokenizer, max_prompt_tokens: int, enable_thi
 
 def iteration_prompts(prompts: list[Prompt], iteration: int, per_iteration: int, seed: int) -> list[Prompt]:
     """The prompts of one iteration: consecutive slices of a seeded shuffle, reshuffled each epoch."""
+    orders: dict[int, list[int]] = {}  # one shuffle per epoch the slice touches (at most two)
     chosen = []
     for position in range(iteration * per_iteration, (iteration + 1) * per_iteration):
         epoch, offset = divmod(position, len(prompts))
-        order = list(range(len(prompts)))
-        random.Random(prompt_order_seed(seed, epoch)).shuffle(order)
-        chosen.append(prompts[order[offset]])
+        if epoch not in orders:
+            orders[epoch] = list(range(len(prompts)))
+            random.Random(prompt_order_seed(seed, epoch)).shuffle(orders[epoch])
+        chosen.append(prompts[orders[epoch][offset]])
     return chosen
+
+
+_READ: dict[tuple, PromptSet] = {}
 
 
 def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer, max_prompt_tokens: int,
@@ -113,8 +118,15 @@ def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer, max_prom
     # under changed data settings (FORCE=1) renders again.
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     if meta is not None and meta["key"] == key:
-        rows = pq.read_table(table_path).to_pylist()
-        return PromptSet([Prompt(**row) for row in rows], meta["dropped"])
+        # A resident controller plans every iteration: read the table once per version of the file.
+        stat = table_path.stat()
+        memo = (str(table_path.resolve()), stat.st_mtime_ns, stat.st_size, json.dumps(key))
+        if memo not in _READ:
+            rows = pq.read_table(table_path).to_pylist()
+            if len(_READ) >= 8:  # a run reads its train set and a few eval sets
+                del _READ[next(iter(_READ))]
+            _READ[memo] = PromptSet([Prompt(**row) for row in rows], meta["dropped"])
+        return _READ[memo]  # shared: callers read it, never change it
     prompt_set = load_prompts(path, tokenizer, max_prompt_tokens, enable_thinking, config_key)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.parquet.tmp"

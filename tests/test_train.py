@@ -117,6 +117,43 @@ def test_micro_batch_and_token_budget_splits_give_identical_loss_and_gradients()
             assert torch.allclose(got, want, atol=1e-10, rtol=0), (micro, budget, packing)
 
 
+def first_minibatch(loss: str, old: str) -> tuple[IterationData, list[torch.Tensor], list[torch.Tensor]]:
+    """One mini-batch in float64 with lp_old given ("given"), or unknown before the first step ("first"),
+    or unknown after one ("after"); returns the data, the gradients and the recomputed lp_old."""
+    model = load_model(STUDENT, dtype=torch.float64)
+    prompts, responses = random_rows(3, 8)
+    rng = random.Random(5)
+    data = IterationData(prompts, responses,
+                         teacher=[torch.tensor([rng.uniform(-4, 0) for _ in r], dtype=torch.float64) for r in responses],
+                         rollout=[torch.zeros(len(r), dtype=torch.float64) for r in responses])
+    with torch.no_grad():
+        recomputed = response_logprobs(model, prompts, responses, 0, packed=False).sampled
+    data.old = list(recomputed) if old == "given" else [None] * len(prompts)
+    config = load_config("configs/tiny.yaml", [f"train.loss={loss}", "train.micro_batch_size=4"]).train
+    minibatch_backward(Float64Engine(model), data, list(range(8)), sum(map(len, responses)), config,
+                       LossConfig(mode=loss), 0, [0], "test", before_any_step=old == "first")
+    return data, [p.grad.clone() for p in model.parameters()], recomputed
+
+
+@pytest.mark.parametrize("loss", ["k1", "k2"])
+def test_the_first_mini_batch_takes_lp_old_from_its_own_forward(loss):
+    """Before any step the forward is v_i's: lp_old of the first mini-batch's rows (the gap metrics of a
+    direct loss, which recomputes nothing) equals the recomputation, and so does the step's gradient."""
+    data, grads, recomputed = first_minibatch(loss, "first")
+    _, reference, _ = first_minibatch(loss, "given")
+    for got, want in zip(data.old, recomputed):
+        assert torch.allclose(got, want.float(), atol=1e-6)  # lp_old is kept in fp32
+    for got, want in zip(grads, reference):
+        assert torch.allclose(got, want, atol=1e-8, rtol=1e-5)
+
+
+def test_a_ratio_loss_without_lp_old_after_a_step_is_refused_and_a_direct_loss_is_not():
+    with pytest.raises(RuntimeError, match="no lp_old"):
+        first_minibatch("k1", "after")
+    data, _, _ = first_minibatch("k2", "after")  # k2 never reads lp_old
+    assert all(old is None for old in data.old)
+
+
 def test_packed_and_padded_logprobs_agree():
     model = load_model(STUDENT)
     prompts, responses = random_rows(5, 12)

@@ -1,5 +1,10 @@
 """One iteration of training on one rank: lp_old, then one optimizer step per mini-batch.
 
+lp_old is v_i's own log-probs of the sampled tokens, recomputed without grad before the first step
+when the loss reads it (the PPO ratio of k1 and of task rewards, truncated IS weights). A direct loss
+(k2, k3, abs, the top-k KLs) never does: it costs no forward beyond its steps, and the first
+mini-batch's forward, taken before any step, gives lp_old of its rows for the sampler/trainer gap.
+
 The loss (stages/train/loss.py) is a token mean over the global mini-batch whatever the split:
 each rank normalises its micro-batches by the global token count / world size (DeepSpeed averages
 gradients over ranks), and gradients accumulate over micro-batches until `engine.step()`.
@@ -34,7 +39,7 @@ class IterationData:
     task_advantages: list[float] | None = None
     topk_ids: list | None = None                    # ids at which the loss compares the two models
     teacher_at_topk: list[torch.Tensor] | None = None
-    old: list[torch.Tensor | None] | None = None     # lp_old, filled for this rank's rows
+    old: list[torch.Tensor | None] | None = None     # lp_old per row, None where not (yet) known
 
     def tokens(self) -> list[int]:
         return [len(p) + len(r) for p, r in zip(self.prompts, self.responses)]
@@ -71,13 +76,26 @@ def forward(engine, data: IterationData, rows: list[int], t: TrainConfig, pad_id
                   t.packing, at_ids)
 
 
+def needs_old_logprobs(t: TrainConfig) -> bool:
+    """Whether the loss reads lp_old: the PPO ratio (k1, task rewards) or truncated IS weights."""
+    return t.loss == "k1" or t.use_task_rewards or t.tis
+
+
 def micro_batch_loss(engine, data: IterationData, rows: list[int], normaliser: float, t: TrainConfig,
-                     config: LossConfig, pad_id: int):
-    """Forward the rows through the engine and return their share of the mini-batch loss."""
+                     config: LossConfig, pad_id: int, before_any_step: bool = False):
+    """Forward the rows through the engine and return their share of the mini-batch loss.
+    `before_any_step`: the engine still holds v_i, so this forward is lp_old for rows that lack it."""
     logprobs, at_ids = forward(engine, data, rows, t, pad_id)
     device = logprobs.device
     cat = lambda pieces: torch.cat(pieces).to(device)  # noqa: E731
-    old = cat([data.old[k] for k in rows])
+    if before_any_step:
+        for k, values in zip(rows, logprobs.detach().split([len(data.responses[k]) for k in rows])):
+            if data.old[k] is None:
+                data.old[k] = values.float().cpu()
+    old = cat([data.old[k] for k in rows]) if all(data.old[k] is not None for k in rows) else None
+    if old is None and needs_old_logprobs(t):  # a ratio against an already updated policy would be wrong
+        raise RuntimeError(f"rows {rows[:8]} have no lp_old (a bug: train_iteration recomputes it for every "
+                           "row when the loss reads it)")
     batch = TokenBatch(logprobs=logprobs, old_logprobs=old, teacher_logprobs=cat([data.teacher[k] for k in rows]))
     if t.tis:
         batch.weights = truncated_is_weights(old, cat([data.rollout[k] for k in rows]), t.tis_cap)
@@ -97,9 +115,8 @@ def padded_schedule(batches: list[list[int]], filler: list[int]) -> list[tuple[l
 
 def recompute_old_logprobs(engine, data: IterationData, rows: list[int], t: TrainConfig, pad_id: int,
                            filler: list[int]) -> None:
-    """lp_old: the trainer's own log-probs before any update; the PPO ratio is taken against these.
-    No gradient, so the forward may bypass the engine (nothing to accumulate)."""
-    data.old = [None] * len(data.prompts)
+    """lp_old of `rows`: the trainer's own log-probs before any update; the PPO ratio is taken against
+    these. No gradient, so the forward may bypass the engine (nothing to accumulate)."""
     with torch.no_grad():
         for batch, real in padded_schedule(micro_batches(rows, data.tokens(), t.max_tokens_per_micro_batch,
                                                          t.micro_batch_size), filler):
@@ -110,7 +127,8 @@ def recompute_old_logprobs(engine, data: IterationData, rows: list[int], t: Trai
 
 
 def minibatch_backward(engine, data: IterationData, rows: list[int], normaliser: float, t: TrainConfig,
-                       config: LossConfig, pad_id: int, filler: list[int], where: str) -> dict:
+                       config: LossConfig, pad_id: int, filler: list[int], where: str,
+                       before_any_step: bool = False) -> dict:
     """Forward/backward over this rank's micro-batches of one mini-batch; gradients accumulate."""
     stats: dict = defaultdict(float)
     schedule = padded_schedule(micro_batches(rows, data.tokens(), t.max_tokens_per_micro_batch, t.micro_batch_size),
@@ -120,7 +138,7 @@ def minibatch_backward(engine, data: IterationData, rows: list[int], normaliser:
             logprobs, _ = forward(engine, data, batch, t, pad_id, with_topk=False)
             engine.backward(logprobs.sum() * 0.0, scale_wrt_gas=False)
             continue
-        out = micro_batch_loss(engine, data, batch, normaliser, t, config, pad_id)
+        out = micro_batch_loss(engine, data, batch, normaliser, t, config, pad_id, before_any_step)
         if not torch.isfinite(out.loss):
             raise NonFiniteError(f"{where}, micro-batch {index} (rows {batch[:8]}{'...' if len(batch) > 8 else ''}): "
                                  f"non-finite loss {out.loss.item()}")
@@ -145,12 +163,9 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
     shares = [rank_share(rows, tokens, world, rank) for rows in steps]
 
     mine = [k for share in shares for k in share]
-    recompute_old_logprobs(engine, data, mine, t, pad_id, filler)
-    gap = torch.cat([data.old[k] - data.rollout[k] for k in mine]) if mine else torch.zeros(0)
-    # k3 of the sampler/trainer gap: E[exp(r) - r - 1] with r = lp_rollout - lp_old, >= 0 and 0 iff equal.
-    gap_k3 = (torch.exp(-gap) + gap - 1.0).sum().item()
-    gap_sum, gap_count, gap_k3 = all_reduce([gap.abs().sum().item(), gap.numel(), gap_k3])
-    (gap_max,) = all_reduce([gap.abs().max().item() if gap.numel() else 0.0], dist.ReduceOp.MAX)
+    data.old = [None] * len(data.prompts)
+    if needs_old_logprobs(t):
+        recompute_old_logprobs(engine, data, mine, t, pad_id, filler)
 
     totals = defaultdict(float)
     bar = Progress(len(tokens), "train") if rank == 0 else None
@@ -158,7 +173,8 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
         minibatch_tokens = sum(len(data.responses[k]) for k in rows)
         where = f"iteration {iteration}, mini-batch {step}"
         # DeepSpeed averages gradients over ranks: normalise by the per-rank share of the global token count.
-        stats = minibatch_backward(engine, data, share, minibatch_tokens / world, t, losses, pad_id, filler, where)
+        stats = minibatch_backward(engine, data, share, minibatch_tokens / world, t, losses, pad_id, filler, where,
+                                   before_any_step=step == 0)
         # ZeRO stages 1-3 report the pre-clip norm after step(); stage 0 (one rank only) does not.
         stage0_norm = None if t.zero_stage else torch.nn.utils.get_total_norm(
             [p.grad for p in engine.module.parameters() if p.grad is not None])
@@ -179,6 +195,13 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
             bar.update(len(rows), int(step_tokens))
     if bar is not None:
         bar.close()
+    # The sampler/trainer gap on the rows whose lp_old is known (every row, or the first mini-batch's).
+    known = [k for k in mine if data.old[k] is not None]
+    gap = torch.cat([data.old[k] - data.rollout[k] for k in known]) if known else torch.zeros(0)
+    # k3 of the gap: E[exp(r) - r - 1] with r = lp_rollout - lp_old, >= 0 and 0 iff equal.
+    gap_k3 = (torch.exp(-gap) + gap - 1.0).sum().item()
+    gap_sum, gap_count, gap_k3 = all_reduce([gap.abs().sum().item(), gap.numel(), gap_k3])
+    (gap_max,) = all_reduce([gap.abs().max().item() if gap.numel() else 0.0], dist.ReduceOp.MAX)
     return {
         "train/loss": totals["loss"] / len(steps),
         "train/grad_norm": totals["grad_norm"] / len(steps),

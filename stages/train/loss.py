@@ -47,7 +47,7 @@ class LossConfig:
 class TokenBatch:
     """A micro-batch's response tokens, flattened to [tokens] (top-k tensors: [tokens, k])."""
     logprobs: torch.Tensor                    # student, current forward (carries the gradient)
-    old_logprobs: torch.Tensor                # lp_old: the trainer's log-probs before this iteration's updates
+    old_logprobs: torch.Tensor | None         # lp_old: the trainer's log-probs before this iteration's updates
     teacher_logprobs: torch.Tensor
     weights: torch.Tensor | None = None       # truncated importance-sampling weights (detached)
     task_advantages: torch.Tensor | None = None
@@ -123,7 +123,8 @@ def distillation_per_token(batch: TokenBatch, config: LossConfig) -> tuple[torch
         raise ValueError(f"unknown loss '{config.mode}' (choose: {', '.join(LOSSES)})")
     if config.mode == "k1":
         advantages = k1_advantage(batch.logprobs, batch.teacher_logprobs, config.loss_max_clamp)
-        return ppo_dual_clip(batch.logprobs, batch.old_logprobs, advantages, config)
+        return ppo_dual_clip(batch.logprobs, _required(batch.old_logprobs, config.mode, "lp_old"),
+                             advantages, config)
     loss = _direct_loss(batch, config)
     return loss.clamp(-config.loss_max_clamp, config.loss_max_clamp), torch.zeros_like(loss, dtype=torch.bool)
 
@@ -133,7 +134,8 @@ def distillation_loss(batch: TokenBatch, normaliser: float, config: LossConfig =
     per_token, clipped = distillation_per_token(batch, config)
     if config.use_task_rewards:
         task = _required(batch.task_advantages, "use_task_rewards", "task advantages")
-        task_loss, task_clipped = ppo_dual_clip(batch.logprobs, batch.old_logprobs, task, config)
+        task_loss, task_clipped = ppo_dual_clip(batch.logprobs, _required(batch.old_logprobs, "use_task_rewards",
+                                                                          "lp_old"), task, config)
         per_token, clipped = task_loss + config.distill_coef * per_token, clipped | task_clipped
     if batch.weights is not None:
         per_token = per_token * batch.weights
