@@ -2,8 +2,6 @@
 chunked log-prob gather that never materialises a [tokens x vocab] tensor at once."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,44 +75,6 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], enab
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
     )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_sha256(checkpoint_dir: str | Path) -> str:
-    """sha256 of model.safetensors; for a sharded checkpoint, of the shards' sha256s in name order."""
-    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{checkpoint_dir} holds no *.safetensors weights")
-    if len(files) == 1:
-        return file_sha256(files[0])
-    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
-
-
-def local_model_dir(name: str | Path) -> Path:
-    """A local folder as is; a hub id resolved to its downloaded snapshot (safetensors only)."""
-    if Path(name).is_dir():
-        return Path(name)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-
-
-def policy_version(checkpoint_dir: str | Path) -> str:
-    """`<checkpoint name>-<first 12 hex of the weights' sha256>`: an id plus a content hash.
-
-    A finished pipeline checkpoint records the hash in its DONE marker, so it is not recomputed.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    done = checkpoint_dir / "DONE"
-    digest = json.loads(done.read_text())["weights_sha256"] if done.exists() else weights_sha256(checkpoint_dir)
-    return f"{checkpoint_dir.name}-{digest[:12]}"
 
 
 @dataclass

@@ -16,6 +16,7 @@ Layout of a run folder:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +29,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.faults import fault_point
-from common.modeling import file_sha256, weights_sha256
 
 MANIFEST = "_MANIFEST.json"
 DONE = "DONE"
@@ -253,3 +253,34 @@ def read_stage(out_dir: Path, stage: str) -> pa.Table:
     if not tables:
         return SCHEMAS[stage].empty_table()
     return pa.concat_tables([conform(t, stage) for t in tables])
+
+
+# ---- content hashes -------------------------------------------------------------------------
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(checkpoint_dir: str | Path) -> str:
+    """sha256 of model.safetensors; for a sharded checkpoint, of the shards' sha256s in name order."""
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint_dir} holds no *.safetensors weights")
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
+def policy_version(checkpoint_dir: str | Path) -> str:
+    """`<checkpoint name>-<first 12 hex of the weights' sha256>`: an id plus a content hash.
+
+    A finished pipeline checkpoint records the hash in its DONE marker, so it is not recomputed.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    done = checkpoint_dir / "DONE"
+    digest = json.loads(done.read_text())["weights_sha256"] if done.exists() else weights_sha256(checkpoint_dir)
+    return f"{checkpoint_dir.name}-{digest[:12]}"

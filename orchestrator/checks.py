@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from common import shards
-from common.modeling import policy_version
 from common.run import load_run_config
+from common.shards import policy_version
 
 
 def _check_iteration(run: Path, iteration: int, expected_rows: int) -> list[str]:

@@ -17,13 +17,14 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
 from common import shards
 from common.config import Config, ConfigError, config_from_dict, save_config
-from common.modeling import local_model_dir
+from common.hub import local_model_dir
 from common.run import RUN_CONFIG, free_port, load_run_config
 from orchestrator.tracking import Tracker
 
@@ -156,6 +157,7 @@ class ResidentStages:
         self.teacher_version = teacher_version(config)
         self.scoring: list | None = None  # the score futures of the iteration in flight
         self.address: str | None = None  # the trainers' rendezvous, fixed for the cluster's life
+        self.opening: list = []  # open_models tasks, waited for before the first stage's
 
     def _wait(self, stage: str, iteration: int, futures: list) -> list:
         """The tasks' results; a failure a user can act on (a lost worker, bad data, a failed gate, a
@@ -178,12 +180,24 @@ class ResidentStages:
     def _submit(self, task, *args, role: str) -> object:
         return self.client.submit(task, self.run, *args, resources={role: 1}, pure=False)
 
+    def open_models(self, iteration: int) -> None:
+        """Every generation worker opens its engine at v_i and its teacher now, in its own process."""
+        from orchestrator.roles import GENERATE, open_models_task
+
+        workers = [address for address, info in self.client.scheduler_info()["workers"].items()
+                   if GENERATE in info.get("resources", {})]
+        self.opening = [self.client.submit(open_models_task, self.run, iteration, workers=[address], pure=False)
+                        for address in workers]
+
     def _generate(self, iteration: int, eval_only: bool = False, eval_k: int | None = None) -> float:
         from orchestrator.roles import GENERATE, SCORE, sample_task, score_task
         from stages.generate.stage import plan_generation, seal_plan
         from stages.score.scoring import sealed_rollouts, start_scoring
 
         began = time.time()
+        if self.opening:
+            self._wait("generate", iteration, self.opening)
+            self.opening = []
         plan = plan_generation(self.config, self.run, iteration, eval_only, eval_k)
         evals = [self._submit(sample_task, iteration, job, role=GENERATE) for job in (plan.eval_jobs if plan else [])]
         rollouts = [self._submit(sample_task, iteration, job, role=GENERATE)
@@ -271,20 +285,43 @@ def evaluate_checkpoint_now(run: Path, version: int | None, k: int | None) -> No
         tracker.close()
 
 
+def render_prompt_sets(config: Config, run: Path, iteration: int) -> None:
+    """Render the run's prompt sets into their cache (common/data.py: prepared_prompts), so that
+    planning the first iteration finds them; a fresh run spends seconds here (the chat template over
+    every prompt, and importing torch and transformers)."""
+    from common.modeling import load_tokenizer
+    from stages.generate.jobs import eval_jobs, train_prompts
+
+    tokenizer = load_tokenizer(shards.checkpoint_dir(run, iteration))
+    train_prompts(config, run, tokenizer)
+    if config.eval.every > 0:
+        eval_jobs(config, run, tokenizer)
+
+
 def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> None:
+    """The start overlaps: the prompt sets render on a thread of their own, the cluster's workers open
+    their models in their processes, and MLflow opens here, before the first iteration needs any."""
     prepare_run(run, config, force)
-    tracker = Tracker(config, run)
     start = completed_iterations(run)
-    print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
-    loop_started = time.time()
-    try:
+    with ThreadPoolExecutor(1, thread_name_prefix="opd-prompts") as pool:
+        rendered = pool.submit(render_prompt_sets, config, run, start)
         if config.orchestrator.mode == "resident":
             from orchestrator.cluster import open_cluster
 
             with open_cluster(config) as client:
-                _loop(run, config, iterations, tracker, start, loop_started, ResidentStages(client, run, config))
+                stages = ResidentStages(client, run, config)
+                stages.open_models(start)
+                _track_and_loop(run, config, iterations, start, stages, rendered)
         else:
-            _loop(run, config, iterations, tracker, start, loop_started, SubprocessStages(run, config))
+            _track_and_loop(run, config, iterations, start, SubprocessStages(run, config), rendered)
+
+
+def _track_and_loop(run: Path, config: Config, iterations: int, start: int, stages, rendered) -> None:
+    tracker = Tracker(config, run)
+    try:
+        print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
+        rendered.result()
+        _loop(run, config, iterations, tracker, start, time.time(), stages)
     finally:
         tracker.close()
 

@@ -44,8 +44,9 @@ def teacher_eval(run: Path) -> dict:
     The loop's own evaluator (stages/generate/jobs.py: evaluate_engine) on an engine holding the
     teacher: the same rendered prompts, shards, seeds, sampling and grading as `eval.accuracy`.
     """
-    from common.modeling import local_model_dir, policy_version
+    from common.hub import local_model_dir
     from common.run import quiet_libraries, set_threads
+    from common.shards import policy_version
     from stages.generate.jobs import evaluate_engine
     from stages.generate.sampling import open_engine
 

@@ -19,8 +19,9 @@ from distributed import WorkerPlugin, get_worker
 
 from common import shards
 from common.config import Config
-from common.modeling import local_model_dir, policy_version
+from common.hub import local_model_dir
 from common.run import load_run_config, quiet_libraries, set_threads
+from common.shards import policy_version
 
 NAME = "opd-roles"
 GENERATE, SCORE = "generate", "score"
@@ -124,9 +125,18 @@ def sample_task(run: Path, iteration: int, job) -> dict:
             "worker": get_worker().address}
 
 
+def open_models_task(run: Path, iteration: int) -> None:
+    """Open this worker's generation engine at v_i (gated) and its teacher ahead of the first shard,
+    while the controller is still starting (MLflow, the prompt sets)."""
+    config = _config(run)
+    mine = roles()
+    mine.generation_engine(config, shards.checkpoint_dir(run, iteration))
+    mine.teacher(config)
+
+
 def score_task(run: Path, iteration: int, rollout: dict, teacher_version: str) -> dict:
     """One scored shard from the rollout shard a sample task wrote (checked against its sha256)."""
-    from common.modeling import file_sha256
+    from common.shards import file_sha256
     from stages.score.scoring import score_shard
 
     config = _config(run)

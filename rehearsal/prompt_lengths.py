@@ -18,7 +18,8 @@ from pathlib import Path
 
 from common.config import ConfigError
 from common.data import load_prompts
-from common.modeling import file_sha256, load_tokenizer
+from common.modeling import load_tokenizer
+from common.shards import file_sha256
 from rehearsal.tokenizer import BuildError, ensure_tokenizer
 
 TEMPLATES = {"boxed": "dapo-math-17k-boxed-template.parquet", "answer": "dapo-math-17k-answer-template.parquet"}

@@ -31,7 +31,7 @@ from pipeline_helpers import OVERRIDES, orchestrate  # noqa: E402
 
 from common import shards  # noqa: E402
 from common.faults import POINTS  # noqa: E402
-from common.modeling import policy_version  # noqa: E402
+from common.shards import policy_version  # noqa: E402
 from orchestrator.checks import check_run  # noqa: E402
 
 ITERATIONS = 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common import shards
-from common.modeling import policy_version
+from common.shards import policy_version
 from orchestrator.checks import check_run
 
 ROOT = Path(__file__).resolve().parents[1]

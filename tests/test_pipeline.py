@@ -9,7 +9,7 @@ from pipeline_helpers import orchestrate
 
 from common import shards
 from common.config import load_config
-from common.modeling import policy_version
+from common.shards import policy_version
 
 
 @pytest.fixture(scope="module")

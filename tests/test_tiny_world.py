@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.modeling import file_sha256
+from common.shards import file_sha256
 from common.verifier import grade
 from tiny_world.task import DAPO_SCHEMA, parse_question, worked_solution
 

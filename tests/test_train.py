@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from common import shards
 from common.config import load_config
-from common.modeling import load_model, policy_version, response_logprobs
+from common.modeling import load_model, response_logprobs
+from common.shards import policy_version
 from orchestrator.loop import prepare_run
 from stages.train.engine import PolicyLogprobs
 from stages.train.iteration import IterationData, minibatch_backward

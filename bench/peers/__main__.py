@@ -21,8 +21,11 @@ from bench.record import write_results
 
 TEACHER = ROOT / "assets" / "tiny" / "teacher"
 # `default` is configs/tiny.yaml as it is (the card's k1 loss, the HF engine); `best` is the fastest
-# learner the pipeline offers here: reverse KL over the student's top-16 tokens, sampled by vLLM.
-VARIANTS = {"default": [], "best": ["train.loss=reverse_kl_topk", "generate.student_topk=16", "generate.engine=vllm"]}
+# learner the pipeline offers here: reverse KL over the student's top-16 tokens (a direct loss: no lp_old
+# pass). It samples with the HF engine: on this CPU vLLM's engine start costs ~90 s and it sampled no
+# faster (bench-peers of 2026-12-01 morning: 3.7 s against 3.2 s per iteration); on a GPU add
+# generate.engine=vllm (`--variant best=...`).
+VARIANTS = {"default": [], "best": ["train.loss=reverse_kl_topk", "generate.student_topk=16"]}
 
 
 def warm_up() -> None:

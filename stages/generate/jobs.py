@@ -17,9 +17,10 @@ import pyarrow as pa
 from common import shards
 from common.config import Config, ConfigError
 from common.data import Prompt, PromptSet, iteration_prompts, prepared_prompts
-from common.modeling import file_sha256, peak_gpu_gib, peak_rss_gib
+from common.modeling import peak_gpu_gib, peak_rss_gib
 from common.progress import Progress, stage_summary
 from common.seeds import eval_seed, rollout_seed
+from common.shards import file_sha256
 from common.verifier import grade_batch
 from common.verifier.status import ERROR, NO_ANSWER
 from stages.generate.sampling import GenerationEngine, SamplingParams

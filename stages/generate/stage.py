@@ -14,7 +14,8 @@ from typing import Callable
 
 from common import shards
 from common.config import Config
-from common.modeling import load_tokenizer, policy_version
+from common.modeling import load_tokenizer
+from common.shards import policy_version
 from stages.generate.gate import check_weight_sync
 from stages.generate.jobs import (
     ShardJob,

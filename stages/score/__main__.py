@@ -12,7 +12,7 @@ import time
 
 from common import shards
 from common.config import ConfigError
-from common.modeling import local_model_dir
+from common.hub import local_model_dir
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.score.scoring import score_shard, seal_scored, sealed_rollouts, start_scoring, teacher_version
 from stages.score.teacher import open_scorer

@@ -18,8 +18,10 @@ import pyarrow.parquet as pq
 
 from common import shards
 from common.config import Config, ConfigError
-from common.modeling import load_tokenizer, local_model_dir, peak_gpu_gib, peak_rss_gib, policy_version
+from common.hub import local_model_dir
+from common.modeling import load_tokenizer, peak_gpu_gib, peak_rss_gib
 from common.progress import stage_summary
+from common.shards import policy_version
 from common.verifier import grade_batch
 from common.verifier.status import ERROR, NO_ANSWER
 from stages.score.mechanism import mechanism_metrics
