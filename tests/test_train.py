@@ -90,15 +90,24 @@ class Float64Engine:
         loss.backward()
 
 
-def gradients_for(micro_batch_size: int, max_tokens: int, packing: bool) -> tuple[float, list[torch.Tensor]]:
+def float64_rows(seed: int, rows: int, rng: random.Random):
+    """The student in float64, `rows` random rows, random teacher log-probs, and the student's own
+    log-probs of them (no grad): the inputs of one mini-batch."""
     model = load_model(STUDENT, dtype=torch.float64)
-    prompts, responses = random_rows(3, 16)
-    rng = random.Random(4)
+    prompts, responses = random_rows(seed, rows)
     data = IterationData(prompts, responses,
                          teacher=[torch.tensor([rng.uniform(-4, 0) for _ in r], dtype=torch.float64) for r in responses],
                          rollout=[torch.zeros(len(r), dtype=torch.float64) for r in responses])
-    with torch.no_grad():  # lp_old slightly off the current policy so the PPO clips are active
-        old = response_logprobs(model, prompts, responses, 0, packed=False).sampled
+    with torch.no_grad():
+        own = response_logprobs(model, prompts, responses, 0, packed=False).sampled
+    return model, data, own
+
+
+def gradients_for(micro_batch_size: int, max_tokens: int, packing: bool) -> tuple[float, list[torch.Tensor]]:
+    rng = random.Random(4)
+    model, data, old = float64_rows(3, 16, rng)
+    responses = data.responses
+    # lp_old slightly off the current policy so the PPO clips are active
     data.old = [o + torch.tensor([rng.uniform(-0.5, 0.5) for _ in o], dtype=torch.float64) for o in old]
     config = load_config("configs/tiny.yaml", [f"train.micro_batch_size={micro_batch_size}",
                                                f"train.max_tokens_per_micro_batch={max_tokens}",
@@ -121,15 +130,9 @@ def test_micro_batch_and_token_budget_splits_give_identical_loss_and_gradients()
 def first_minibatch(loss: str, old: str) -> tuple[IterationData, list[torch.Tensor], list[torch.Tensor]]:
     """One mini-batch in float64 with lp_old given ("given"), or unknown before the first step ("first"),
     or unknown after one ("after"); returns the data, the gradients and the recomputed lp_old."""
-    model = load_model(STUDENT, dtype=torch.float64)
-    prompts, responses = random_rows(3, 8)
-    rng = random.Random(5)
-    data = IterationData(prompts, responses,
-                         teacher=[torch.tensor([rng.uniform(-4, 0) for _ in r], dtype=torch.float64) for r in responses],
-                         rollout=[torch.zeros(len(r), dtype=torch.float64) for r in responses])
-    with torch.no_grad():
-        recomputed = response_logprobs(model, prompts, responses, 0, packed=False).sampled
-    data.old = list(recomputed) if old == "given" else [None] * len(prompts)
+    model, data, recomputed = float64_rows(3, 8, random.Random(5))
+    responses = data.responses
+    data.old = list(recomputed) if old == "given" else [None] * len(responses)
     config = load_config("configs/tiny.yaml", [f"train.loss={loss}", "train.micro_batch_size=4"]).train
     minibatch_backward(Float64Engine(model), data, list(range(8)), sum(map(len, responses)), config,
                        LossConfig(mode=loss), 0, [0], "test", before_any_step=old == "first")
