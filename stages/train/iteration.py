@@ -81,6 +81,13 @@ def needs_old_logprobs(t: TrainConfig) -> bool:
     return t.loss == "k1" or t.use_task_rewards or t.tis
 
 
+def keep_old_logprobs(data: IterationData, rows: list[int], logprobs: torch.Tensor) -> None:
+    """Store a forward of v_i, flat over `rows`' response tokens, as lp_old of the rows that lack it."""
+    for k, values in zip(rows, logprobs.detach().split([len(data.responses[k]) for k in rows])):
+        if data.old[k] is None:
+            data.old[k] = values.float().cpu()
+
+
 def micro_batch_loss(engine, data: IterationData, rows: list[int], normaliser: float, t: TrainConfig,
                      config: LossConfig, pad_id: int, before_any_step: bool = False):
     """Forward the rows through the engine and return their share of the mini-batch loss.
@@ -89,9 +96,7 @@ def micro_batch_loss(engine, data: IterationData, rows: list[int], normaliser: f
     device = logprobs.device
     cat = lambda pieces: torch.cat(pieces).to(device)  # noqa: E731
     if before_any_step:
-        for k, values in zip(rows, logprobs.detach().split([len(data.responses[k]) for k in rows])):
-            if data.old[k] is None:
-                data.old[k] = values.float().cpu()
+        keep_old_logprobs(data, rows, logprobs)
     old = cat([data.old[k] for k in rows]) if all(data.old[k] is not None for k in rows) else None
     if old is None and needs_old_logprobs(t):  # a ratio against an already updated policy would be wrong
         raise RuntimeError(f"rows {rows[:8]} have no lp_old (a bug: train_iteration recomputes it for every "
@@ -122,8 +127,7 @@ def recompute_old_logprobs(engine, data: IterationData, rows: list[int], t: Trai
                                                          t.micro_batch_size), filler):
             logprobs, _ = forward(engine.module, data, batch, t, pad_id, with_topk=False)
             if real:
-                for k, values in zip(batch, logprobs.split([len(data.responses[k]) for k in batch])):
-                    data.old[k] = values.float().cpu()
+                keep_old_logprobs(data, batch, logprobs)
 
 
 def minibatch_backward(engine, data: IterationData, rows: list[int], normaliser: float, t: TrainConfig,
