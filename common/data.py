@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.config import ConfigError
-from common.modeling import render_prompt
 from common.seeds import prompt_order_seed
 from common.shards import atomic_write_text
 
@@ -47,6 +47,8 @@ def load_prompts(path: str | Path, tokenizer, max_prompt_tokens: int, enable_thi
     Rows without a usable prompt or a string ground truth, repeated ids, repeated prompt texts and
     prompts over `max_prompt_tokens` are dropped and counted, never raised deep inside a stage.
     """
+    from common.modeling import render_prompt  # transformers: only where prompts are rendered
+
     if not Path(path).is_file():
         raise ConfigError(f"config key '{config_key}': {path} does not exist")
     try:
@@ -102,12 +104,14 @@ def iteration_prompts(prompts: list[Prompt], iteration: int, per_iteration: int,
 _READ: dict[tuple, PromptSet] = {}
 
 
-def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer, max_prompt_tokens: int,
+def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer_dir: Path, max_prompt_tokens: int,
                      enable_thinking: bool, config_key: str = "data.train") -> PromptSet:
-    """`load_prompts`, rendered once per run and kept as `runs/<RUN>/prompts/<name>.parquet`.
+    """`load_prompts`, rendered once per run (with the tokenizer in `tokenizer_dir`) and kept as
+    `runs/<RUN>/prompts/<name>.parquet`.
 
     Every iteration samples from the same rendered prompts, so the chat template and tokenizer run
-    once instead of in every generate process; the file is also there to inspect.
+    once instead of in every generate process, and a process that only reads them (the resident
+    controller) never imports transformers; the file is also there to inspect.
     """
     folder = Path(run) / "prompts"
     table_path, meta_path = folder / f"{name}.parquet", folder / f"{name}.json"
@@ -127,9 +131,11 @@ def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer, max_prom
                 del _READ[next(iter(_READ))]
             _READ[memo] = PromptSet([Prompt(**row) for row in rows], meta["dropped"])
         return _READ[memo]  # shared: callers read it, never change it
-    prompt_set = load_prompts(path, tokenizer, max_prompt_tokens, enable_thinking, config_key)
+    from common.modeling import load_tokenizer
+
+    prompt_set = load_prompts(path, load_tokenizer(tokenizer_dir), max_prompt_tokens, enable_thinking, config_key)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.parquet.tmp"
+    tmp = folder / f".{name}.parquet.tmp-{os.getpid()}"  # a renderer left over from a killed run may still write
     pq.write_table(pa.Table.from_pylist([vars(p) for p in prompt_set.prompts]), tmp, compression="zstd")
     tmp.replace(table_path)
     atomic_write_text(meta_path, json.dumps({"key": key, "rows": len(prompt_set.prompts),

@@ -49,26 +49,6 @@ def load_weights_in_place(model: torch.nn.Module, checkpoint: str | Path) -> Non
                          f"unexpected: {result.unexpected_keys[:3]})")
 
 
-def peak_gpu_gib() -> float:
-    """Peak GPU memory allocated by this process so far (0 on the CPU)."""
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (a stage process: its stage's; a resident worker:
-    the largest of all its roles so far). The kernel's high-water mark of this process image (VmHWM):
-    ru_maxrss would also count the parent's memory at the fork that started us."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 2**20
-
-
-def rss_gib() -> float:
-    """Resident memory of this process now (Linux: /proc/self/statm)."""
-    import os
-
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], enable_thinking: bool) -> list[int]:
     """Token ids of the chat-formatted prompt, ending with the assistant generation prompt."""
     text = tokenizer.apply_chat_template(

@@ -31,15 +31,21 @@ def load_run_config(run: Path) -> Config:
     return load_config(path)
 
 
+def quiet_environment() -> None:
+    """The libraries' quiet settings that are environment variables, inherited by every process this
+    one starts; imports nothing (the controller calls it and stays free of torch)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def quiet_libraries() -> None:
     """Library banners and progress bars off in stage output; warnings that matter and errors stay."""
     import torch
 
+    quiet_environment()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, so DeepSpeed need not warn that it guessed
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 

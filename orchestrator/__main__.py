@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from common.config import ConfigError, load_config
-from common.run import fail, quiet_libraries
+from common.run import fail, quiet_environment, quiet_libraries
 
 
 def parser() -> argparse.ArgumentParser:
@@ -109,7 +109,7 @@ def run_iterate(args: argparse.Namespace) -> None:
     print(f"config {args.config.resolve()} (hash {config.hash()})", flush=True)
     print(f"overrides: {' '.join(args.override) if args.override else 'none'}", flush=True)
     print(f"run folder {args.run} (resolved config frozen in {args.run / 'run.yaml'})", flush=True)
-    quiet_libraries()
+    quiet_environment()  # the workers and stage processes quiet their libraries themselves
     try:
         iterate(args.run, config, args.iterations, args.force)
     except StageFailed as error:

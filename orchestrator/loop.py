@@ -13,11 +13,12 @@ stage alone). Both write the same bytes.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -165,8 +166,7 @@ class ResidentStages:
         from distributed import KilledWorker
 
         from stages.generate.gate import WeightSyncError
-        from stages.train.iteration import NonFiniteError
-        from stages.train.stage import StalePolicyError
+        from stages.train.errors import NonFiniteError, StalePolicyError
 
         try:
             return self.client.gather(futures)
@@ -285,42 +285,41 @@ def evaluate_checkpoint_now(run: Path, version: int | None, k: int | None) -> No
         tracker.close()
 
 
-def render_prompt_sets(config: Config, run: Path, iteration: int) -> None:
-    """Render the run's prompt sets into their cache (common/data.py: prepared_prompts), so that
-    planning the first iteration finds them; a fresh run spends seconds here (the chat template over
-    every prompt, and importing torch and transformers)."""
-    from common.modeling import load_tokenizer
-    from stages.generate.jobs import eval_jobs, train_prompts
-
-    tokenizer = load_tokenizer(shards.checkpoint_dir(run, iteration))
-    train_prompts(config, run, tokenizer)
-    if config.eval.every > 0:
-        eval_jobs(config, run, tokenizer)
-
-
 def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> None:
-    """The start overlaps: the prompt sets render on a thread of their own, the cluster's workers open
-    their models in their processes, and MLflow opens here, before the first iteration needs any."""
+    """The start overlaps: the prompt sets render in a process of their own (the chat template over
+    every prompt, after importing transformers: seconds here, minutes for DAPO-Math with Qwen3's
+    template), the cluster's workers open their models in theirs, and MLflow opens here. So this
+    process, the one controller, never imports torch or transformers."""
+    from stages.generate.jobs import render_prompt_sets
+
     prepare_run(run, config, force)
     start = completed_iterations(run)
-    with ThreadPoolExecutor(1, thread_name_prefix="opd-prompts") as pool:
-        rendered = pool.submit(render_prompt_sets, config, run, start)
+    renderer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        rendered = renderer.submit(render_prompt_sets, config, run, shards.checkpoint_dir(run, start))
+
+        def prompts_ready() -> None:
+            rendered.result()
+            renderer.shutdown()  # its process holds transformers' memory: gone before the first iteration
+
         if config.orchestrator.mode == "resident":
             from orchestrator.cluster import open_cluster
 
             with open_cluster(config) as client:
                 stages = ResidentStages(client, run, config)
                 stages.open_models(start)
-                _track_and_loop(run, config, iterations, start, stages, rendered)
+                _track_and_loop(run, config, iterations, start, stages, prompts_ready)
         else:
-            _track_and_loop(run, config, iterations, start, SubprocessStages(run, config), rendered)
+            _track_and_loop(run, config, iterations, start, SubprocessStages(run, config), prompts_ready)
+    finally:
+        renderer.shutdown(cancel_futures=True)
 
 
-def _track_and_loop(run: Path, config: Config, iterations: int, start: int, stages, rendered) -> None:
+def _track_and_loop(run: Path, config: Config, iterations: int, start: int, stages, prompts_ready) -> None:
     tracker = Tracker(config, run)
     try:
         print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
-        rendered.result()
+        prompts_ready()
         _loop(run, config, iterations, tracker, start, time.time(), stages)
     finally:
         tracker.close()

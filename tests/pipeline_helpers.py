@@ -26,10 +26,19 @@ OVERRIDES = ["generate.prompts_per_iteration=8", "generate.n=2", "train.mini_bat
              "generate.rows_per_shard=4"]
 
 
+# The model libraries a process had imported when it exited, printed last by `orchestrate(..., imports=True)`.
+HEAVY_LIBRARIES = ("torch", "transformers", "deepspeed", "vllm")
+REPORT_IMPORTS = ("import atexit, runpy, sys; atexit.register(lambda: print('imported:', "
+                  f"[m for m in {HEAVY_LIBRARIES!r} if m in sys.modules])); "
+                  "sys.argv[0] = 'orchestrator'; runpy.run_module('orchestrator', run_name='__main__')")
+
+
 def orchestrate(run: Path, iterations: int, *extra: str, fault: str | None = None,
-                timeout: float | None = None) -> subprocess.CompletedProcess:
-    """`python -m orchestrator iterate` on the tiny config; `fault` sets OPD_FAULT (common/faults.py)."""
-    command = [sys.executable, "-m", "orchestrator", "iterate", "--run", str(run), "--config", "configs/tiny.yaml",
+                timeout: float | None = None, imports: bool = False) -> subprocess.CompletedProcess:
+    """`python -m orchestrator iterate` on the tiny config; `fault` sets OPD_FAULT (common/faults.py);
+    `imports` makes the controller print, as it exits, which of HEAVY_LIBRARIES it had imported."""
+    launcher = ["-c", REPORT_IMPORTS] if imports else ["-m", "orchestrator"]
+    command = [sys.executable, *launcher, "iterate", "--run", str(run), "--config", "configs/tiny.yaml",
                "-n", str(iterations), *[a for o in OVERRIDES for a in ("-o", o)], *extra]
     env = {k: v for k, v in os.environ.items() if k != "OPD_FAULT"}
     if fault:

@@ -22,16 +22,29 @@ def manifest(run, iteration, stage):
 def test_resident_run_on_two_workers_equals_the_subprocess_run(reference_run, tmp_path):
     """Two workers share the generate and score shards, one keeps the trainer: every rollout, scored
     and eval shard is byte-identical to the stage processes' run, and so is every checkpoint.
-    Iteration 1 samples from v0001 loaded in place and trains on the engine that wrote v0001."""
+    Iteration 1 samples from v0001 loaded in place and trains on the engine that wrote v0001. The
+    controller plans and seals all of it without importing a model library (its start-up stays light)."""
     run = tmp_path / "resident"
-    result = orchestrate(run, 2, "-o", "orchestrator.mode=resident", "-o", "cluster.workers=2")
+    result = orchestrate(run, 2, "-o", "orchestrator.mode=resident", "-o", "cluster.workers=2", imports=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "imported: []"
     assert_same_as_reference(run, reference_run)
     assert manifest(run, 0, "rollouts")["metrics"]["generate/workers"] == 2
     assert manifest(run, 0, "scored")["metrics"]["score/workers"] == 2
     assert [manifest(run, i, "train")["metrics"]["train/resident_engine"] for i in (0, 1)] == [0.0, 1.0]
     assert [manifest(reference_run, i, "train")["metrics"]["train/resident_engine"] for i in (0, 1)] == [0.0, 0.0]
     assert manifest(run, 1, "rollouts")["metrics"]["generate/weight_sync_gap_mean"] < 1e-5
+
+
+def test_the_controllers_modules_import_no_model_library():
+    """What the resident controller imports to plan, seal and catch a stage's refusal loads neither
+    torch nor transformers; the workers' modules do (the negative control)."""
+    controller = ("orchestrator.loop", "orchestrator.cluster", "orchestrator.roles", "orchestrator.tracking",
+                  "stages.generate.stage", "stages.score.scoring", "stages.train.errors")
+    check = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]; print('torch' in sys.modules)"
+    ran = [subprocess.run([sys.executable, "-c", check, *modules], capture_output=True, text=True, check=True)
+           for modules in (controller, ("stages.score.teacher",))]
+    assert [r.stdout.strip() for r in ran] == ["False", "True"]
 
 
 # ---- the weight-sync gate -----------------------------------------------------------------------

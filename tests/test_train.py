@@ -324,7 +324,7 @@ def test_zero3_with_offload_and_gradient_checkpointing_matches_zero1(tmp_path):
 PEAK_MEMORY = """
 import sys, torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
-from common.modeling import peak_rss_gib
+from common.memory import peak_rss_gib
 from stages.train.engine import PolicyLogprobs
 grad = sys.argv[1] == "train"
 torch.manual_seed(0)

@@ -17,7 +17,7 @@ import pyarrow as pa
 from common import shards
 from common.config import Config, ConfigError
 from common.data import Prompt, PromptSet, iteration_prompts, prepared_prompts
-from common.modeling import peak_gpu_gib, peak_rss_gib
+from common.memory import peak_gpu_gib, peak_rss_gib
 from common.progress import Progress, stage_summary
 from common.seeds import eval_seed, rollout_seed
 from common.shards import file_sha256
@@ -44,8 +44,8 @@ def _cut(prompts: list[Prompt], n: int, rows_per_shard: int) -> list[list[Prompt
     return [prompts[start : start + per_shard] for start in range(0, len(prompts), per_shard)]
 
 
-def train_prompts(config: Config, run: Path, tokenizer) -> PromptSet:
-    prompt_set = prepared_prompts(run, "train", config.data.train, tokenizer, config.data.max_prompt_tokens,
+def train_prompts(config: Config, run: Path, tokenizer_dir: Path) -> PromptSet:
+    prompt_set = prepared_prompts(run, "train", config.data.train, tokenizer_dir, config.data.max_prompt_tokens,
                                   config.data.enable_thinking)
     if not prompt_set.prompts:
         raise ConfigError(f"config key 'data.train': no usable prompts in {config.data.train} "
@@ -53,9 +53,18 @@ def train_prompts(config: Config, run: Path, tokenizer) -> PromptSet:
     return prompt_set
 
 
-def rollout_jobs(config: Config, run: Path, iteration: int, tokenizer) -> list[ShardJob]:
+def render_prompt_sets(config: Config, run: Path, tokenizer_dir: Path) -> None:
+    """Render the run's prompt sets into their cache (common/data.py: prepared_prompts), so that
+    planning the first iteration finds them; a fresh run spends seconds here (the chat template over
+    every prompt, and importing transformers)."""
+    train_prompts(config, run, tokenizer_dir)
+    if config.eval.every > 0:
+        eval_jobs(config, run, tokenizer_dir)
+
+
+def rollout_jobs(config: Config, run: Path, iteration: int, tokenizer_dir: Path) -> list[ShardJob]:
     g = config.generate
-    prompts = iteration_prompts(train_prompts(config, run, tokenizer).prompts, iteration, g.prompts_per_iteration,
+    prompts = iteration_prompts(train_prompts(config, run, tokenizer_dir).prompts, iteration, g.prompts_per_iteration,
                                 config.seed)
     return [ShardJob("rollouts", index, tuple(chunk),
                      SamplingParams(n=g.n, max_new_tokens=g.max_response_tokens, temperature=g.temperature,
@@ -64,13 +73,13 @@ def rollout_jobs(config: Config, run: Path, iteration: int, tokenizer) -> list[S
             for index, chunk in enumerate(_cut(prompts, g.n, g.rows_per_shard))]
 
 
-def eval_jobs(config: Config, run: Path, tokenizer, k: int | None = None) -> list[ShardJob]:
+def eval_jobs(config: Config, run: Path, tokenizer_dir: Path, k: int | None = None) -> list[ShardJob]:
     """Every eval set (avg@k), cut into shards; the same jobs for every checkpoint of the run."""
     e = config.eval
     k = k or e.k
     jobs: list[ShardJob] = []
     for set_index, path in enumerate(e.sets):
-        prompt_set = prepared_prompts(run, f"eval-{set_index}-{Path(path).stem}", path, tokenizer,
+        prompt_set = prepared_prompts(run, f"eval-{set_index}-{Path(path).stem}", path, tokenizer_dir,
                                       config.data.max_prompt_tokens, config.data.enable_thinking, "eval.sets")
         prompts = prompt_set.prompts[: e.prompts] if e.prompts else prompt_set.prompts
         if not prompts:
@@ -147,7 +156,7 @@ def run_job(config: Config, run: Path, iteration: int, job: ShardJob, engine: Ge
 def evaluate_engine(config: Config, run: Path, engine: GenerationEngine, k: int | None = None) -> dict[str, float]:
     """avg@k of the model `engine` holds, with the run's eval sets and settings, writing nothing: the
     loop's evaluation without its shards, for the report's teacher line and bench-peers' checkpoints."""
-    done = [sample_job(config, 0, job, engine, "")[1] for job in eval_jobs(config, run, engine.tokenizer, k)]
+    done = [sample_job(config, 0, job, engine, "")[1] for job in eval_jobs(config, run, engine.checkpoint, k)]
     return eval_metrics(done, "eval")
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from common.config import Config
+
+if TYPE_CHECKING:  # the controller plans with these types and never loads transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass

@@ -14,7 +14,6 @@ from typing import Callable
 
 from common import shards
 from common.config import Config
-from common.modeling import load_tokenizer
 from common.shards import policy_version
 from stages.generate.gate import check_weight_sync
 from stages.generate.jobs import (
@@ -59,14 +58,14 @@ def plan_generation(config: Config, run: Path, iteration: int, eval_only: bool =
     if not (want_eval or want_rollouts):
         return None
     plan = GenerationPlan(checkpoint, policy_version(checkpoint), eval_k or config.eval.k, folder)
-    tokenizer = load_tokenizer(checkpoint)  # renders the prompt sets (once per run, then cached)
+    # v_i's tokenizer renders the prompt sets, once per run (then they are read from the run folder).
     if want_eval:
         shards.reset_stage(shards.stage_dir(run, iteration, folder))
-        plan.eval_jobs = eval_jobs(config, run, tokenizer, eval_k)
+        plan.eval_jobs = eval_jobs(config, run, checkpoint, eval_k)
     if want_rollouts:
         shards.reset_stage(shards.stage_dir(run, iteration, "rollouts"))
-        plan.rollout_jobs = rollout_jobs(config, run, iteration, tokenizer)
-        plan.dropped = train_prompts(config, run, tokenizer).dropped
+        plan.rollout_jobs = rollout_jobs(config, run, iteration, checkpoint)
+        plan.dropped = train_prompts(config, run, checkpoint).dropped
     return plan
 
 

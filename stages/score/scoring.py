@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from common import shards
 from common.config import Config, ConfigError
 from common.hub import local_model_dir
-from common.modeling import load_tokenizer, peak_gpu_gib, peak_rss_gib
+from common.memory import peak_gpu_gib, peak_rss_gib
 from common.progress import stage_summary
 from common.shards import policy_version
 from common.verifier import grade_batch
@@ -38,14 +38,24 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
                               f"{index} in the student")
 
 
+@functools.cache
+def _check_vocabularies(student_dir: Path, teacher_dir: Path) -> None:
+    from common.modeling import load_tokenizer  # transformers: in the scoring process only
+
+    check_same_vocabulary(load_tokenizer(student_dir), load_tokenizer(teacher_dir))
+
+
+def check_teacher_vocabulary(config: Config) -> None:
+    """The teacher's vocabulary against the student's, once per process. Every checkpoint carries the
+    student's tokenizer (v0000 is its copy; the trainer exports the tokenizer it loaded from v_i)."""
+    _check_vocabularies(local_model_dir(config.model.student), local_model_dir(config.model.teacher))
+
+
 def start_scoring(config: Config, run: Path, iteration: int) -> bool:
-    """False when iter=i/scored/ is sealed already; else check the teacher's vocabulary against the
-    student's and clear any unsealed scored output."""
+    """False when iter=i/scored/ is sealed already; else clear any unsealed scored output."""
     out_dir = shards.stage_dir(run, iteration, "scored")
     if shards.stage_finished(out_dir):
         return False
-    check_same_vocabulary(load_tokenizer(shards.checkpoint_dir(run, iteration)),
-                          load_tokenizer(local_model_dir(config.model.teacher)))
     shards.reset_stage(out_dir)
     return True
 
@@ -58,6 +68,7 @@ def sealed_rollouts(run: Path, iteration: int) -> list[dict]:
 
 def score_shard(config: Config, run: Path, iteration: int, rollout_file: Path, scorer, teacher_version: str) -> dict:
     """Teacher columns and grades for one rollout shard -> the scored shard of the same number."""
+    check_teacher_vocabulary(config)
     rollouts = pq.read_table(rollout_file)
     columns = rollouts.to_pydict()
     sc = config.score

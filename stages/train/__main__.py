@@ -14,8 +14,8 @@ from __future__ import annotations
 from common import shards
 from common.config import ConfigError
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
-from stages.train.iteration import NonFiniteError
-from stages.train.stage import StalePolicyError, Trainer, train_stage
+from stages.train.errors import NonFiniteError, StalePolicyError
+from stages.train.stage import Trainer, train_stage
 
 
 def main() -> None:

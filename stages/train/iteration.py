@@ -22,11 +22,8 @@ from common.faults import fault_point
 from common.progress import Progress
 from stages.train.batching import micro_batches, minibatches, rank_share
 from stages.train.engine import all_reduce, rank_and_world
+from stages.train.errors import NonFiniteError
 from stages.train.loss import LossConfig, TokenBatch, distillation_loss, grpo_advantages, truncated_is_weights
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 @dataclass

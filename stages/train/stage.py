@@ -19,16 +19,14 @@ import torch.distributed as dist
 from common import shards
 from common.config import Config
 from common.faults import fault_point
-from common.modeling import load_tokenizer, peak_gpu_gib, peak_rss_gib, rss_gib
+from common.memory import peak_gpu_gib, peak_rss_gib, rss_gib
+from common.modeling import load_tokenizer
 from common.progress import stage_summary
 from common.seeds import minibatch_seed, train_seed
 from common.shards import policy_version
 from stages.train.engine import OPTIMIZER_STATE, export_policy, init_distributed, open_engine
+from stages.train.errors import StalePolicyError
 from stages.train.iteration import iteration_data, train_iteration
-
-
-class StalePolicyError(RuntimeError):
-    pass
 
 
 def check_on_policy(table, version: str) -> None:
