@@ -1,13 +1,20 @@
-"""The HF sampling engine and the chunked log-prob gather agree with each other on the tiny student."""
+"""The HF sampling engine and the chunked log-prob gather agree with each other on the tiny student; the
+teacher scorer refuses a teacher of another vocabulary."""
+from pathlib import Path
+
+import pytest
 import torch
 from pipeline_helpers import SHAPING_GENERATION_CONFIG, shaped_copy
 
+from common.config import ConfigError, load_config
 from common.data import load_prompts
 from common.modeling import load_model, load_tokenizer, response_logprobs
 from stages.generate.hf_engine import _generation_config, sample
 from stages.generate.sampling import SamplingParams
+from stages.score.teacher import open_scorer
 
 STUDENT = "assets/tiny/student"
+TEACHER = Path("assets/tiny/teacher")
 
 
 def test_sampled_logprobs_match_a_recomputation():
@@ -70,3 +77,15 @@ def test_a_checkpoints_generation_config_does_not_shape_sampling(tmp_path):
                                            attention_mask=torch.ones(2, width, dtype=torch.long),
                                            generation_config=_generation_config(params, eos, pad))
     assert out.sequences.tolist() != neutral.sequences.tolist()
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_it_loads(tmp_path):
+    """Distillation compares log-probs of the same ids: a teacher whose tokenizer has one token more is
+    refused with the config key named; the tiny teacher (the same vocabulary) opens (negative control)."""
+    config = load_config("configs/tiny.yaml")
+    tokenizer = load_tokenizer(TEACHER)
+    tokenizer.add_tokens(["<an-extra-token>"])
+    tokenizer.save_pretrained(tmp_path)  # tokenizer files only: the check must come before any weights
+    with pytest.raises(ConfigError, match="model.teacher: vocabulary size 333 != student's 332"):
+        open_scorer(config, tmp_path)
+    assert open_scorer(config, TEACHER).score  # the same vocabulary: opens

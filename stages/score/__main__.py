@@ -14,14 +14,7 @@ from common import shards
 from common.config import ConfigError
 from common.hub import local_model_dir
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
-from stages.score.scoring import (
-    check_teacher_vocabulary,
-    score_shard,
-    seal_scored,
-    sealed_rollouts,
-    start_scoring,
-    teacher_version,
-)
+from stages.score.scoring import score_shard, seal_scored, sealed_rollouts, start_scoring, teacher_version
 from stages.score.teacher import open_scorer
 
 
@@ -33,7 +26,6 @@ def main() -> None:
         set_threads(config)
         if not start_scoring(config, args.run, args.iteration):
             return
-        check_teacher_vocabulary(config)  # before the teacher loads
         rollouts_dir = shards.stage_dir(args.run, args.iteration, "rollouts")
         files = [rollouts_dir / shard["file"] for shard in sealed_rollouts(args.run, args.iteration)]
         started, version = time.time(), teacher_version(config)

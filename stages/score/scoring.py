@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import shards
-from common.config import Config, ConfigError
+from common.config import Config
 from common.hub import local_model_dir
 from common.memory import peak_gpu_gib, peak_rss_gib
 from common.progress import stage_summary
@@ -25,30 +25,6 @@ from common.shards import policy_version
 from common.verifier import grade_batch
 from common.verifier.status import ERROR, NO_ANSWER
 from stages.score.mechanism import mechanism_metrics
-
-
-def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
-    """Distillation compares log-probs of the same token ids: the vocabularies must be identical."""
-    if len(student_tokenizer) != len(teacher_tokenizer):
-        raise ConfigError(f"model.teacher: vocabulary size {len(teacher_tokenizer)} != student's {len(student_tokenizer)}")
-    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    for token, index in sorted(student_vocab.items(), key=lambda item: item[1]):
-        if teacher_vocab.get(token) != index:
-            raise ConfigError(f"model.teacher: token {token!r} has id {teacher_vocab.get(token)} in the teacher, "
-                              f"{index} in the student")
-
-
-@functools.cache
-def _check_vocabularies(student_dir: Path, teacher_dir: Path) -> None:
-    from common.modeling import load_tokenizer  # transformers: in the scoring process only
-
-    check_same_vocabulary(load_tokenizer(student_dir), load_tokenizer(teacher_dir))
-
-
-def check_teacher_vocabulary(config: Config) -> None:
-    """The teacher's vocabulary against the student's, once per process. Every checkpoint carries the
-    student's tokenizer (v0000 is its copy; the trainer exports the tokenizer it loaded from v_i)."""
-    _check_vocabularies(local_model_dir(config.model.student), local_model_dir(config.model.teacher))
 
 
 def start_scoring(config: Config, run: Path, iteration: int) -> bool:
@@ -68,7 +44,6 @@ def sealed_rollouts(run: Path, iteration: int) -> list[dict]:
 
 def score_shard(config: Config, run: Path, iteration: int, rollout_file: Path, scorer, teacher_version: str) -> dict:
     """Teacher columns and grades for one rollout shard -> the scored shard of the same number."""
-    check_teacher_vocabulary(config)
     rollouts = pq.read_table(rollout_file)
     columns = rollouts.to_pydict()
     sc = config.score

@@ -12,7 +12,8 @@ from typing import Protocol
 
 import torch
 
-from common.config import Config, model_len
+from common.config import Config, ConfigError, model_len
+from common.hub import local_model_dir
 from common.modeling import load_inference_model, load_tokenizer, response_logprobs
 from common.progress import Progress
 from common.vllm import close_llm, open_llm, prompt_logprobs
@@ -27,7 +28,22 @@ class TeacherScorer(Protocol):
     def close(self) -> None: ...
 
 
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
+    """Distillation compares log-probs of the same token ids: the vocabularies must be identical."""
+    if len(student_tokenizer) != len(teacher_tokenizer):
+        raise ConfigError(f"model.teacher: vocabulary size {len(teacher_tokenizer)} != student's {len(student_tokenizer)}")
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    for token, index in sorted(student_vocab.items(), key=lambda item: item[1]):
+        if teacher_vocab.get(token) != index:
+            raise ConfigError(f"model.teacher: token {token!r} has id {teacher_vocab.get(token)} in the teacher, "
+                              f"{index} in the student")
+
+
 def open_scorer(config: Config, teacher_dir: Path) -> TeacherScorer:
+    """The scorer `score.engine` names, holding the teacher in `teacher_dir`, after checking its
+    vocabulary against the student's (every checkpoint carries the student's tokenizer: v0000 is its
+    copy and the trainer exports the tokenizer it loaded from v_i)."""
+    check_same_vocabulary(load_tokenizer(local_model_dir(config.model.student)), load_tokenizer(teacher_dir))
     if config.score.engine == "vllm":
         return VllmScorer(teacher_dir, config)
     return HfScorer(teacher_dir, config)
