@@ -139,6 +139,15 @@ def _packed_inputs(prompts: list[list[int]], responses: list[list[int]]) -> tupl
     return torch.tensor([ids]), torch.tensor([positions])
 
 
+def _stacked_ids(at_ids: list, responses: list[list[int]]) -> torch.Tensor:
+    """[T, k] long: each row's [len_r, k] ids (nested lists or tensors) stacked in row order."""
+    rows = [torch.as_tensor(ids, dtype=torch.long) for ids in at_ids]
+    if not rows:
+        return torch.zeros((0, 0), dtype=torch.long)
+    k = next((row.shape[-1] for row in rows if row.dim() == 2), 0)
+    return torch.cat([row.reshape(len(response), k) for row, response in zip(rows, responses)])
+
+
 def response_logprobs(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -146,7 +155,7 @@ def response_logprobs(
     pad_id: int,
     chunk_tokens: int = 4096,
     packed: bool = True,
-    at_ids: list[list[list[int]]] | None = None,
+    at_ids: list[list[list[int]]] | list[torch.Tensor] | None = None,
     topk: int = 0,
 ) -> ResponseLogprobs:
     """Log-prob of every response token given prompt + earlier response tokens, one tensor per row.
@@ -182,7 +191,7 @@ def response_logprobs(
     targets = flat_ids[positions + 1]
     extra = None
     if at_ids is not None:
-        extra = torch.tensor([ids for row in at_ids for ids in row], dtype=torch.long).to(device)
+        extra = _stacked_ids(at_ids, responses).to(device)
     sampled, at, top_ids, top_values = gather_logprobs(hidden[positions.to(device)], model.lm_head,
                                                        targets.to(device), chunk_tokens, extra, topk)
     sizes = [len(r) for r in responses]

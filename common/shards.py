@@ -76,10 +76,21 @@ def schema_with_optional(stage: str, names: list[str]) -> pa.Schema:
     return pa.schema(list(SCHEMAS[stage]) + [f for f in OPTIONAL_FIELDS[stage] if f.name in names])
 
 
-def conform(table: pa.Table, stage: str) -> pa.Table:
-    """`table` in the contract's column order and types (required + present optional columns)."""
+def conform(table: pa.Table, stage: str, columns: list[str] | None = None) -> pa.Table:
+    """`table` in the contract's column order and types (required + present optional columns; with
+    `columns`, only those of them)."""
     schema = schema_with_optional(stage, table.schema.names)
+    if columns is not None:
+        schema = pa.schema([f for f in schema if f.name in columns])
     return table.select(schema.names).cast(schema)
+
+
+def _read_shard(path: Path, stage: str, columns: list[str] | None) -> pa.Table:
+    """One shard in the contract's types; with `columns`, only those it has. Leaving the top-k columns
+    unread matters: at k = 332 they are 90% of a scored shard and 0.5 s of Python lists."""
+    if columns is not None:
+        columns = [c for c in columns if c in pq.read_schema(path).names]
+    return conform(pq.read_table(path, columns=columns), stage, columns)
 
 
 class ContractError(RuntimeError):
@@ -236,23 +247,25 @@ def stage_finished(out_dir: Path) -> bool:
         return False
 
 
-def read_files(out_dir: Path, stage: str) -> pa.Table:
-    """The rows of a stage's shards written so far (before its manifest seals them), in shard order."""
-    tables = [conform(pq.read_table(p), stage) for p in sorted(Path(out_dir).glob("part-*.parquet"))]
-    return pa.concat_tables(tables) if tables else SCHEMAS[stage].empty_table()
+def read_files(out_dir: Path, stage: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows of a stage's shards written so far (before its manifest seals them), in shard order;
+    with `columns`, only those of them the shards have."""
+    tables = [_read_shard(p, stage, columns) for p in sorted(Path(out_dir).glob("part-*.parquet"))]
+    return pa.concat_tables(tables) if tables else conform(SCHEMAS[stage].empty_table(), stage, columns)
 
 
-def read_stage(out_dir: Path, stage: str) -> pa.Table:
-    """All rows of a verified stage output, checked against the stage's schema."""
+def read_stage(out_dir: Path, stage: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows of a verified stage output, checked against the stage's schema; with `columns`, only
+    those of them the shards have (every file is still verified whole)."""
     manifest = verify_stage(out_dir)
-    tables = [pq.read_table(Path(out_dir) / entry["name"]) for entry in manifest["files"]]
-    for table in tables:
-        missing = [f.name for f in SCHEMAS[stage] if f.name not in table.schema.names]
+    paths = [Path(out_dir) / entry["name"] for entry in manifest["files"]]
+    for path in paths:
+        missing = [f.name for f in SCHEMAS[stage] if f.name not in pq.read_schema(path).names]
         if missing:
             raise ContractError(f"{out_dir}: shard lacks required column(s) {missing}")
-    if not tables:
-        return SCHEMAS[stage].empty_table()
-    return pa.concat_tables([conform(t, stage) for t in tables])
+    if not paths:
+        return conform(SCHEMAS[stage].empty_table(), stage, columns)
+    return pa.concat_tables([_read_shard(p, stage, columns) for p in paths])
 
 
 # ---- content hashes -------------------------------------------------------------------------

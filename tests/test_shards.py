@@ -58,3 +58,21 @@ def test_missing_column_is_rejected(tmp_path):
     shards.write_manifest(out, "scored", 0, started=0.0)
     with pytest.raises(shards.ContractError, match="teacher_logprobs"):
         shards.read_stage(out, "scored")
+
+
+def test_reading_some_columns_still_verifies_the_whole_shard(tmp_path):
+    out = shards.stage_dir(tmp_path, 0, "rollouts")
+    rows = [{**r, "student_topk_ids": [[1, 2]] * 3, "student_topk_logprobs": [[-0.1, -2.0]] * 3}
+            for r in rollout_rows(4)]
+    schema = shards.schema_with_optional("rollouts", list(rows[0]))
+    path = shards.write_shard(pa.Table.from_pylist(rows, schema=schema), out, 0)
+    shards.write_manifest(out, "rollouts", 0, started=0.0)
+    wanted = ["response_ids", "student_topk_ids", "teacher_topk_ids"]  # the last is not in the shard
+    table = shards.read_stage(out, "rollouts", wanted)
+    assert table.schema.names == ["response_ids", "student_topk_ids"]
+    assert table.to_pydict() == {"response_ids": [r["response_ids"] for r in rows],
+                                 "student_topk_ids": [r["student_topk_ids"] for r in rows]}
+    assert shards.read_files(out, "rollouts", wanted).schema.names == table.schema.names
+    path.write_bytes(path.read_bytes()[:-10])  # a column that is not read is still part of the checksum
+    with pytest.raises(shards.ContractError, match="sha256"):
+        shards.read_stage(out, "rollouts", ["response_ids"])

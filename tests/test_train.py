@@ -22,7 +22,7 @@ from common.modeling import load_model, response_logprobs
 from common.shards import policy_version
 from orchestrator.loop import prepare_run
 from stages.train.engine import PolicyLogprobs
-from stages.train.iteration import IterationData, minibatch_backward
+from stages.train.iteration import IterationData, iteration_data, minibatch_backward
 from stages.train.loss import LossConfig
 
 BASE = ["generate.prompts_per_iteration=8", "generate.n=2", "train.mini_batch_prompts=4", "train.lr=1e-3",
@@ -170,6 +170,37 @@ def test_packed_and_padded_logprobs_agree():
     for a, b in zip(packed.at_ids, padded.at_ids):
         assert torch.allclose(a, b, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(packed.topk_ids, padded.topk_ids))
+    as_tensors = response_logprobs(model, prompts, responses, 0, packed=True, at_ids=[torch.tensor(x) for x in topk_ids])
+    assert all(torch.equal(a, b) for a, b in zip(packed.at_ids, as_tensors.at_ids))
+
+
+def scored_table(widths: list[int], k: int = 3) -> pa.Table:
+    rng = random.Random(0)
+    rows = [{"prompt_ids": [1, 2], "response_ids": list(range(n)), "teacher_logprobs": [-rng.random() for _ in range(n)],
+             "rollout_logprobs": [-rng.random() for _ in range(n)],
+             "student_topk_ids": [rng.sample(range(100), k) for _ in range(n)],
+             "teacher_student_topk_logprobs": [[-rng.random() for _ in range(k)] for _ in range(n)]} for n in widths]
+    return pa.Table.from_pylist(rows)
+
+
+def test_the_scored_columns_become_the_tensors_python_lists_give():
+    """iteration_data reads Arrow's buffers; the reference goes through Python lists, row by row."""
+    table = scored_table([4, 0, 7, 1])
+    data = iteration_data(table, load_config("configs/tiny.yaml", ["train.loss=reverse_kl_topk",
+                                                                    "generate.student_topk=3"]).train)
+    rows = table.to_pylist()
+    for k, row in enumerate(rows):
+        assert torch.equal(data.teacher[k], torch.tensor(row["teacher_logprobs"], dtype=torch.float32))
+        assert torch.equal(data.rollout[k], torch.tensor(row["rollout_logprobs"], dtype=torch.float32))
+        assert torch.equal(data.topk_ids[k], torch.tensor(row["student_topk_ids"], dtype=torch.long).reshape(-1, 3))
+        assert torch.equal(data.teacher_at_topk[k], torch.tensor(row["teacher_student_topk_logprobs"],
+                                                                 dtype=torch.float32).reshape(-1, 3))
+    assert data.prompts == [r["prompt_ids"] for r in rows] and data.responses == [r["response_ids"] for r in rows]
+    ragged = table.to_pylist()
+    ragged[2]["student_topk_ids"][1] = [5, 6]  # one token with a top-2 among top-3s
+    with pytest.raises(shards.ContractError, match="unequal top-k width"):
+        iteration_data(pa.Table.from_pylist(ragged), load_config("configs/tiny.yaml", [
+            "train.loss=reverse_kl_topk", "generate.student_topk=3"]).train)
 
 
 # ---- real DeepSpeed: a mini-batch cut into micro-batches under every ZeRO stage ------------
@@ -227,8 +258,8 @@ init_distributed()
 tokenizer, engine = load_tokenizer(shards.checkpoint_dir(run, 0)), open_engine(config, shards.checkpoint_dir(run, 0))
 for iteration in (0, 1):
     torch.manual_seed(train_seed(config.seed, iteration))
-    columns = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored").to_pydict()
-    train_iteration(config, engine, iteration_data(columns, config.train), columns["prompt_id"],
+    scored = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored")
+    train_iteration(config, engine, iteration_data(scored, config.train), scored.column("prompt_id").to_pylist(),
                     tokenizer.pad_token_id, minibatch_seed(config.seed, iteration), iteration)
 engine.module.policy.save_pretrained(sys.argv[2])
 """

@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 
 BUCKETS = ("start", "middle", "end")
+COLUMNS = ("rollout_logprobs", "teacher_logprobs")
+# Read only when both models' top-k are stored (generate.student_topk and score.teacher_topk > 0).
+TOPK_COLUMNS = ("student_topk_ids", "student_topk_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
 
 
 def position_bucket(position: int, length: int) -> str:

@@ -24,7 +24,11 @@ from common.progress import stage_summary
 from common.shards import policy_version
 from common.verifier import grade_batch
 from common.verifier.status import ERROR, NO_ANSWER
-from stages.score.mechanism import mechanism_metrics
+from stages.score import mechanism
+
+# What the teacher (scorer.score) and the verifier read of a rollout shard: not the student's top-k
+# log-probs, which at a large k are most of the shard.
+SCORING_INPUTS = ("prompt_ids", "response_ids", "student_topk_ids", "response_text", "ground_truth")
 
 
 def start_scoring(config: Config, run: Path, iteration: int) -> bool:
@@ -45,7 +49,7 @@ def sealed_rollouts(run: Path, iteration: int) -> list[dict]:
 def score_shard(config: Config, run: Path, iteration: int, rollout_file: Path, scorer, teacher_version: str) -> dict:
     """Teacher columns and grades for one rollout shard -> the scored shard of the same number."""
     rollouts = pq.read_table(rollout_file)
-    columns = rollouts.to_pydict()
+    columns = rollouts.select([c for c in SCORING_INPUTS if c in rollouts.schema.names]).to_pydict()
     sc = config.score
     started = time.time()
     # The verifier works in its own processes: grade while the teacher runs.
@@ -74,7 +78,10 @@ def score_shard(config: Config, run: Path, iteration: int, rollout_file: Path, s
 def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], started: float, teacher_version: str,
                 workers: int = 1) -> dict:
     out_dir = shards.stage_dir(run, iteration, "scored")
-    columns = shards.read_files(out_dir, "scored").to_pydict()
+    wanted = [*mechanism.COLUMNS, "reward", "correct", "verifier_status"]
+    if config.generate.student_topk and config.score.teacher_topk:
+        wanted += mechanism.TOPK_COLUMNS
+    columns = shards.read_files(out_dir, "scored", wanted).to_pydict()
     scores = columns["teacher_logprobs"]
     tokens = sum(map(len, scores))
     forward_tokens = sum(d["forward_tokens"] for d in done)  # prompt + response: what the teacher ran over
@@ -95,7 +102,7 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], sta
         "score/peak_gpu_gib": max(d["peak_gpu_gib"] for d in done),
         "score/peak_rss_gib": max(d["peak_rss_gib"] for d in done),
         "score/workers": workers,
-        **mechanism_metrics(columns),
+        **mechanism.mechanism_metrics(columns),
     }
     manifest = shards.write_manifest(out_dir, "scored", iteration, started, metrics,
                                      {"teacher_version": teacher_version})

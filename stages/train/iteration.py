@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
 from common.config import TOPK_LOSSES, Config, ConfigError, TrainConfig
 from common.faults import fault_point
 from common.progress import Progress
+from common.shards import ContractError
 from stages.train.batching import micro_batches, minibatches, rank_share
 from stages.train.engine import all_reduce, rank_and_world
 from stages.train.errors import NonFiniteError
@@ -42,21 +44,57 @@ class IterationData:
         return [len(p) + len(r) for p, r in zip(self.prompts, self.responses)]
 
 
-def iteration_data(columns: dict, t: TrainConfig) -> IterationData:
-    floats = lambda rows: [torch.tensor(v, dtype=torch.float32) for v in rows]  # noqa: E731
-    data = IterationData(columns["prompt_ids"], columns["response_ids"], floats(columns["teacher_logprobs"]),
-                         floats(columns["rollout_logprobs"]))
-    if t.use_task_rewards:
-        data.task_advantages = grpo_advantages(columns["reward"], columns["prompt_id"])
-    # The teacher's top-k losses compare on the teacher's top-k; reverse_kl_topk on the student's sampling top-k.
+def scored_columns(t: TrainConfig) -> list[str]:
+    """The scored columns the train stage reads: the top-k pair only for a top-k loss, never the
+    student's sampling-time top-k log-probs or the response text."""
+    columns = ["prompt_id", "sample_idx", "policy_version", "prompt_ids", "response_ids", "teacher_logprobs",
+               "rollout_logprobs", "reward"]
+    return columns + list(_topk_columns(t) or ())
+
+
+def _topk_columns(t: TrainConfig) -> tuple[str, str] | None:
+    """(ids, teacher log-probs at them): the teacher's top-k for forward_kl_topk*, the student's
+    sampling-time top-k for reverse_kl_topk."""
     side = TOPK_LOSSES.get(t.loss)
-    if side:
-        ids, teacher = (("teacher_topk_ids", "teacher_topk_logprobs") if side == "teacher"
-                        else ("student_topk_ids", "teacher_student_topk_logprobs"))
-        if ids not in columns or teacher not in columns:
+    if side is None:
+        return None
+    return ("teacher_topk_ids", "teacher_topk_logprobs") if side == "teacher" else (
+        "student_topk_ids", "teacher_student_topk_logprobs")
+
+
+def row_tensors(table: pa.Table, name: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """A list<T> or list<list<T>> column as one tensor per row ([tokens] or [tokens, k]), straight
+    from Arrow's buffers: through Python lists a top-k column at k = 332 cost ~0.5 s per iteration."""
+    array = table.column(name).combine_chunks()
+    values = array.flatten()
+    if pa.types.is_list(values.type):  # [tokens][k]: every token has the same k
+        widths = values.value_lengths().to_numpy(zero_copy_only=False)
+        k = int(widths[0]) if len(widths) else 0
+        if (widths != k).any():
+            raise ContractError(f"scored column '{name}' has tokens of unequal top-k width")
+        flat = torch.tensor(values.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(widths), k)
+    else:
+        flat = torch.tensor(values.to_numpy(zero_copy_only=False), dtype=dtype)
+    return list(flat.split(array.value_lengths().to_numpy(zero_copy_only=False).tolist()))
+
+
+def iteration_data(scored: pa.Table, t: TrainConfig) -> IterationData:
+    """The loss's inputs from the scored table: token ids as lists (packing builds from them), log-probs
+    and top-k columns as tensors."""
+    data = IterationData(scored.column("prompt_ids").to_pylist(), scored.column("response_ids").to_pylist(),
+                         row_tensors(scored, "teacher_logprobs", torch.float32),
+                         row_tensors(scored, "rollout_logprobs", torch.float32))
+    if t.use_task_rewards:
+        data.task_advantages = grpo_advantages(scored.column("reward").to_pylist(),
+                                               scored.column("prompt_id").to_pylist())
+    topk = _topk_columns(t)
+    if topk:
+        ids, teacher = topk
+        if ids not in scored.schema.names or teacher not in scored.schema.names:
             raise ConfigError(f"train.loss: '{t.loss}' needs the scored columns {ids} and {teacher}, "
                               "which this iteration's shards lack")
-        data.topk_ids, data.teacher_at_topk = columns[ids], floats(columns[teacher])
+        data.topk_ids = row_tensors(scored, ids, torch.long)
+        data.teacher_at_topk = row_tensors(scored, teacher, torch.float32)
     return data
 
 

@@ -26,7 +26,7 @@ from common.seeds import minibatch_seed, train_seed
 from common.shards import policy_version
 from stages.train.engine import OPTIMIZER_STATE, export_policy, init_distributed, open_engine
 from stages.train.errors import StalePolicyError
-from stages.train.iteration import iteration_data, train_iteration
+from stages.train.iteration import iteration_data, scored_columns, train_iteration
 
 
 def check_on_policy(table, version: str) -> None:
@@ -129,11 +129,12 @@ def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> 
         return None
     source, target = shards.checkpoint_dir(run, iteration), shards.checkpoint_dir(run, iteration + 1)
     shards.verify_checkpoint(source)  # the optimizer state is a pickle: load only what we wrote
-    scored = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored")
+    scored = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored", scored_columns(config.train))
     version = policy_version(source)
     check_on_policy(scored, version)
-    columns = scored.to_pydict()
-    data = iteration_data(columns, config.train)
+    data = iteration_data(scored, config.train)
+    columns = scored.select(["prompt_id", "sample_idx"]).to_pydict() | {"prompt_ids": data.prompts,
+                                                                        "response_ids": data.responses}
     started = time.time()
     if trainer.rank == 0:
         shards.reset_stage(out_dir)
