@@ -38,6 +38,6 @@ def evaluate(paths: list[str], work: Path) -> dict[str, float]:
 
 def apply_accuracies(runs: list[dict], accuracies: dict[str, float]) -> None:
     for run in runs:
-        for checkpoint in run["checkpoints"]:
+        for checkpoint in run.get("checkpoints", []):  # none: a peer that failed
             if checkpoint["path"] in accuracies:
                 checkpoint["accuracy"] = accuracies[checkpoint["path"]]

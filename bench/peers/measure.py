@@ -33,6 +33,14 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+class RunFailed(RuntimeError):
+    """A measured process exited non-zero: `reason` is its log's last line (usually the exception)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def run_measured(command: list[str], log: Path, time_cap_s: float, env: dict | None = None,
                  launch: float | None = None) -> dict:
     """Run `command` (output to `log`) under a wall-time cap: wall and CPU time, peak RSS, machine load."""
@@ -59,8 +67,10 @@ def run_measured(command: list[str], log: Path, time_cap_s: float, env: dict | N
     wall = time.time() - launch
     hit_cap = wall >= time_cap_s - 1
     if proc.returncode != 0 and not hit_cap:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-        raise SystemExit(f"error: {' '.join(command[:4])} ... failed with exit code {proc.returncode}:\n{tail}")
+        lines = log.read_text().splitlines()
+        reason = next((line.removeprefix("[rank0]: ").strip() for line in reversed(lines) if line.strip()), "")
+        raise RunFailed(f"error: {' '.join(command[:4])} ... failed with exit code {proc.returncode} (log: {log}):\n"
+                        + "\n".join(lines[-20:]), reason)
     return {"launch": launch, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "time_capped": hit_cap,
             "peak_rss_largest_process_mib": usage.ru_maxrss / 1024, "peak_rss_tree_mib": peak_tree[0] / 2**20,
             "load_mean": sum(loads) / len(loads) if loads else os.getloadavg()[0]}
