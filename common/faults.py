@@ -4,14 +4,15 @@
 reaches `fault_point("<point>")`: no exception handler, `finally` or atexit runs, exactly like a
 kill -9 or a lost machine. The points sit where a crash hurts most: between writing a file and
 renaming it into place, between an optimizer step and the next, between logging metrics and
-recording that they were logged. Unset (always, outside tests), a point costs one dict lookup.
+recording that they were logged, and (`rendered`) in the controller while the process that rendered
+the prompt sets waits to be shut down. Unset (always, outside tests), a point costs one dict lookup.
 """
 from __future__ import annotations
 
 import os
 import signal
 
-POINTS = ("shard", "manifest", "checkpoint", "train_step", "mlflow")
+POINTS = ("shard", "manifest", "checkpoint", "train_step", "mlflow", "rendered")
 _reached: dict[str, int] = {}
 
 

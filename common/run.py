@@ -6,6 +6,8 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -74,3 +76,15 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Exit at once (os._exit) when the process `parent_pid` is gone, e.g. killed with kill -9: a
+    child of the controller must not outlive it, nor finish work into a run folder that another
+    `make iterate` may be resuming. Polls from a daemon thread; call it first thing in the child."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="opd-watchdog").start()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -25,8 +26,9 @@ import yaml
 
 from common import shards
 from common.config import Config, ConfigError, config_from_dict, save_config
+from common.faults import fault_point
 from common.hub import local_model_dir
-from common.run import RUN_CONFIG, free_port, load_run_config
+from common.run import RUN_CONFIG, exit_with_parent, free_port, load_run_config
 from orchestrator.tracking import Tracker
 
 STAGE_OUTPUT = {"generate": "rollouts", "score": "scored", "train": "train"}
@@ -294,12 +296,15 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
 
     prepare_run(run, config, force)
     start = completed_iterations(run)
-    renderer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    # Its process exits with this one: a controller killed while it renders leaves nothing behind.
+    renderer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent,
+                                   initargs=(os.getpid(),))
     try:
         rendered = renderer.submit(render_prompt_sets, config, run, shards.checkpoint_dir(run, start))
 
         def prompts_ready() -> None:
             rendered.result()
+            fault_point("rendered")
             renderer.shutdown()  # its process holds transformers' memory: gone before the first iteration
 
         if config.orchestrator.mode == "resident":

@@ -9,10 +9,7 @@ another machine.
 """
 from __future__ import annotations
 
-import os
 import socket
-import threading
-import time
 from pathlib import Path
 
 from distributed import WorkerPlugin, get_worker
@@ -20,7 +17,7 @@ from distributed import WorkerPlugin, get_worker
 from common import shards
 from common.config import Config
 from common.hub import local_model_dir
-from common.run import load_run_config, quiet_libraries, set_threads
+from common.run import exit_with_parent, load_run_config, quiet_libraries, set_threads
 from common.shards import policy_version
 
 NAME = "opd-roles"
@@ -44,16 +41,10 @@ class Roles(WorkerPlugin):
 
     def setup(self, worker) -> None:
         # Nothing heavy here (it runs on the worker's event loop): tasks call quiet_libraries().
+        # An embedded worker whose controller died (kill -9) goes at once. Its own children (vLLM's
+        # EngineCore, the verifier's workers) watch their parent the same way.
         if self.controller_pid is not None:
-            threading.Thread(target=self._exit_with_controller, daemon=True, name="opd-watchdog").start()
-
-    def _exit_with_controller(self) -> None:
-        """An embedded worker whose controller died (kill -9) goes at once, rather than finish a task
-        into a run folder that another `make iterate` may be resuming. Its own children (vLLM's
-        EngineCore, the verifier's workers) watch their parent the same way."""
-        while os.getppid() == self.controller_pid:
-            time.sleep(0.5)
-        os._exit(1)
+            exit_with_parent(self.controller_pid)
 
     def generation_engine(self, config: Config, checkpoint: Path):
         """The resident engine holding `checkpoint`: opened on first use, then reloaded in place;

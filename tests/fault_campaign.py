@@ -39,8 +39,11 @@ ITERATIONS = 2
 # generate writes 4 eval and 4 rollout shards and 2 manifests, a train process takes 2 steps and saves
 # once. Resident: one worker samples every shard of the run (12 eval, 8 rollout) and trains both
 # iterations; the controller writes the eval, rollouts and scored manifests.
-REACHED_PER_PROCESS = {"subprocess": {"shard": 8, "manifest": 2, "checkpoint": 1, "train_step": 2, "mlflow": 8},
-                       "resident": {"shard": 20, "manifest": 7, "checkpoint": 2, "train_step": 4, "mlflow": 8}}
+# `rendered` is the controller's, once per run in both modes.
+REACHED_PER_PROCESS = {"subprocess": {"shard": 8, "manifest": 2, "checkpoint": 1, "train_step": 2, "mlflow": 8,
+                                      "rendered": 1},
+                       "resident": {"shard": 20, "manifest": 7, "checkpoint": 2, "train_step": 4, "mlflow": 8,
+                                    "rendered": 1}}
 RANDOM_TARGETS = {"subprocess": ("group",), "resident": ("group", "controller", "worker")}
 
 

@@ -3,17 +3,19 @@ files, feed bad data, fill the disk; after each, the run's invariants hold (orch
 and the result equals the uninterrupted reference run bit for bit.
 
 `make faults` runs a longer randomised campaign (tests/fault_campaign.py)."""
+import os
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import assert_same_as_reference, orchestrate, rollout_digests
+from pipeline_helpers import OVERRIDES, assert_same_as_reference, orchestrate, rollout_digests
 
 from common import shards
 from common.config import ConfigError
@@ -56,6 +58,41 @@ def test_kill_9_at_the_worst_moments_then_resume(reference_run, tmp_path, mode, 
     assert finished.returncode == 0, finished.stderr[-3000:]
     # Same seed and config as the reference: byte-identical rollouts and identical checkpoints.
     assert_same_as_reference(run, reference_run)
+
+
+def group_members(group: int) -> dict[int, str]:
+    """pid -> command line of every live process of a process group (from /proc)."""
+    members = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group and fields[0] != "Z":
+                members[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            pass  # gone meanwhile
+    return members
+
+
+def test_a_controller_killed_during_start_up_leaves_no_process_behind(tmp_path):
+    """kill -9 of the controller once the prompt sets are rendered, while the process that rendered
+    them waits to be shut down and the embedded workers start: the whole group is gone soon after.
+    `make faults` found that renderer (a spawned pool process) waiting for work forever."""
+    command = [sys.executable, "-m", "orchestrator", "iterate", "--run", str(tmp_path / "run"), "--config",
+               "configs/tiny.yaml", "-n", "1", *[a for o in OVERRIDES for a in ("-o", o)],
+               "-o", "orchestrator.mode=resident"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "OPD_FAULT": "rendered"})
+    try:
+        assert process.wait(timeout=120) == -signal.SIGKILL
+        deadline = time.time() + 15
+        while group_members(process.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert group_members(process.pid) == {}
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_corrupt_shard_and_checkpoint_are_detected_and_redone(reference_run, tmp_path):
