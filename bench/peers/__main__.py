@@ -59,7 +59,7 @@ def run_benchmark(args: argparse.Namespace, variants: dict[str, list[str]]) -> l
                 raise SystemExit(str(error)) from None
             # An optional peer that cannot run here is a result (reported), not the end of the benchmark.
             say(f"{system}: failed: {error.reason}")
-            log = (args.work / f"{system}.log").resolve()
+            log = error.log.resolve()
             runs.append({"system": system, "failed": error.reason,
                          "log": str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log)})
             (args.work / "runs.json").write_text(json.dumps(runs, indent=1))

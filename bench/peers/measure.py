@@ -36,9 +36,9 @@ def tree_rss_bytes(pid: int) -> int:
 class RunFailed(RuntimeError):
     """A measured process exited non-zero: `reason` is its log's last line (usually the exception)."""
 
-    def __init__(self, message: str, reason: str):
+    def __init__(self, message: str, reason: str, log: Path):
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.log = reason, log
 
 
 def run_measured(command: list[str], log: Path, time_cap_s: float, env: dict | None = None,
@@ -70,7 +70,7 @@ def run_measured(command: list[str], log: Path, time_cap_s: float, env: dict | N
         lines = log.read_text().splitlines()
         reason = next((line.removeprefix("[rank0]: ").strip() for line in reversed(lines) if line.strip()), "")
         raise RunFailed(f"error: {' '.join(command[:4])} ... failed with exit code {proc.returncode} (log: {log}):\n"
-                        + "\n".join(lines[-20:]), reason)
+                        + "\n".join(lines[-20:]), reason, log)
     return {"launch": launch, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "time_capped": hit_cap,
             "peak_rss_largest_process_mib": usage.ru_maxrss / 1024, "peak_rss_tree_mib": peak_tree[0] / 2**20,
             "load_mean": sum(loads) / len(loads) if loads else os.getloadavg()[0]}
