@@ -51,7 +51,12 @@ class GenerateConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 256           # sequences per engine call
-    rows_per_shard: int = 1024      # rollout shard size; the score stage maps over shards
+    # An iteration's rollouts and each eval set are cut into shards (one task each, on any worker):
+    # at least `shards` of them (0: one per generation worker, resolved at the run's first start and
+    # frozen in run.yaml, so the bytes never depend on the cluster a run continues on), and at most
+    # `rows_per_shard` responses each.
+    shards: int = 0
+    rows_per_shard: int = 1024
     student_topk: int = 0           # also store the student's top-k ids and log-probs per token
     max_model_len: int = 0          # vLLM engine context; 0 = the longest prompt + response (config.model_len)
     gpu_memory_utilization: float = 0.5  # vLLM: share of the GPU for weights + KV cache (the teacher needs room too)
@@ -129,7 +134,7 @@ class OrchestratorConfig:
 @dataclass
 class ClusterConfig:
     address: str = ""               # Dask scheduler to join; empty = an embedded LocalCluster
-    workers: int = 1                # embedded cluster: worker processes, each with every role (one per GPU)
+    workers: int = 0                # embedded cluster: 0 = one worker per visible GPU (1 on a CPU); each has every role
 
 
 @dataclass
@@ -240,7 +245,8 @@ def validate(config: Config) -> Config:
          "k1 without the policy-gradient form has no gradient from the teacher; set it to true"),
         (g.n >= 1, "generate.n", "must be at least 1"),
         (g.rows_per_shard >= 1, "generate.rows_per_shard", "must be at least 1"),
-        (config.cluster.workers >= 1, "cluster.workers", "must be at least 1"),
+        (config.cluster.workers >= 0, "cluster.workers", "must be >= 0 (0: one per visible GPU, 1 on a CPU)"),
+        (g.shards >= 0, "generate.shards", "must be >= 0 (0: one per generation worker)"),
         (g.prompts_per_iteration >= 1, "generate.prompts_per_iteration", "must be at least 1"),
         (t.mini_batch_prompts <= g.prompts_per_iteration, "train.mini_batch_prompts",
          f"{t.mini_batch_prompts} is larger than generate.prompts_per_iteration={g.prompts_per_iteration}"),

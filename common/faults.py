@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("shard", "manifest", "checkpoint", "train_step", "mlflow", "rendered")
+POINTS = ("shard", "manifest", "checkpoint", "state", "train_step", "mlflow", "rendered")
 _reached: dict[str, int] = {}
 
 

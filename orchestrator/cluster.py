@@ -2,48 +2,107 @@
 
 Roles are placed with Dask worker resources: `generate` and `score` (any number of workers each;
 one shard at a time per worker), and `train-rank-<r>` (the worker that keeps data-parallel rank r's
-DeepSpeed engine). The embedded cluster has `cluster.workers` worker processes, each with every
-role but training, which workers 0..train.processes-1 take one rank each. On a real cluster, start
-each worker with the resources of its roles, one thread per worker, e.g. one worker per GPU:
+DeepSpeed engine). Which worker gets which GPU and roles is `common/devices.py: worker_layout`: the
+embedded cluster starts one worker per visible GPU (or `cluster.workers` on a CPU), each with every
+role, ranks 0..train.processes-1 on the first ones. On a real cluster, start a scheduler and, on each
+machine, the workers of its GPUs with one command (docs/recipe.md has the layouts):
 
-    dask scheduler
-    CUDA_VISIBLE_DEVICES=0 dask worker tcp://head:8786 --nthreads 1 --resources "generate=1,score=1,train-rank-0=1"
-    CUDA_VISIBLE_DEVICES=1 dask worker tcp://head:8786 --nthreads 1 --resources "generate=1,score=1,train-rank-1=1"
+    dask scheduler --port 8786
+    python -m orchestrator workers --scheduler tcp://head:8786 --gpus 0,1,2,3 [--first-rank 4] [--roles score]
 
-Worker processes are not daemons (vLLM's EngineCore and the verifier's pool start processes of
-their own), keep torch's thread count (Dask would set OMP_NUM_THREADS=1: other fp32 rounding than a
-stage process), and a worker that has lost its task retries nothing: a killed worker fails the
-stage, and the next `make iterate` resumes at the first unsealed output (docs/reliability.md).
+Every worker, embedded or started by that command, is a non-daemonic process (vLLM's EngineCore and
+the verifier's pool start processes of their own), runs one task at a time with torch's threads
+shared out over the machine's workers (Dask would set OMP_NUM_THREADS=1: other fp32 rounding than a
+stage process), has no Dask memory limit (a worker holding a trainer, an engine and a teacher is
+meant to be large: Dask would pause it at 80% of its share of the machine, silently, and the run
+would hang), and retries nothing: a killed worker fails the stage, and the next `make iterate`
+resumes at the first unsealed output (docs/reliability.md). The controller refuses, in one line,
+workers started otherwise (daemonic, or with a memory limit) before anything runs.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import multiprocessing
 import os
+import signal
 from contextlib import contextmanager
 from typing import Iterator
 
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from common.config import Config, ConfigError
-from orchestrator.roles import GENERATE, SCORE, Roles, close_roles, train_role
+from common.devices import WorkerSpec, embedded_layout, threads_per_worker, train_role
+from orchestrator.roles import GENERATE, SCORE, Roles, close_roles
+
+# Dask's settings for every worker of a resident run (read where the worker processes are started).
+WORKER_SETTINGS = {
+    "distributed.worker.daemon": False,
+    # Dask's defaults here set OMP_NUM_THREADS=1 (other fp32 rounding than a stage process) and
+    # MALLOC_TRIM_THRESHOLD_=64 kB, which hands torch's freed tensors back to the kernel only to
+    # fault them in again: sampling ran 2.3x slower in a worker than in a process with it.
+    "distributed.nanny.pre-spawn-environ": {},
+    # The statistical profiler takes the GIL every 10 ms, from the Python loop of HF sampling too.
+    "distributed.worker.profile.enabled": False,
+    "distributed.scheduler.allowed-failures": 0,
+    # A model resident in memory is the point: no spilling, pausing or terminating (memory_limit=0
+    # below turns the memory manager off; these keep it off for a worker given a limit anyway).
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+    "distributed.worker.memory.pause": False,
+    "distributed.worker.memory.terminate": False,
+}
+
+
+def nanny_options(spec: WorkerSpec, threads: int, host: str | None = None) -> dict:
+    """What a Nanny needs to start `spec`'s worker: one task slot, its roles, its GPU, no memory limit."""
+    return {"name": spec.name, "nthreads": 1, "resources": dict(spec.resources), "memory_limit": 0,
+            "env": spec.environment(threads), "silence_logs": logging.ERROR, **({"host": host} if host else {})}
 
 
 def embedded_workers(config: Config) -> dict:
-    count = max(config.cluster.workers, config.train.processes)
-    return {index: {"cls": Nanny, "options": {
-        "nthreads": 1, "host": "127.0.0.1", "silence_logs": logging.ERROR,
-        "resources": {GENERATE: 1, SCORE: 1, **({train_role(index): 1} if index < config.train.processes else {})},
-    }} for index in range(count)}
+    specs = embedded_layout(config.cluster.workers, config.train.processes)
+    threads = threads_per_worker(len(specs))
+    return {index: {"cls": Nanny, "options": nanny_options(spec, threads, host="127.0.0.1")}
+            for index, spec in enumerate(specs)}
 
 
-def check_roles(client: Client, config: Config) -> None:
-    """Every role has a worker: one line naming what is missing otherwise."""
-    held = [info.get("resources", {}) for info in client.scheduler_info()["workers"].values()]
+def _worker_process() -> dict:
+    """Run on each worker: what the controller checks before anything is sent to it."""
+    return {"daemon": multiprocessing.current_process().daemon, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def check_workers(client: Client, config: Config) -> str:
+    """Every role has a worker and every worker can hold its models; else one line saying what to fix.
+    Returns the one-line description of the cluster printed at start."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    fix = "start them with `python -m orchestrator workers --scheduler ...` (docs/recipe.md)"
     needed = [GENERATE, SCORE, *(train_role(rank) for rank in range(config.train.processes))]
-    missing = [role for role in needed if not any(role in resources for resources in held)]
+    missing = [role for role in needed if not any(role in info.get("resources", {}) for info in workers.values())]
     if missing:
         raise ConfigError(f"config key 'cluster.address': no worker of {config.cluster.address} has the resource(s) "
-                          f"{', '.join(missing)} (fix: start workers with --resources, see orchestrator/cluster.py)")
+                          f"{', '.join(missing)} (fix: {fix})")
+    limited = sorted(info.get("name", address) for address, info in workers.items() if info.get("memory_limit"))
+    if limited:
+        raise ConfigError(f"Dask worker(s) {', '.join(map(str, limited))} have a memory limit: Dask would pause them "
+                          f"silently once their models outgrow it and the run would hang (fix: {fix}, or pass "
+                          "`--memory-limit 0` to dask worker)")
+    processes = client.run(_worker_process)
+    daemonic = sorted(address for address, info in processes.items() if info["daemon"])
+    if daemonic:
+        raise ConfigError(f"Dask worker(s) {', '.join(daemonic)} are daemonic processes: vLLM's engine and the "
+                          f"verifier's pool cannot start there (fix: {fix})")
+    gpus = sorted({info["gpu"] for info in processes.values() if info["gpu"]})
+    ranks = sum(1 for info in workers.values() for role in info.get("resources", {}) if role.startswith("train-rank-"))
+    where = f"GPU(s) {','.join(gpus)}" if gpus else "CPU"
+    return (f"cluster: {len(workers)} worker(s) on {where}, {ranks} training rank(s) of {config.train.processes} "
+            f"used; Dask memory management off (no pausing, spilling or terminating)")
+
+
+def generation_workers(client: Client) -> int:
+    """How many workers of the cluster sample (the `generate` role): the run's default shard count."""
+    return sum(GENERATE in info.get("resources", {}) for info in client.scheduler_info(n_workers=-1)["workers"].values())
 
 
 @contextmanager
@@ -51,18 +110,7 @@ def open_cluster(config: Config) -> Iterator[Client]:
     """A client whose every worker carries the Roles plugin; the cluster's workers close with it."""
     import dask
 
-    settings = {
-        "distributed.worker.daemon": False,
-        # Dask's defaults here set OMP_NUM_THREADS=1 (other fp32 rounding than a stage process) and
-        # MALLOC_TRIM_THRESHOLD_=64 kB, which hands torch's freed tensors back to the kernel only to
-        # fault them in again: sampling ran 2.3x slower in a worker than in a process with it.
-        "distributed.nanny.pre-spawn-environ": {},
-        # The statistical profiler takes the GIL every 10 ms, from the Python loop of HF sampling too.
-        "distributed.worker.profile.enabled": False,
-        "distributed.scheduler.allowed-failures": 0,
-        "distributed.worker.memory.terminate": False,  # a model resident in memory is the point
-    }
-    with dask.config.set(settings):
+    with dask.config.set(WORKER_SETTINGS):
         if config.cluster.address:
             cluster, client = None, Client(config.cluster.address)
             controller = None  # on another machine: its workers outlive us by design
@@ -74,13 +122,41 @@ def open_cluster(config: Config) -> Iterator[Client]:
             client.wait_for_workers(len(cluster.workers))
             controller = os.getpid()  # embedded workers exit when this process dies (a kill -9 included)
         try:
-            check_roles(client, config)
+            print(check_workers(client, config), flush=True)
             client.register_plugin(Roles(controller))
-            yield client
-        finally:
             try:
-                client.run(close_roles)
+                yield client
             finally:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+                client.run(close_roles)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+# ---- `python -m orchestrator workers` -----------------------------------------------------------
+
+def serve_workers(scheduler: str, specs: list[WorkerSpec]) -> None:
+    """Start one worker per spec (each pinned to its GPU, with its roles) joined to `scheduler`, and
+    keep them until SIGINT/SIGTERM or the scheduler goes away. Print one line per worker."""
+    import dask
+
+    threads = threads_per_worker(len(specs))
+
+    async def serve() -> None:
+        nannies = [Nanny(scheduler, **nanny_options(spec, threads)) for spec in specs]
+        await asyncio.gather(*nannies)
+        for spec, nanny in zip(specs, nannies):
+            roles = ",".join(sorted(spec.resources))
+            print(f"worker {spec.name}: {nanny.worker_address} {'GPU ' + spec.gpu if spec.gpu else 'CPU'}, "
+                  f"{threads} torch thread(s), roles {roles}, no memory limit", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        finished = asyncio.gather(*(nanny.finished() for nanny in nannies))
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), finished], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.gather(*(nanny.close(timeout=30) for nanny in nannies), return_exceptions=True)
+
+    with dask.config.set(WORKER_SETTINGS):
+        asyncio.run(serve())

@@ -38,14 +38,24 @@ class StageFailed(RuntimeError):
     pass
 
 
-def prepare_run(run: Path, config: Config, force: bool) -> Config:
-    """Freeze the config on first start; refuse to continue a run under a config that computes
-    something else (config.hash), unless forced. A change of how it runs only (mode, cluster,
-    MLflow store, threads) is taken, and frozen, as is."""
+def resolve_shards(config: Config, previous: Config | None, generation_workers: int) -> Config:
+    """`generate.shards: 0` means one shard per generation worker: resolved once, at the run's first
+    start, and kept from then on (a run frozen before the key existed cut by rows only: 1)."""
+    if config.generate.shards == 0:
+        shards_then = previous.generate.shards if previous is not None else generation_workers
+        config.generate.shards = shards_then or 1
+    return config
+
+
+def prepare_run(run: Path, config: Config, force: bool, generation_workers: int = 1) -> Config:
+    """Freeze the config on first start (resolved: resolve_shards); refuse to continue a run under a
+    config that computes something else (config.hash), unless forced. A change of how it runs only
+    (mode, cluster, MLflow store, threads) is taken, and frozen, as is."""
     run.mkdir(parents=True, exist_ok=True)
     frozen = run / RUN_CONFIG
-    if frozen.exists():
-        previous = config_from_dict(yaml.safe_load(frozen.read_text()))
+    previous = config_from_dict(yaml.safe_load(frozen.read_text())) if frozen.exists() else None
+    config = resolve_shards(config, previous, generation_workers)
+    if previous is not None:
         if previous.hash() != config.hash() and not force:
             changed = _differences(previous.results_dict(), config.results_dict())
             raise ConfigError(f"run {run} was started with another config (changed: {', '.join(changed)}); "
@@ -146,21 +156,27 @@ class SubprocessStages:
     def evaluate(self, iteration: int, k: int | None = None) -> float:
         return run_stage("generate", self.run, iteration, ("--eval-only", *(("--eval-k", str(k)) if k else ())))
 
+    def finish(self, quiet: bool = False) -> None:
+        """Nothing outlives a stage process."""
+
 
 class ResidentStages:
     """`orchestrator.mode: resident`: the stages' shard jobs as Dask tasks on workers that keep their
     models loaded (orchestrator/roles.py). Shards go to whichever `generate` / `score` worker is free;
     a rollout shard is scored as soon as it is written; rank r trains on its `train-rank-r` worker.
-    Every folder is sealed here, by the controller, once all its shards are in."""
+    Every folder is sealed here, by the controller, once all its shards are in; the train stage's
+    once v_{i+1}'s optimizer state, written while iteration i+1 samples, is sealed too."""
 
     def __init__(self, client, run: Path, config: Config):
         from stages.score.scoring import teacher_version
 
-        self.client, self.run, self.config = client, run, config
+        self.client, self.run, self.config = client, Path(run).resolve(), config  # workers may start elsewhere
         self.teacher_version = teacher_version(config)
         self.scoring: list | None = None  # the score futures of the iteration in flight
         self.address: str | None = None  # the trainers' rendezvous, fixed for the cluster's life
         self.opening: list = []  # open_models tasks, waited for before the first stage's
+        self.trusted: set[Path] = set()  # checkpoints whose writer's hashes this controller holds
+        self.saving: tuple | None = None  # (PolicyWritten, futures) of the optimizer state being written
 
     def _wait(self, stage: str, iteration: int, futures: list) -> list:
         """The tasks' results; a failure a user can act on (a lost worker, bad data, a failed gate, a
@@ -186,7 +202,7 @@ class ResidentStages:
         """Every generation worker opens its engine at v_i and its teacher now, in its own process."""
         from orchestrator.roles import GENERATE, open_models_task
 
-        workers = [address for address, info in self.client.scheduler_info()["workers"].items()
+        workers = [address for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items()
                    if GENERATE in info.get("resources", {})]
         self.opening = [self.client.submit(open_models_task, self.run, iteration, workers=[address], pure=False)
                         for address in workers]
@@ -200,12 +216,13 @@ class ResidentStages:
         if self.opening:
             self._wait("generate", iteration, self.opening)
             self.opening = []
-        plan = plan_generation(self.config, self.run, iteration, eval_only, eval_k)
+        checkpoint = shards.checkpoint_dir(self.run, iteration)
+        plan = plan_generation(self.config, self.run, iteration, eval_only, eval_k, trusted=checkpoint in self.trusted)
         evals = [self._submit(sample_task, iteration, job, role=GENERATE) for job in (plan.eval_jobs if plan else [])]
         rollouts = [self._submit(sample_task, iteration, job, role=GENERATE)
                     for job in (plan.rollout_jobs if plan else [])]
         if not eval_only and start_scoring(self.config, self.run, iteration):
-            # Each rollout shard is scored as soon as it is written (the whole iteration stays on v_i).
+            # Scoring shard k waits for rollout shard k only (the whole iteration stays on v_i).
             sources = rollouts if rollouts else sealed_rollouts(self.run, iteration)
             self.scoring = [self._submit(score_task, iteration, source, self.teacher_version, role=SCORE)
                             for source in sources]
@@ -216,6 +233,7 @@ class ResidentStages:
                        key=lambda g: g.get("generate/weight_sync_gap_mean", 0.0), default={})
             seal_plan(self.config, self.run, iteration, plan, eval_done, began, rollouts_done,
                       min((d["started"] for d in rollouts_done), default=began), gate)
+        self.seal_saved(wait=False)
         return time.time() - began
 
     def generate(self, iteration: int) -> float:
@@ -233,19 +251,53 @@ class ResidentStages:
         # The stage's clock starts with its first shard, not when its tasks were queued behind sampling.
         seal_scored(self.config, self.run, iteration, done, min(d["started"] for d in done), self.teacher_version,
                     len({d["worker"] for d in done}))
+        self.seal_saved(wait=False)
         return time.time() - began
 
     def train(self, iteration: int) -> float:
-        from orchestrator.roles import rendezvous_address, train_role, train_task
+        """Iteration i's steps and v_{i+1}'s policy on every rank; then their optimizer state is
+        written in the background (a seceded task per rank), sealed by seal_saved."""
+        from common.devices import train_role
+        from orchestrator.roles import optimizer_state_task, rendezvous_address, train_task
+        from stages.train.records import announce
 
         began = time.time()
+        self.seal_saved(wait=True)  # v_i's state must be whole before its engine steps again
         world = self.config.train.processes
         if self.address is None:
             self.address = self.client.submit(rendezvous_address, resources={train_role(0): 1}, pure=False).result()
         ranks = [self._submit(train_task, iteration, rank, world, self.address, role=train_role(rank))
                  for rank in range(world)]
-        self._wait("train", iteration, ranks)
+        policy = self._wait("train", iteration, ranks)[0]
+        if policy is not None:
+            announce(policy)
+            self.trusted.add(Path(policy.checkpoint))
+            saves = [self._submit(optimizer_state_task, iteration, rank, policy.policy_files if rank == 0 else None,
+                                  role=train_role(rank)) for rank in range(world)]
+            self.saving = (policy, saves)
         return time.time() - began
+
+    def seal_saved(self, wait: bool) -> None:
+        """Seal iter=i/train/ once v_{i+1}'s optimizer state is written and DONE (if it is, or `wait`)."""
+        from stages.train.records import seal_train
+
+        if self.saving is None:
+            return
+        policy, futures = self.saving
+        if not wait and not all(future.done() for future in futures):
+            return
+        self.saving = None
+        state = self._wait("train", policy.iteration, futures)[0]
+        seal_train(self.config, self.run, policy, state)
+
+    def finish(self, quiet: bool = False) -> None:
+        """Wait for the last optimizer state and seal its iteration (quiet: after a failure elsewhere,
+        as far as it goes; the next run redoes what is not sealed)."""
+        try:
+            self.seal_saved(wait=True)
+        except Exception:
+            if not quiet:
+                raise
 
     def evaluate(self, iteration: int, k: int | None = None) -> float:
         return self._generate(iteration, eval_only=True, eval_k=k)
@@ -277,7 +329,7 @@ def evaluate_checkpoint_now(run: Path, version: int | None, k: int | None) -> No
     config = load_run_config(run)
     if version is None:
         version = completed_iterations(run)
-    if not shards.checkpoint_ready(shards.checkpoint_dir(run, version)):
+    if not shards.policy_ready(shards.checkpoint_dir(run, version)):
         raise ConfigError(f"checkpoint {shards.checkpoint_dir(run, version)} does not exist (pruned, or not trained)")
     SubprocessStages(run, config).evaluate(version, k)
     tracker = Tracker(config, run)
@@ -291,49 +343,56 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
     """The start overlaps: the prompt sets render in a process of their own (the chat template over
     every prompt, after importing transformers: seconds here, minutes for DAPO-Math with Qwen3's
     template), the cluster's workers open their models in theirs, and MLflow opens here. So this
-    process, the one controller, never imports torch or transformers."""
+    process, the one controller, never imports torch or transformers. In resident mode the cluster
+    opens first: the run's shard count follows its generation workers (resolve_shards)."""
+    if config.orchestrator.mode == "resident":
+        from orchestrator.cluster import generation_workers, open_cluster
+
+        with open_cluster(config) as client:
+            config = prepare_run(run, config, force, generation_workers(client))
+            stages = ResidentStages(client, run, config)
+            try:
+                _start(run, config, iterations, stages, opened=stages.open_models)
+            finally:
+                stages.finish(quiet=True)  # a failure elsewhere: seal what the trainer finished writing
+    else:
+        config = prepare_run(run, config, force)
+        _start(run, config, iterations, SubprocessStages(run, config))
+
+
+def _start(run: Path, config: Config, iterations: int, stages, opened=None) -> None:
     from stages.generate.jobs import render_prompt_sets
 
-    prepare_run(run, config, force)
     start = completed_iterations(run)
     # Its process exits with this one: a controller killed while it renders leaves nothing behind.
     renderer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent,
                                    initargs=(os.getpid(),))
     try:
         rendered = renderer.submit(render_prompt_sets, config, run, shards.checkpoint_dir(run, start))
+        if opened is not None:
+            opened(start)
 
         def prompts_ready() -> None:
             rendered.result()
             fault_point("rendered")
             renderer.shutdown()  # its process holds transformers' memory: gone before the first iteration
 
-        if config.orchestrator.mode == "resident":
-            from orchestrator.cluster import open_cluster
-
-            with open_cluster(config) as client:
-                stages = ResidentStages(client, run, config)
-                stages.open_models(start)
-                _track_and_loop(run, config, iterations, start, stages, prompts_ready)
-        else:
-            _track_and_loop(run, config, iterations, start, SubprocessStages(run, config), prompts_ready)
+        tracker = Tracker(config, run)
+        try:
+            print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
+            prompts_ready()
+            _loop(run, config, iterations, tracker, start, time.time(), stages)
+        finally:
+            tracker.close()
     finally:
         renderer.shutdown(cancel_futures=True)
-
-
-def _track_and_loop(run: Path, config: Config, iterations: int, start: int, stages, prompts_ready) -> None:
-    tracker = Tracker(config, run)
-    try:
-        print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
-        prompts_ready()
-        _loop(run, config, iterations, tracker, start, time.time(), stages)
-    finally:
-        tracker.close()
 
 
 def _loop(run: Path, config: Config, iterations: int, tracker: Tracker, start: int, loop_started: float,
           stages) -> None:
     for iteration in range(start):  # metrics a crash kept from MLflow (stages without _LOGGED)
         log_iteration(tracker, run, iteration, {})
+    walls: dict[int, dict[str, float]] = {}
     for done, iteration in enumerate(range(start, start + iterations), start=1):
         limit = epoch_limit(run, config)
         if limit is not None and iteration >= limit:
@@ -341,13 +400,20 @@ def _loop(run: Path, config: Config, iterations: int, tracker: Tracker, start: i
             iterations = iteration - start
             break
         began = time.time()
-        wall = {"generate": stages.generate(iteration), "score": stages.score(iteration),
-                "train": stages.train(iteration)}
+        wall = walls[iteration] = {"generate": stages.generate(iteration), "score": stages.score(iteration),
+                                   "train": stages.train(iteration)}
         log_iteration(tracker, run, iteration, wall)
+        if iteration - 1 in walls:  # resident: its train folder was sealed during this iteration
+            log_iteration(tracker, run, iteration - 1, walls[iteration - 1])
         # ETA from the mean iteration so far; eval iterations make it a little optimistic.
         eta = (time.time() - loop_started) / done * (iterations - done)
         print(f"iteration {iteration} ({done}/{iterations}) done in {time.time() - began:.1f}s "
               f"(generate {wall['generate']:.1f}s, score {wall['score']:.1f}s, train {wall['train']:.1f}s)"
               + (f", ETA {eta / 60:.1f} min" if done < iterations else ""), flush=True)
-    # The last checkpoint has not been sampled yet: evaluate it so every run ends with a figure.
+    # The last checkpoint has not been sampled yet: evaluate it so every run ends with a figure (in
+    # resident mode while its optimizer state is written).
     evaluate_checkpoint(config, run, start + iterations, tracker, stages)
+    stages.finish()
+    last = start + iterations - 1
+    if last in walls:
+        log_iteration(tracker, run, last, walls[last])

@@ -24,10 +24,6 @@ NAME = "opd-roles"
 GENERATE, SCORE = "generate", "score"
 
 
-def train_role(rank: int) -> str:
-    return f"train-rank-{rank}"
-
-
 class Roles(WorkerPlugin):
     """Per worker: the models of its roles, opened on first use and kept."""
     name = NAME
@@ -138,12 +134,27 @@ def score_task(run: Path, iteration: int, rollout: dict, teacher_version: str) -
             "worker": get_worker().address}
 
 
-def train_task(run: Path, iteration: int, rank: int, world: int, address: str) -> dict | None:
-    """Rank `rank` of iteration i's train stage on this worker's resident trainer."""
-    from stages.train.stage import train_stage
+def train_task(run: Path, iteration: int, rank: int, world: int, address: str):
+    """Rank `rank` of iteration i's steps and v_{i+1}'s policy on this worker's resident trainer;
+    rank 0 returns its PolicyWritten (stages/train/records.py)."""
+    from stages.train.stage import train_policy
 
     config = _config(run)
-    return train_stage(config, run, iteration, roles().rank(config, rank, world, address))
+    return train_policy(config, run, iteration, roles().rank(config, rank, world, address))
+
+
+def optimizer_state_task(run: Path, iteration: int, rank: int, policy_files: dict | None):
+    """Rank `rank` writes v_{i+1}'s optimizer state from its trainer (rank 0 then seals DONE and returns
+    the StateWritten). The task secedes from the worker's one task slot first, so the worker samples
+    and scores iteration i+1 meanwhile: the write is off the critical path. The trainer's lock keeps
+    the engine from stepping or closing until it is done."""
+    from distributed import secede
+
+    from stages.train.stage import write_optimizer_state
+
+    secede()
+    config = _config(run)
+    return write_optimizer_state(config, run, iteration, roles().trainer, policy_files)
 
 
 def rendezvous_address() -> str:

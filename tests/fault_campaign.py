@@ -37,13 +37,14 @@ from orchestrator.checks import check_run  # noqa: E402
 ITERATIONS = 2
 # How often one process reaches each point in this setting (the counter is per process). Subprocess:
 # generate writes 4 eval and 4 rollout shards and 2 manifests, a train process takes 2 steps and saves
-# once. Resident: one worker samples every shard of the run (12 eval, 8 rollout) and trains both
-# iterations; the controller writes the eval, rollouts and scored manifests.
+# once (policy, then optimizer state). Resident: one worker samples every shard of the run (12 eval,
+# 8 rollout) and trains both iterations, writing each optimizer state while the next one samples; the
+# controller writes the eval, rollouts, scored and train manifests.
 # `rendered` is the controller's, once per run in both modes.
-REACHED_PER_PROCESS = {"subprocess": {"shard": 8, "manifest": 2, "checkpoint": 1, "train_step": 2, "mlflow": 8,
-                                      "rendered": 1},
-                       "resident": {"shard": 20, "manifest": 7, "checkpoint": 2, "train_step": 4, "mlflow": 8,
-                                    "rendered": 1}}
+REACHED_PER_PROCESS = {"subprocess": {"shard": 8, "manifest": 2, "checkpoint": 1, "state": 1, "train_step": 2,
+                                      "mlflow": 8, "rendered": 1},
+                       "resident": {"shard": 20, "manifest": 9, "checkpoint": 2, "state": 2, "train_step": 4,
+                                    "mlflow": 8, "rendered": 1}}
 RANDOM_TARGETS = {"subprocess": ("group",), "resident": ("group", "controller", "worker")}
 
 

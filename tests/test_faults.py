@@ -37,15 +37,18 @@ def test_reference_run_holds_every_invariant(reference_run):
 # The default suite kills one of each: a generation worker, the trainer rank, the controller. Every
 # kill in both modes: `make test-slow`; random moments and targets: `make faults`.
 @pytest.mark.parametrize("mode, faults", [
-    ("resident", ("shard:1", "train_step:1", "manifest:2")),
-    pytest.param("resident", ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1", "manifest:2"), marks=pytest.mark.slow),
-    pytest.param("subprocess", ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1"), marks=pytest.mark.slow),
+    ("resident", ("shard:1", "train_step:1", "state:1", "manifest:2")),
+    pytest.param("resident", ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1", "state:2", "manifest:2"),
+                 marks=pytest.mark.slow),
+    pytest.param("subprocess", ("shard:1", "train_step:1", "mlflow:2", "checkpoint:1", "state:1"), marks=pytest.mark.slow),
 ], ids=["resident", "resident-every-kill", "subprocess"])
 def test_kill_9_at_the_worst_moments_then_resume(reference_run, tmp_path, mode, faults):
     """Killed while writing a shard, inside a training step, between logging metrics and recording
-    it, after sealing a checkpoint but before renaming it, and (resident: the controller seals every
-    folder) before a manifest: each resume picks up where it was. In resident mode the first two and
-    the fourth kill a worker (a generation worker, the trainer rank), the others the controller."""
+    it, after sealing a checkpoint's policy but before renaming it, after writing its optimizer state
+    but before DONE (resident: while the next iteration samples from that policy), and (resident:
+    the controller seals every folder) before a manifest: each resume picks up where it was. In
+    resident mode the shard, train-step, checkpoint and state kills hit a worker (a generation worker,
+    the trainer rank), the others the controller."""
     run = tmp_path / "faulted"
     mode_override = ("-o", f"orchestrator.mode={mode}")
     for fault in faults:

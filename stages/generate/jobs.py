@@ -1,8 +1,10 @@
 """What the generate stage writes, shard by shard: rollouts of iteration i and the eval of v_i.
 
-An iteration's prompts are cut into shards of `generate.rows_per_shard` responses; each shard is a
-job with its own seed (common/seeds.py), so its samples depend only on its prompts, its seed and
-the weights: the same bytes whichever worker samples it, however many workers share the stage.
+An iteration's prompts are cut into shards (`cut`: at least `generate.shards`, one per generation
+worker by default, of at most `generate.rows_per_shard` responses); each shard is a job with its own
+seed (common/seeds.py), so its samples depend only on its prompts, its seed and the weights: the
+same bytes whichever worker samples it. The cut is frozen with the run's config (`generate.shards`
+is resolved once, at the first start), so a run continued on another cluster writes the same bytes.
 The eval sets are cut the same way. `run_job` samples one shard (and grades it, for the eval) and
 writes it; `seal_rollouts` / `seal_eval` write the manifest once every shard is there.
 """
@@ -17,7 +19,7 @@ import pyarrow as pa
 from common import shards
 from common.config import Config, ConfigError
 from common.data import Prompt, PromptSet, iteration_prompts, prepared_prompts
-from common.memory import peak_gpu_gib, peak_rss_gib
+from common.memory import peak_gpu_gib, peak_rss_gib, reset_peaks
 from common.progress import Progress, stage_summary
 from common.seeds import eval_seed, rollout_seed
 from common.shards import file_sha256
@@ -39,8 +41,13 @@ def eval_folder(config: Config, k: int | None) -> str:
     return "eval" if (k or config.eval.k) == config.eval.k else f"eval-k{k}"
 
 
-def _cut(prompts: list[Prompt], n: int, rows_per_shard: int) -> list[list[Prompt]]:
-    per_shard = max(1, rows_per_shard // n)
+def cut(prompts: list[Prompt], n: int, config: Config) -> list[list[Prompt]]:
+    """Whole prompt groups in order: at most `generate.rows_per_shard` responses per shard, and at
+    least `generate.shards` shards (as many as there are prompts, when fewer)."""
+    g = config.generate
+    per_shard = max(1, g.rows_per_shard // n)
+    if g.shards > 1:
+        per_shard = min(per_shard, -(-len(prompts) // g.shards))
     return [prompts[start : start + per_shard] for start in range(0, len(prompts), per_shard)]
 
 
@@ -70,7 +77,7 @@ def rollout_jobs(config: Config, run: Path, iteration: int, tokenizer_dir: Path)
                      SamplingParams(n=g.n, max_new_tokens=g.max_response_tokens, temperature=g.temperature,
                                     top_p=g.top_p, seed=rollout_seed(config.seed, iteration, index),
                                     batch_size=g.batch_size, topk=g.student_topk))
-            for index, chunk in enumerate(_cut(prompts, g.n, g.rows_per_shard))]
+            for index, chunk in enumerate(cut(prompts, g.n, config))]
 
 
 def eval_jobs(config: Config, run: Path, tokenizer_dir: Path, k: int | None = None) -> list[ShardJob]:
@@ -86,7 +93,7 @@ def eval_jobs(config: Config, run: Path, tokenizer_dir: Path, k: int | None = No
             raise ConfigError(f"config key 'eval.sets': no usable prompts in {path} "
                               f"(dropped: {prompt_set.dropped_summary()})")
         name = prompts[0].data_source or Path(path).stem
-        for shard, chunk in enumerate(_cut(prompts, k, config.generate.rows_per_shard)):
+        for shard, chunk in enumerate(cut(prompts, k, config)):
             params = SamplingParams(n=k, max_new_tokens=e.max_response_tokens, temperature=e.temperature,
                                     top_p=e.top_p, seed=eval_seed(config.seed, set_index, shard),
                                     batch_size=config.generate.batch_size)
@@ -127,6 +134,7 @@ def sample_job(config: Config, iteration: int, job: ShardJob, engine: Generation
     """One shard's rows, sampled by `engine` (which holds `version`) and graded if it is an eval
     shard, and the summary sealing needs: rows, tokens, correct answers, timings."""
     started = time.time()
+    reset_peaks()  # a resident worker reports this shard's peaks, not its lifetime's
     with Progress(len(job.prompts) * job.params.n, f"{job.folder} iter {iteration} shard {job.index}") as bar:
         samples = engine.sample([p.prompt_ids for p in job.prompts], job.params, bar.update)
     sample_seconds = time.time() - started

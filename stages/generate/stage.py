@@ -43,21 +43,41 @@ class GenerationPlan:
     eval_jobs: list[ShardJob] = field(default_factory=list)
     rollout_jobs: list[ShardJob] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)  # train prompts dropped at ingestion, by reason
+    verify_seconds: float = 0.0  # checking v_i's policy files against their seal
+
+
+def discard_stale(run: Path, iteration: int, version: str, folders: tuple[str, ...]) -> None:
+    """Remove sealed outputs of iteration i sampled by another v_i than the one on disk now (v_i was
+    trained again after a crash, and training is not bitwise reproducible on every device), with the
+    scored shards made from stale rollouts."""
+    for folder in folders:
+        manifest = shards.read_manifest(shards.stage_dir(run, iteration, folder))
+        if manifest is not None and manifest.get("policy_version", version) != version:
+            print(f"warning: iter={iteration:04d}/{folder} was sampled by {manifest['policy_version']}, not "
+                  f"{version}; sampling it again", flush=True)
+            shards.reset_stage(shards.stage_dir(run, iteration, folder))
+            if folder == "rollouts":
+                shards.reset_stage(shards.stage_dir(run, iteration, "scored"))
 
 
 def plan_generation(config: Config, run: Path, iteration: int, eval_only: bool = False,
-                    eval_k: int | None = None) -> GenerationPlan | None:
-    """The jobs left for iteration i (None when nothing is), after clearing unsealed outputs.
-    Raises shards.ContractError when v_i is missing or altered."""
+                    eval_k: int | None = None, trusted: bool = False) -> GenerationPlan | None:
+    """The jobs left for iteration i (None when nothing is), after clearing unsealed or stale outputs.
+    Raises shards.ContractError when v_i's policy is missing or altered; `trusted`: its writer's hashes
+    were handed to this process in this run, so only the files' sizes are checked."""
     checkpoint = shards.checkpoint_dir(run, iteration)
-    shards.verify_checkpoint(checkpoint)
+    verify_started = time.time()
+    shards.verify_policy(checkpoint, trusted)
+    verify_seconds = time.time() - verify_started
+    version = policy_version(checkpoint)
     folder = eval_folder(config, eval_k)
+    discard_stale(run, iteration, version, (folder, "rollouts"))
     want_eval = (eval_only or eval_due(config, iteration)) and not shards.stage_finished(
         shards.stage_dir(run, iteration, folder))
     want_rollouts = not eval_only and not shards.stage_finished(shards.stage_dir(run, iteration, "rollouts"))
     if not (want_eval or want_rollouts):
         return None
-    plan = GenerationPlan(checkpoint, policy_version(checkpoint), eval_k or config.eval.k, folder)
+    plan = GenerationPlan(checkpoint, version, eval_k or config.eval.k, folder, verify_seconds=verify_seconds)
     # v_i's tokenizer renders the prompt sets, once per run (then they are read from the run folder).
     if want_eval:
         shards.reset_stage(shards.stage_dir(run, iteration, folder))
@@ -76,7 +96,7 @@ def seal_plan(config: Config, run: Path, iteration: int, plan: GenerationPlan, e
                   eval_started, plan.version, plan.k)
     if plan.rollout_jobs:
         seal_rollouts(config, run, iteration, sorted(rollouts_done, key=lambda d: d["index"]), rollouts_started,
-                      plan.version, plan.dropped, gate)
+                      plan.version, plan.dropped, {"generate/verify_seconds": plan.verify_seconds, **gate})
 
 
 def generate_stage(config: Config, run: Path, iteration: int, engine_for: Callable[[Path], GenerationEngine],

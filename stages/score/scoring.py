@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from common import shards
 from common.config import Config
 from common.hub import local_model_dir
-from common.memory import peak_gpu_gib, peak_rss_gib
+from common.memory import peak_gpu_gib, peak_rss_gib, reset_peaks
 from common.progress import stage_summary
 from common.shards import policy_version
 from common.verifier import grade_batch
@@ -52,6 +52,7 @@ def score_shard(config: Config, run: Path, iteration: int, rollout_file: Path, s
     columns = rollouts.select([c for c in SCORING_INPUTS if c in rollouts.schema.names]).to_pydict()
     sc = config.score
     started = time.time()
+    reset_peaks()  # a resident worker reports this shard's peaks, not its lifetime's
     # The verifier works in its own processes: grade while the teacher runs.
     with ThreadPoolExecutor(1) as background:
         grading = background.submit(grade_batch, list(zip(columns["response_text"], columns["ground_truth"])),

@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from common.config import Config, ConfigError, TrainConfig
+from common.devices import check_torch_sees_the_gpus
 from common.modeling import load_model, response_logprobs
 from common.run import free_port
 from common.seeds import warmup_factor
-
-OPTIMIZER_STATE = "optimizer_state"
+from stages.train.records import OPTIMIZER_STATE
 
 
 class PolicyLogprobs(torch.nn.Module):
@@ -53,6 +54,7 @@ def init_distributed(rank: int | None = None, world: int | None = None, address:
 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    check_torch_sees_the_gpus()
     if rank is not None:
         host, port = (address or f"127.0.0.1:{free_port()}").rsplit(":", 1)
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % max(torch.cuda.device_count(), 1)),
@@ -146,7 +148,7 @@ def open_engine(config: Config, checkpoint: Path, bf16: bool | None = None):
 
 
 def export_policy(engine, tokenizer, staging: Path) -> None:
-    """Write the policy as HF safetensors + tokenizer + optimizer state into `staging` (collective).
+    """Write the policy as HF safetensors + tokenizer into `staging` (collective).
 
     Under ZeRO-3 each rank holds a shard of every tensor: GatheredParameters assembles whole ones
     for the duration of the export (a no-op for the other stages).
@@ -158,4 +160,24 @@ def export_policy(engine, tokenizer, staging: Path) -> None:
         if rank == 0:
             engine.module.policy.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
-    engine.save_checkpoint(str(staging / OPTIMIZER_STATE), tag="state")  # collective: every rank writes its part
+
+
+def save_optimizer_state(engine, checkpoint: Path) -> tuple[dict[str, dict], dict[str, float]]:
+    """Write the optimizer state (Adam moments, master weights, step count, lr schedule) into
+    `checkpoint`/optimizer_state (collective: every rank writes its part), then hash it, the ranks
+    sharing the files out so each is read once. Returns ({name: {sha256, bytes}}, timings) on every rank."""
+    from common.shards import hash_files
+
+    started = time.time()
+    engine.save_checkpoint(str(Path(checkpoint) / OPTIMIZER_STATE), tag="state")
+    dist.barrier()
+    written = time.time()
+    rank, world = rank_and_world()
+    names = sorted(str(f.relative_to(checkpoint)) for f in (Path(checkpoint) / OPTIMIZER_STATE).rglob("*")
+                   if f.is_file())
+    files = hash_files(Path(checkpoint), names[rank::world])
+    if world > 1:
+        gathered: list[dict] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, files)
+        files = {name: entry for part in gathered for name, entry in part.items()}
+    return files, {"train/state_write_seconds": written - started, "train/state_hash_seconds": time.time() - written}

@@ -5,11 +5,17 @@ one iteration; a resident trainer (orchestrator.mode: resident) keeps it across 
 model, the optimizer state and DeepSpeed's set-up are not rebuilt each time. Both write the same
 checkpoint: in memory the engine holds exactly what v_{i+1} holds on disk (weights, Adam moments,
 step count, lr schedule), so continuing from memory and reloading from disk give the same bytes.
+
+The stage has two parts (stages/train/records.py): `train_policy` takes the optimizer steps and
+writes v_{i+1}'s policy (what the next iteration samples from); `write_optimizer_state` writes the
+optimizer state, which a resident trainer does while the next iteration samples. `train_stage`
+runs both and seals the folder: what a stage process does.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -19,14 +25,14 @@ import torch.distributed as dist
 from common import shards
 from common.config import Config
 from common.faults import fault_point
-from common.memory import peak_gpu_gib, peak_rss_gib, rss_gib
+from common.memory import peak_gpu_gib, peak_rss_gib, reset_peaks, rss_gib
 from common.modeling import load_tokenizer
-from common.progress import stage_summary
 from common.seeds import minibatch_seed, train_seed
 from common.shards import policy_version
-from stages.train.engine import OPTIMIZER_STATE, export_policy, init_distributed, open_engine
+from stages.train.engine import export_policy, init_distributed, open_engine, save_optimizer_state
 from stages.train.errors import StalePolicyError
 from stages.train.iteration import iteration_data, scored_columns, train_iteration
+from stages.train.records import PolicyWritten, StateWritten, announce, seal_train
 
 
 def check_on_policy(table, version: str) -> None:
@@ -38,7 +44,10 @@ def check_on_policy(table, version: str) -> None:
 
 
 class Trainer:
-    """One rank's engine, opened on v_i when first needed and kept while it follows the run."""
+    """One rank's engine, opened on v_i when first needed and kept while it follows the run.
+
+    `lock` is held while the engine trains or writes its optimizer state: a resident trainer writes
+    v_{i+1}'s state while its worker samples, and nothing may step, reload or close the engine then."""
 
     def __init__(self, config: Config, rank: int | None = None, world: int | None = None,
                  address: str | None = None):
@@ -47,6 +56,7 @@ class Trainer:
         self.engine = None
         self.tokenizer = None
         self.holds: str | None = None  # the policy version the engine's state equals, if any
+        self.lock = threading.RLock()
 
     def engine_at(self, checkpoint: Path):
         """The engine holding `checkpoint`'s weights and optimizer state: the resident one when it
@@ -60,9 +70,10 @@ class Trainer:
         return self.engine
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.destroy()
-        self.engine, self.holds = None, None
+        with self.lock:
+            if self.engine is not None:
+                self.engine.destroy()
+            self.engine, self.holds = None, None
 
 
 PROBE_ROWS, PROBE_RESPONSE_TOKENS = 4, 32
@@ -86,51 +97,56 @@ def trainer_probe(trainer: Trainer, prompts: list[list[int]], responses: list[li
     return shards.Probe(dtype, prompts, responses, values)
 
 
-def save_checkpoint(trainer: Trainer, target: Path, probe_rows: tuple[list[list[int]], list[list[int]]]) -> None:
-    """Write v_{i+1} (weights, tokenizer, optimizer state, weight-sync probe) beside its final name,
-    mark it DONE, then rename: readers never see half of it."""
+def write_policy(trainer: Trainer, target: Path, probe_rows: tuple[list[list[int]], list[list[int]]]) -> dict:
+    """Write v_{i+1}'s policy (weights, tokenizer, weight-sync probe) beside its final name, seal it
+    (POLICY, hashed once, here), then rename: readers never see half of it. Returns rank 0's timings
+    and hashes ({} on the other ranks)."""
     rank = trainer.rank
     staging = target.with_name(f".{target.name}.tmp")
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
     dist.barrier()
+    started = time.time()
     export_policy(trainer.engine, trainer.tokenizer, staging)
     probe = trainer_probe(trainer, *probe_rows)
     dist.barrier()
+    written = {}
     if rank == 0:
         shards.write_probe(staging, probe)
-        shards.seal_checkpoint(staging)
+        exported = time.time()
+        files = shards.seal_policy(staging)
+        written = {"train/export_seconds": exported - started, "train/policy_hash_seconds": time.time() - exported,
+                   "files": files}
         fault_point("checkpoint")
         os.replace(staging, target)
     dist.barrier()
+    return written
 
 
-def prune_checkpoints(run: Path, keep: tuple[Path, ...], keep_every: int) -> None:
-    """Optimizer states are only needed to continue or redo training: keep the last two. With
-    `keep_every` = N, older checkpoints survive only when their version is a multiple of N."""
-    for checkpoint in sorted(Path(run, "checkpoints").glob("v[0-9]*")):
-        if checkpoint in keep:
-            continue
-        if keep_every and int(checkpoint.name[1:]) % keep_every:
-            shutil.rmtree(checkpoint, ignore_errors=True)
-        else:
-            shutil.rmtree(checkpoint / OPTIMIZER_STATE, ignore_errors=True)
-
-
-def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> dict | None:
-    """Train iteration i on this rank; rank 0 seals iter=i/train/. None when it was done already.
+def train_policy(config: Config, run: Path, iteration: int, trainer: Trainer) -> PolicyWritten | None:
+    """The steps of iteration i on this rank, then v_{i+1}'s policy written and sealed. Rank 0 returns
+    its account; the other ranks, and every rank when iteration i is sealed already, return None.
 
     Raises shards.ContractError (missing or altered inputs), StalePolicyError (rows of another
     policy) and NonFiniteError (nothing is written then).
     """
+    with trainer.lock:
+        return _train_policy(config, run, iteration, trainer)
+
+
+def _train_policy(config: Config, run: Path, iteration: int, trainer: Trainer) -> PolicyWritten | None:
     out_dir = shards.stage_dir(run, iteration, "train")
     if shards.stage_finished(out_dir):
         return None
     source, target = shards.checkpoint_dir(run, iteration), shards.checkpoint_dir(run, iteration + 1)
-    shards.verify_checkpoint(source)  # the optimizer state is a pickle: load only what we wrote
-    scored = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored", scored_columns(config.train))
     version = policy_version(source)
+    resident = trainer.holds == version  # the engine wrote v_i itself: no load, no DeepSpeed set-up
+    verify_started = time.time()
+    if not resident:  # the optimizer state is a pickle: load only what we wrote
+        shards.verify_checkpoint(source)
+    verify_seconds = time.time() - verify_started
+    scored = shards.read_stage(shards.stage_dir(run, iteration, "scored"), "scored", scored_columns(config.train))
     check_on_policy(scored, version)
     data = iteration_data(scored, config.train)
     columns = scored.select(["prompt_id", "sample_idx"]).to_pydict() | {"prompt_ids": data.prompts,
@@ -138,7 +154,7 @@ def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> 
     started = time.time()
     if trainer.rank == 0:
         shards.reset_stage(out_dir)
-    resident = trainer.holds == version  # the engine wrote v_i itself: no load, no DeepSpeed set-up
+    reset_peaks()
     engine = trainer.engine_at(source)
     setup_seconds = time.time() - started
     baseline_rss = rss_gib()  # the model, its gradients' buffers and the optimizer state, before any step
@@ -149,21 +165,46 @@ def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> 
     metrics["train/step_seconds"] = time.time() - train_started  # lp_old and the optimizer steps
     metrics["train/tokens_per_s"] = metrics["train/response_tokens"] / max(metrics["train/step_seconds"], 1e-9)
     metrics["train/setup_seconds"] = setup_seconds
+    metrics["train/verify_seconds"] = verify_seconds
     metrics["train/resident_engine"] = float(resident)
     metrics["train/peak_gpu_gib"] = peak_gpu_gib()
     metrics["train/peak_rss_gib"] = peak_rss_gib()
     metrics["train/baseline_rss_gib"] = baseline_rss
-    save_checkpoint(trainer, target, probe_sequences(columns))
+    written = write_policy(trainer, target, probe_sequences(columns))
     trainer.holds = policy_version(target)
     if trainer.rank != 0:
         return None
-    produced = trainer.holds
-    manifest = shards.write_manifest(out_dir, "train", iteration, started, metrics,
-                                     {"policy_version": version, "produced_checkpoint": str(target),
-                                      "produced_version": produced})
-    prune_checkpoints(run, (source, target), config.train.keep_checkpoint_every)
-    stage_summary("train", iteration, len(columns["prompt_id"]), int(metrics["train/response_tokens"]),
-                  metrics["train/tokens_per_s"], manifest["seconds"],
-                  f"{metrics['train/optimizer_steps']} steps, loss {metrics['train/loss']:.4f}, "
-                  f"grad norm {metrics['train/grad_norm']:.3f} -> {produced}")
-    return manifest
+    files = written.pop("files")
+    metrics.update(written)
+    metrics["train/stage_seconds"] = time.time() - started
+    return PolicyWritten(iteration, started, len(columns["prompt_id"]), metrics, version, trainer.holds, str(target),
+                         files)
+
+
+def write_optimizer_state(config: Config, run: Path, iteration: int, trainer: Trainer,
+                          policy_files: dict[str, dict] | None) -> StateWritten | None:
+    """v_{i+1}'s optimizer state, from the engine that trained iteration i (collective), hashed by the
+    ranks that wrote it; rank 0 then seals the whole checkpoint (DONE) and returns the timings."""
+    target = shards.checkpoint_dir(run, iteration + 1)
+    with trainer.lock:
+        if trainer.holds != policy_version(target):
+            raise shards.ContractError(f"the trainer holds {trainer.holds}, not {target.name}: its optimizer state "
+                                       "cannot be written")
+        state_files, timings = save_optimizer_state(trainer.engine, target)
+        if trainer.rank != 0:
+            return None
+        fault_point("state")  # v_{i+1} samples already; training it further needs this state
+        shards.seal_checkpoint(target, {**(policy_files or {}), **state_files})
+        return StateWritten(timings, time.time())
+
+
+def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> dict | None:
+    """Train iteration i on this rank and write all of v_{i+1}; rank 0 seals iter=i/train/ and returns
+    its manifest (a stage process). None when iteration i was trained already, and on other ranks."""
+    if shards.stage_finished(shards.stage_dir(run, iteration, "train")):
+        return None
+    policy = train_policy(config, run, iteration, trainer)
+    if policy is not None:
+        announce(policy)
+    state = write_optimizer_state(config, run, iteration, trainer, None if policy is None else policy.policy_files)
+    return None if policy is None or state is None else seal_train(config, run, policy, state)
