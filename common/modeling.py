@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from common.attention import attention_implementation, packed_forward_kwargs
 from common.devices import check_torch_sees_the_gpus
 
 
@@ -19,8 +20,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A model in `dtype` on the CPU, in eval mode (the trainer hands it to DeepSpeed)."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # never pickles
+    """A model in `dtype` on the CPU, in eval mode (the trainer hands it to DeepSpeed), with the
+    attention that packed rows need (common/attention.py)."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,  # never pickles
+                                                 attn_implementation=attention_implementation())
     model.eval()
     return model
 
@@ -131,12 +134,9 @@ def gather_logprobs(
 
 
 def _packed_inputs(prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row holding every sequence back to back; position ids restart at 0 for each sequence.
-
-    With no attention mask, transformers reads the restarts as sequence boundaries and builds a
-    block-diagonal causal mask (varlen kernels on GPU), so no token attends across sequences and no
-    compute is spent on padding.
-    """
+    """One row holding every sequence back to back; position ids restart at 0 for each sequence (RoPE).
+    The forward passes the boundaries to a varlen attention (common/attention.py), so no token
+    attends across sequences, no compute is spent on padding and no mask is built."""
     ids, positions = [], []
     for prompt, response in zip(prompts, responses):
         ids += prompt + response
@@ -175,7 +175,8 @@ def response_logprobs(
     if packed:
         input_ids, position_ids = _packed_inputs(prompts, responses)
         offsets = [sum(lengths[:row]) for row in range(len(lengths))]
-        forward = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device))
+        forward = dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                       **packed_forward_kwargs(model, lengths, device))
         flat_ids = input_ids[0]
     else:
         width = max(lengths)
@@ -187,7 +188,7 @@ def response_logprobs(
         offsets = [row * width for row in range(len(lengths))]
         forward = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         flat_ids = input_ids.reshape(-1)
-    # use_cache=False: with a KV cache present transformers skips its packed-sequence detection.
+    # use_cache=False: a scoring or training forward keeps no KV cache.
     hidden = model.model(**forward, use_cache=False).last_hidden_state.reshape(-1, model.config.hidden_size)
     # Position j predicts token j+1: response token k of row r sits at offset+len(prompt)+k and is
     # predicted from the position before it.

@@ -183,6 +183,9 @@ class Probe:
     prompts: list[list[int]]
     responses: list[list[int]]
     logprobs: list[list[float]]
+    # Exact checksums of the exported weights (common/weights.py): per tensor, and over all of them.
+    checksums: dict[str, int] | None = None
+    bit_sum: int | None = None
 
 
 def write_probe(checkpoint: Path, probe: Probe) -> None:

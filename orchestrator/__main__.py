@@ -142,11 +142,11 @@ def run_workers(args: argparse.Namespace) -> None:
         gpus = [gpu.strip() for gpu in args.gpus.split(",")] if args.gpus else visible_gpus()
         if not gpus:
             fail("no GPU visible on this machine", fix="pass --workers N for CPU workers, or --gpus 0,1,...")
+    specs = worker_layout(gpus, args.workers or 0, roles, args.first_rank, prefix=socket.gethostname())
     quiet_environment()
     host = args.scheduler.split("://")[-1]
     print(f"workers: joining {host} from {Path.cwd()} (model and data paths of the run resolve from here)", flush=True)
-    serve_workers(args.scheduler, worker_layout(gpus, args.workers or 0, roles, args.first_rank,
-                                                prefix=f"{socket.gethostname()}"))
+    serve_workers(args.scheduler, specs)
 
 
 if __name__ == "__main__":

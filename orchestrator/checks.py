@@ -6,7 +6,8 @@ What a finished iteration i promises, and what the fault-injection tests check a
 - every row carries policy v_i, the version the train stage started from, and the train manifest's
   produced version is the one v_{i+1} holds (strictly on-policy, nothing trained twice);
 - every checkpoint still present matches the sha256 of each file in its DONE;
-- the MLflow run holds exactly one point per iteration for each stage metric.
+- the MLflow run holds exactly one point per iteration for each stage metric (when the run is tracked:
+  `iterate` tracks it; the stage CLIs alone do not).
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def _check_mlflow(run: Path, config, finished: int) -> list[str]:
     from orchestrator.tracking import RUN_ID_FILE, tracking_uri
 
     id_file = run / RUN_ID_FILE
-    if not id_file.exists():
-        return [] if finished == 0 else [f"{id_file} is missing"]
+    if not id_file.exists():  # a run made by the stage CLIs alone was never tracked: nothing to check
+        return []
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri(config, run))

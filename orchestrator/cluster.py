@@ -22,17 +22,20 @@ workers started otherwise (daemonic, or with a memory limit) before anything run
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
 from contextlib import contextmanager
 from typing import Iterator
 
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from common.config import Config, ConfigError
-from common.devices import WorkerSpec, embedded_layout, threads_per_worker, train_role
+from common.devices import WorkerSpec, embedded_layout, gpu_memory_plan, threads_per_worker, train_role
 from orchestrator.roles import GENERATE, SCORE, Roles, close_roles
 
 # Dask's settings for every worker of a resident run (read where the worker processes are started).
@@ -68,14 +71,34 @@ def embedded_workers(config: Config) -> dict:
 
 
 def _worker_process() -> dict:
-    """Run on each worker: what the controller checks before anything is sent to it."""
-    return {"daemon": multiprocessing.current_process().daemon, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    """Run on each worker: what the controller checks before anything is sent to it (torch-free)."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    total = None
+    if gpu and shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i",
+                                gpu.split(",")[0]], capture_output=True, text=True)
+        total = float(query.stdout.split()[0]) / 1024 if query.returncode == 0 and query.stdout.strip() else None
+    return {"daemon": multiprocessing.current_process().daemon, "gpu": gpu, "gpu_total_gib": total,
             "threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def memory_plan_line(config: Config, total_gib: float) -> str:
+    """The GPU memory plan of a worker with every role (common/devices.py), with a warning when a phase
+    would not fit."""
+    from common.hub import local_model_dir
+
+    student, teacher = (json.loads((local_model_dir(name) / "config.json").read_text())
+                        for name in (config.model.student, config.model.teacher))
+    line, over = gpu_memory_plan(config, student, teacher, total_gib)
+    if over:
+        line += (f"\nwarning: {'; '.join(over)} (fix: lower generate.gpu_memory_utilization, score.max_tokens_per_batch "
+                 "or train.max_tokens_per_micro_batch, or give the teacher GPUs of its own: docs/recipe.md)")
+    return line
 
 
 def check_workers(client: Client, config: Config) -> str:
     """Every role has a worker and every worker can hold its models; else one line saying what to fix.
-    Returns the one-line description of the cluster printed at start."""
+    Returns the description of the cluster printed at start: one line, and on GPUs the memory plan."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     fix = "start them with `python -m orchestrator workers --scheduler ...` (docs/recipe.md)"
     needed = [GENERATE, SCORE, *(train_role(rank) for rank in range(config.train.processes))]
@@ -96,8 +119,10 @@ def check_workers(client: Client, config: Config) -> str:
     gpus = sorted({info["gpu"] for info in processes.values() if info["gpu"]})
     ranks = sum(1 for info in workers.values() for role in info.get("resources", {}) if role.startswith("train-rank-"))
     where = f"GPU(s) {','.join(gpus)}" if gpus else "CPU"
-    return (f"cluster: {len(workers)} worker(s) on {where}, {ranks} training rank(s) of {config.train.processes} "
+    line = (f"cluster: {len(workers)} worker(s) on {where}, {ranks} training rank(s) of {config.train.processes} "
             f"used; Dask memory management off (no pausing, spilling or terminating)")
+    totals = [info["gpu_total_gib"] for info in processes.values() if info["gpu_total_gib"]]
+    return line + (f"\n{memory_plan_line(config, min(totals))}" if totals else "")
 
 
 def generation_workers(client: Client) -> int:
@@ -116,8 +141,9 @@ def open_cluster(config: Config) -> Iterator[Client]:
             controller = None  # on another machine: its workers outlive us by design
         else:
             cluster = SpecCluster(workers=embedded_workers(config), silence_logs=logging.ERROR, asynchronous=False,
-                                  scheduler={"cls": Scheduler, "options": {"dashboard_address": None,
-                                                                           "host": "127.0.0.1"}})
+                                  # Its HTTP server on a free local port: two runs at once must not race for 8787.
+                                  scheduler={"cls": Scheduler, "options": {"dashboard": False, "host": "127.0.0.1",
+                                                                           "dashboard_address": "127.0.0.1:0"}})
             client = Client(cluster)
             client.wait_for_workers(len(cluster.workers))
             controller = os.getpid()  # embedded workers exit when this process dies (a kill -9 included)
@@ -142,10 +168,16 @@ def serve_workers(scheduler: str, specs: list[WorkerSpec]) -> None:
     import dask
 
     threads = threads_per_worker(len(specs))
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the nannies' INFO lines are not news
 
     async def serve() -> None:
-        nannies = [Nanny(scheduler, **nanny_options(spec, threads)) for spec in specs]
-        await asyncio.gather(*nannies)
+        # death_timeout: a scheduler that cannot be reached ends the command instead of a silent wait.
+        nannies = [Nanny(scheduler, death_timeout=60, **nanny_options(spec, threads)) for spec in specs]
+        try:
+            await asyncio.gather(*nannies)
+        except (OSError, RuntimeError, asyncio.TimeoutError) as error:
+            raise ConfigError(f"no Dask scheduler answers at {scheduler} ({error}) (fix: start one "
+                              "with `dask scheduler --port 8786` and pass its address)") from None
         for spec, nanny in zip(specs, nannies):
             roles = ",".join(sorted(spec.resources))
             print(f"worker {spec.name}: {nanny.worker_address} {'GPU ' + spec.gpu if spec.gpu else 'CPU'}, "

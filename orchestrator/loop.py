@@ -258,11 +258,13 @@ class ResidentStages:
         """Iteration i's steps and v_{i+1}'s policy on every rank; then their optimizer state is
         written in the background (a seceded task per rank), sealed by seal_saved."""
         from common.devices import train_role
-        from orchestrator.roles import optimizer_state_task, rendezvous_address, train_task
+        from orchestrator.roles import optimizer_state_task, rendezvous_address, sleep_task, train_task
         from stages.train.records import announce
 
         began = time.time()
         self.seal_saved(wait=True)  # v_i's state must be whole before its engine steps again
+        self._wait("train", iteration, [self.client.submit(sleep_task, self.run, workers=[address], pure=False)
+                                        for address in self._engines_beside_ranks()])
         world = self.config.train.processes
         if self.address is None:
             self.address = self.client.submit(rendezvous_address, resources={train_role(0): 1}, pure=False).result()
@@ -276,6 +278,15 @@ class ResidentStages:
                                   role=train_role(rank)) for rank in range(world)]
             self.saving = (policy, saves)
         return time.time() - began
+
+    def _engines_beside_ranks(self) -> list[str]:
+        """Workers holding both a generation engine and a training rank: their engine sleeps through
+        the train stage (on a GPU; a no-op on a CPU)."""
+        from orchestrator.roles import GENERATE
+
+        return [address for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items()
+                if GENERATE in info.get("resources", {})
+                and any(role.startswith("train-rank-") for role in info.get("resources", {}))]
 
     def seal_saved(self, wait: bool) -> None:
         """Seal iter=i/train/ once v_{i+1}'s optimizer state is written and DONE (if it is, or `wait`)."""
@@ -301,6 +312,23 @@ class ResidentStages:
 
     def evaluate(self, iteration: int, k: int | None = None) -> float:
         return self._generate(iteration, eval_only=True, eval_k=k)
+
+
+def check_length_health(config: Config, run: Path, iteration: int) -> None:
+    """health.max_truncated_fraction: warn, or stop before training, when too many of the iteration's
+    rollouts were cut at the length limit."""
+    manifest = shards.read_manifest(shards.stage_dir(run, iteration, "rollouts"))
+    h = config.health
+    cut = manifest["metrics"].get("generate/truncated_fraction", 0.0) if manifest else 0.0
+    if cut <= h.max_truncated_fraction:
+        return
+    what = (f"iteration {iteration}: {cut:.0%} of the rollouts were cut at generate.max_response_tokens="
+            f"{config.generate.max_response_tokens} (health.max_truncated_fraction {h.max_truncated_fraction:.0%}), "
+            "the first sign of a length collapse")
+    if h.on_truncation == "stop":
+        raise StageFailed(f"{what}; stopped before training on them (fix: look at them with `make inspect "
+                          f"ITER={iteration}`, then rerun with health.on_truncation=warn to go on)")
+    print(f"warning: {what}", file=sys.stderr, flush=True)
 
 
 def log_iteration(tracker: Tracker, run: Path, iteration: int, wall: dict[str, float]) -> None:
@@ -400,8 +428,9 @@ def _loop(run: Path, config: Config, iterations: int, tracker: Tracker, start: i
             iterations = iteration - start
             break
         began = time.time()
-        wall = walls[iteration] = {"generate": stages.generate(iteration), "score": stages.score(iteration),
-                                   "train": stages.train(iteration)}
+        wall = walls[iteration] = {"generate": stages.generate(iteration)}
+        check_length_health(config, run, iteration)
+        wall.update(score=stages.score(iteration), train=stages.train(iteration))
         log_iteration(tracker, run, iteration, wall)
         if iteration - 1 in walls:  # resident: its train folder was sealed during this iteration
             log_iteration(tracker, run, iteration - 1, walls[iteration - 1])

@@ -1,8 +1,10 @@
 """`make report`: one PNG of a run's learning curves, also logged to its MLflow run as an artifact.
 
 Panels, against iteration i (policy v_i): accuracy (rollouts and eval split, with the teacher's eval
-accuracy as a reference line), mean reward, mean reverse KL, response length, each stage's throughput
-and each stage's wall time. Curves come from the MLflow run, the same numbers the UI shows.
+accuracy as a reference line), mean reward, mean reverse KL, response length, length health (the
+fraction of rollouts cut at the length limit and the sampling distribution's entropy: the early
+signs of a length collapse), each stage's throughput and each stage's wall time. Curves come from
+the MLflow run, the same numbers the UI shows.
 
 The teacher's accuracy is not logged by `iterate` (the loop never runs the teacher on the eval
 split); the report measures it once with exactly the student's eval settings (same rendered prompts,
@@ -30,6 +32,8 @@ PANELS = [
     ("mean reverse KL (lp - lq per token)", [("rollout.reverse_kl", "rollouts")]),
     ("response length (tokens)", [("generate.mean_response_length", "rollouts"),
                                   ("eval.mean_response_length", "eval split")]),
+    ("length health", [("generate.truncated_fraction", "rollouts cut at the length limit (fraction)"),
+                       ("generate.entropy", "entropy of the sampling distribution (nats/token)")]),
     ("stage throughput (tokens/s)", [("generate.tokens_per_s", "generate"),
                                      ("score.tokens_per_s", "score (prompt + response)"),
                                      ("train.tokens_per_s", "train")]),
@@ -53,7 +57,8 @@ def teacher_eval(run: Path) -> dict:
     config = run_config(run)
     teacher_dir = local_model_dir(config.model.teacher)
     key = {"teacher": policy_version(teacher_dir), "eval": dataclasses.asdict(config.eval), "seed": config.seed,
-           "rows_per_shard": config.generate.rows_per_shard, "engine": config.generate.engine,
+           "rows_per_shard": config.generate.rows_per_shard, "shards": config.generate.shards,
+           "engine": config.generate.engine,
            "reward_mode": config.score.reward_mode}
     cache = Path(run) / TEACHER_CACHE
     if cache.exists():
@@ -91,7 +96,8 @@ def plot(curves: dict, teacher_accuracy: float | None, title: str, path: Path) -
     matplotlib.use("Agg")  # no display needed; also keeps report working over ssh and in CI
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7), constrained_layout=True)
+    axes.flat[-1].set_visible(False)
     for ax, (panel, series) in zip(axes.flat, PANELS):
         for metric, label in series:
             if metric in curves:

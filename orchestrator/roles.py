@@ -112,6 +112,13 @@ def sample_task(run: Path, iteration: int, job) -> dict:
             "worker": get_worker().address}
 
 
+def sleep_task(run: Path) -> None:
+    """Before the train stage: this worker's engine frees its GPU memory for the rank beside it."""
+    engine = roles().engine
+    if engine is not None:
+        engine.sleep()
+
+
 def open_models_task(run: Path, iteration: int) -> None:
     """Open this worker's generation engine at v_i (gated) and its teacher ahead of the first shard,
     while the controller is still starting (MLflow, the prompt sets)."""

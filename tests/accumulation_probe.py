@@ -21,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.batching import micro_batches  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.modeling import load_model, response_logprobs  # noqa: E402
-from stages.train.batching import micro_batches  # noqa: E402
 from stages.train.engine import PolicyLogprobs, init_distributed, open_engine  # noqa: E402
 from stages.train.iteration import IterationData, minibatch_backward  # noqa: E402
 from stages.train.loss import LossConfig  # noqa: E402
@@ -90,9 +90,11 @@ def run_engine(case: str, micro: tuple[int, int], data: IterationData, normalise
     rows = list(range(ROWS))
     splits = len(micro_batches(rows, data.tokens(), micro[1], micro[0]))
     minibatch_backward(engine, data, rows, normaliser, config.train, LossConfig(), 0, [0], case)
-    # ZeRO-2 without managed accumulation assembles its gradient partitions only inside step(): before
-    # it, DeepSpeed has no gradient to show (its norm after step() is checked instead).
-    grads = None if config.train.zero_stage == 2 else {
+    # ZeRO-2 without managed accumulation assembles its gradient partitions only inside step(), and with
+    # the optimizer offloaded they sit in CPU buffers that safe_get_full_grad does not read (it returns
+    # zeros): before step() DeepSpeed has no gradient to show, so its norm after step() is checked instead.
+    hidden = config.train.zero_stage == 2 or config.train.offload_optimizer
+    grads = None if hidden else {
         name: safe_get_full_grad(p).detach().float().cpu().clone() for name, p in engine.module.named_parameters()}
     engine.step()
     norm = engine.get_global_grad_norm()

@@ -16,7 +16,7 @@ from pipeline_helpers import orchestrate, rollout_digests
 
 from common import shards
 from common.config import ConfigError, load_config
-from common.devices import check_torch_sees_the_gpus, embedded_layout, worker_layout
+from common.devices import check_torch_sees_the_gpus, embedded_layout, gpu_memory_plan, parameters, worker_layout
 from common.shards import policy_version
 from orchestrator.checks import check_run
 from orchestrator.cluster import open_cluster
@@ -164,3 +164,19 @@ def test_the_workers_command_serves_a_run_byte_identical_to_the_embedded_cluster
     assert rollout_digests(tmp_path / "external", stages) == rollout_digests(tmp_path / "embedded", stages)
     assert [policy_version(shards.checkpoint_dir(tmp_path / "external", v)) for v in range(3)] == \
         [policy_version(shards.checkpoint_dir(tmp_path / "embedded", v)) for v in range(3)]
+
+
+QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+QWEN3_4B = dict(QWEN3_1_7B, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32)
+
+
+def test_the_gpu_memory_plan_counts_the_real_models_and_flags_a_phase_that_does_not_fit():
+    """Parameter counts from config.json equal the real models' (those rehearsal/models.py checks);
+    the card's layout fits an 80 GB GPU, and an engine given 90% of it leaves no room for the teacher."""
+    assert (parameters(QWEN3_1_7B), parameters(QWEN3_4B)) == (1_720_574_976, 4_022_468_096)
+    card = load_config("configs/qwen3-1.7b-opd-dapo.yaml")
+    line, over = gpu_memory_plan(card, QWEN3_1_7B, QWEN3_4B, total_gib=79.2)
+    assert over == [] and "vLLM 40 GiB" in line and "(vLLM asleep)" in line
+    greedy = load_config("configs/qwen3-1.7b-opd-dapo.yaml", ["generate.gpu_memory_utilization=0.9"])
+    assert gpu_memory_plan(greedy, QWEN3_1_7B, QWEN3_4B, total_gib=79.2)[1][0].startswith("sampling and scoring")

@@ -70,6 +70,27 @@ def test_a_reload_that_leaves_the_engine_unchanged_is_caught(reference_run):
         check_weight_sync(engine, engine.checkpoint)
 
 
+@pytest.fixture(scope="module")
+def one_small_step(tmp_path_factory):
+    """v0001 one iteration after v0000 at the card's learning rate, 1e-6 (4 Adam steps, no warm-up)."""
+    run = tmp_path_factory.mktemp("small-step") / "run"
+    result = orchestrate(run, 1, "-o", "train.lr=1e-6", "-o", "train.warmup_steps=0", "-o", "eval.every=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_an_engine_left_at_v_i_after_a_1e_6_step_is_caught_by_its_weights(one_small_step):
+    """The probe's log-probs move little at lr 1e-6; the checksums of the weights the engine holds
+    cannot miss it. The negative control: the same engine after a real load passes."""
+    v0, v1 = shards.checkpoint_dir(one_small_step, 0), shards.checkpoint_dir(one_small_step, 1)
+    engine = HfEngine(v0)
+    engine.checkpoint = v1  # says v0001, still holds v0000
+    with pytest.raises(WeightSyncError, match="not the ones the trainer exported"):
+        check_weight_sync(engine, v1)
+    engine.load_policy(v1)
+    assert check_weight_sync(engine, v1)["generate/weight_sync_gap_mean"] < 1e-5
+
+
 def test_the_generate_stage_stops_with_one_line_before_sampling(reference_run, tmp_path):
     """v0001's probe says other log-probs than its weights give (e.g. a trainer and an engine that
     disagree on the weights): the stage exits with one line and writes no rollout."""

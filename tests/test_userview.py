@@ -113,10 +113,11 @@ def test_inspect_shows_summaries_and_the_token_table(runs):
 ENTRY_POINTS = [
     ["-m", "orchestrator"], ["-m", "orchestrator", "iterate"], ["-m", "orchestrator", "inspect"],
     ["-m", "orchestrator", "report"], ["-m", "orchestrator", "compare"], ["-m", "orchestrator", "eval"],
-    ["-m", "orchestrator", "check"], ["-m", "common.verifier"],
+    ["-m", "orchestrator", "check"], ["-m", "orchestrator", "workers"], ["-m", "common.verifier"],
     ["-m", "stages.generate"], ["-m", "stages.score"], ["-m", "stages.train"],
     ["-m", "tiny_world.build"], ["-m", "tiny_world.evaluate"], ["-m", "tiny_world.sft_check"],
-    ["-m", "rehearsal.rehearse"], ["-m", "bench.peers"],
+    ["-m", "rehearsal.rehearse"], ["-m", "rehearsal.long_rows"], ["-m", "rehearsal.gate_gap"], ["-m", "bench.peers"],
+    ["-m", "bench.gpu_check"],
 ]
 
 
@@ -138,6 +139,8 @@ USER_ERRORS = [
     (["report", "--run", "{root}/missing"], "no run folder"),
     (["compare", "--runs", "reference,nope", "--root", "{root}"], "no run folder"),
     (["iterate", "--run", "{root}/x", "--config", "configs/missing.yaml"], "configs/missing.yaml"),
+    (["workers", "--scheduler", "tcp://127.0.0.1:1"], "no GPU visible"),
+    (["workers", "--scheduler", "tcp://127.0.0.1:1", "--workers", "1", "--roles", "teacher"], "roles teacher"),
 ]
 
 

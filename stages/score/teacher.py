@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from common.batching import micro_batches
 from common.config import Config, ConfigError, model_len
 from common.hub import local_model_dir
 from common.modeling import load_inference_model, load_tokenizer, response_logprobs
@@ -58,21 +59,23 @@ class HfScorer:
         s = config.score
         self.batch_size, self.chunk_tokens, self.topk, self.packed = (s.batch_size, s.logit_chunk_tokens,
                                                                       s.teacher_topk, s.packing)
+        self.max_tokens = s.max_tokens_per_batch
 
     @torch.no_grad()
     def score(self, columns: dict) -> dict[str, list]:
         prompts, responses = columns["prompt_ids"], columns["response_ids"]
         student_topk = columns.get("student_topk_ids")
-        # Sorting by length keeps micro-batches homogeneous; results go back to row order.
-        order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]) + len(responses[k]))
+        # Batches by tokens (and at most batch_size rows), rows sorted by length so a padded batch pads
+        # little; results go back to row order.
+        tokens = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        batches = micro_batches(list(range(len(prompts))), tokens, self.max_tokens, self.batch_size)
         result: dict[str, list] = {"teacher_logprobs": [None] * len(prompts)}
         if student_topk is not None:
             result["teacher_student_topk_logprobs"] = [None] * len(prompts)
         if self.topk:
             result["teacher_topk_ids"], result["teacher_topk_logprobs"] = [None] * len(prompts), [None] * len(prompts)
-        with Progress(len(order), "score") as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
+        with Progress(len(prompts), "score") as bar:
+            for batch in batches:
                 out = response_logprobs(self.model, [prompts[k] for k in batch], [responses[k] for k in batch],
                                         self.pad_id, self.chunk_tokens, self.packed,
                                         at_ids=None if student_topk is None else [student_topk[k] for k in batch],

@@ -3,7 +3,8 @@
 - A mini-batch is a set of whole prompt groups (all n responses of a prompt), prompts shuffled.
 - Its rows are split over data-parallel ranks so that each rank gets about the same number of tokens.
 - Each rank cuts its share into micro-batches under a token budget (dynamic batch size), so a long
-  response does not force a small fixed batch size on every short one.
+  response does not force a small fixed batch size on every short one (common/batching.py, which
+  also plans the teacher's batches).
 None of this changes the loss: it is a token mean over the global mini-batch whatever the split.
 """
 from __future__ import annotations
@@ -32,22 +33,3 @@ def rank_share(rows: list[int], tokens: list[int], world_size: int, rank: int) -
         owner[row] = target
         loads[target] += tokens[row]
     return [row for row in rows if owner[row] == rank]
-
-
-def micro_batches(rows: list[int], tokens: list[int], max_tokens: int, max_sequences: int) -> list[list[int]]:
-    """Consecutive groups of rows (sorted by length) with at most `max_tokens` tokens and `max_sequences` rows.
-
-    A row longer than the budget gets a micro-batch of its own rather than being dropped.
-    """
-    batches: list[list[int]] = []
-    current: list[int] = []
-    current_tokens = 0
-    for row in sorted(rows, key=lambda r: (tokens[r], r)):
-        if current and (current_tokens + tokens[row] > max_tokens or len(current) >= max_sequences):
-            batches.append(current)
-            current, current_tokens = [], 0
-        current.append(row)
-        current_tokens += tokens[row]
-    if current:
-        batches.append(current)
-    return batches

@@ -18,11 +18,12 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from common.batching import micro_batches
 from common.config import TOPK_LOSSES, Config, ConfigError, TrainConfig
 from common.faults import fault_point
 from common.progress import Progress
 from common.shards import ContractError
-from stages.train.batching import micro_batches, minibatches, rank_share
+from stages.train.batching import minibatches, rank_share
 from stages.train.engine import all_reduce, rank_and_world
 from stages.train.errors import NonFiniteError
 from stages.train.loss import LossConfig, TokenBatch, distillation_loss, grpo_advantages, truncated_is_weights

@@ -29,6 +29,7 @@ from common.memory import peak_gpu_gib, peak_rss_gib, reset_peaks, rss_gib
 from common.modeling import load_tokenizer
 from common.seeds import minibatch_seed, train_seed
 from common.shards import policy_version
+from common.weights import bit_sum, checksums, file_tensors
 from stages.train.engine import export_policy, init_distributed, open_engine, save_optimizer_state
 from stages.train.errors import StalePolicyError
 from stages.train.iteration import iteration_data, scored_columns, train_iteration
@@ -113,6 +114,8 @@ def write_policy(trainer: Trainer, target: Path, probe_rows: tuple[list[list[int
     dist.barrier()
     written = {}
     if rank == 0:
+        tensors = file_tensors(staging)  # what an engine will load: the gate checks its copy against these
+        probe.checksums, probe.bit_sum = checksums(tensors), bit_sum(tensors.values())
         shards.write_probe(staging, probe)
         exported = time.time()
         files = shards.seal_policy(staging)
