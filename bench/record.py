@@ -22,11 +22,12 @@ def machine() -> str:
     return f"{os.cpu_count()} x {model}{vector}, {memory_gib:.0f} GiB"
 
 
-def write_results(name: str, command: str, rows: list[dict]) -> Path:
-    """rows: {"metric", "value", "unit", "goal" ('' when none), "met" (bool, or None when no goal)}."""
+def write_results(name: str, command: str, rows: list[dict], extra: dict | None = None) -> Path:
+    """rows: {"metric", "value", "unit", "goal" ('' when none), "met" (bool, or None when no goal)};
+    `extra`: top-level fields of this benchmark (e.g. the seeds it ran)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "command": command, "date": time.strftime("%Y-%m-%d"),
-                                "machine": machine(), "rows": rows}, indent=1) + "\n")
+                                "machine": machine(), **(extra or {}), "rows": rows}, indent=1) + "\n")
     print(f"wrote {path}", flush=True)
     return path

@@ -16,13 +16,20 @@ from typing import Literal
 import yaml
 
 # Every choice a key can take, once: `Literal` fields are checked on load against these.
-Loss = Literal["k1", "k2", "k3", "abs", "forward_kl_topk", "forward_kl_topk_renorm", "reverse_kl_topk"]
+Loss = Literal["k1", "vopd", "poweropd", "k2", "k3", "abs", "forward_kl_topk", "forward_kl_topk_renorm",
+               "reverse_kl_topk"]
 Engine = Literal["hf", "vllm"]
+ScoreEngine = Literal["hf", "vllm", "server"]
 RewardMode = Literal["correct", "deepscaler"]
 Mode = Literal["subprocess", "resident"]
 GuardAction = Literal["warn", "stop"]
 LOSSES: tuple[str, ...] = typing.get_args(Loss)  # each defined in stages/train/loss.py
-TOPK_LOSSES = {"forward_kl_topk": "teacher", "forward_kl_topk_renorm": "teacher", "reverse_kl_topk": "student"}
+# Whose top-k ids a loss compares the two models at (the teacher's from scoring, the student's from sampling).
+TOPK_LOSSES = {"forward_kl_topk": "teacher", "forward_kl_topk_renorm": "teacher", "reverse_kl_topk": "student",
+               "vopd": "student"}
+# The losses in policy-gradient form (a detached per-token advantage in a PPO surrogate); the others are
+# direct losses on the same tokens.
+POLICY_GRADIENT_LOSSES = ("k1", "vopd", "poweropd")
 
 
 class ConfigError(ValueError):
@@ -69,7 +76,10 @@ class GenerateConfig:
 
 @dataclass
 class ScoreConfig:
-    engine: Engine = "hf"           # vllm: prompt log-probs (no top-k at the student's ids)
+    engine: ScoreEngine = "hf"      # vllm: prompt log-probs (no top-k at the student's ids); server: score.url
+    url: str = ""                   # server: an OpenAI-compatible endpoint serving the teacher, e.g. http://host:8000/v1
+    request_timeout_s: float = 300.0  # server: per request (a batch of rows)
+    retries: int = 4                # server: attempts after the first, with exponential backoff
     batch_size: int = 64            # at most this many sequences per teacher forward
     max_tokens_per_batch: int = 65536  # and at most this many prompt + response tokens (batches planned by tokens)
     logit_chunk_tokens: int = 4096  # rows of the LM head materialised at once
@@ -81,12 +91,18 @@ class ScoreConfig:
     max_model_len: int = 0          # vLLM: 0 = the longest prompt + response (config.model_len)
     gpu_memory_utilization: float = 0.3  # vLLM: share of the GPU for the teacher's weights + KV cache
     enforce_eager: bool = False     # vLLM: skip torch.compile and CUDA graphs
+    # Several teachers, one per domain: data_source -> teacher model (folder or hub id); the key
+    # "default" serves every other source. Empty: model.teacher scores everything (teacher_routes).
+    teachers: dict = field(default_factory=dict)
 
 
 @dataclass
 class TrainConfig:
     loss: Loss = "k1"               # stages/train/loss.py
-    policy_gradient: bool = True    # k1 only: k1 is only meaningful in policy-gradient form
+    # null: the loss's own form (k1, vopd, poweropd in policy-gradient form, the others direct); resolved
+    # at load. verl can also turn k3 or the top-k losses into a reward; that is not built here (refused).
+    policy_gradient: bool | None = None
+    power_alpha: float = 5.0        # poweropd: the reward p_teacher^alpha - p_student^alpha (PowerOPD's default)
     use_task_rewards: bool = False  # add a PPO term on the GRPO advantage of the rule reward
     distill_coef: float = 1.0       # with task rewards: loss = ppo(task) + distill_coef * distillation
     tis: bool = False               # truncated importance sampling on the sampler/trainer gap
@@ -216,8 +232,11 @@ def _build(cls, raw: dict, prefix: str):
                 values[f.name] = float(value)  # YAML reads 1e-6 (no dot) as a string
             except ValueError:
                 raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+        elif value is None and type(None) in typing.get_args(kind):  # an optional key left unset
+            values[f.name] = None
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"config key '{key}': expected {kind.__name__}, got {type(value).__name__} {value!r}")
+            expected = " or ".join(k.__name__ for k in typing.get_args(kind)) or kind.__name__
+            raise ConfigError(f"config key '{key}': expected {expected}, got {type(value).__name__} {value!r}")
         else:
             values[f.name] = value
     return cls(**values)
@@ -241,8 +260,15 @@ def validate(config: Config) -> Config:
     g, t = config.generate, config.train
     rules = [
         (0 < g.gpu_memory_utilization <= 1, "generate.gpu_memory_utilization", "must be in (0, 1]"),
-        (config.score.engine != "vllm" or g.student_topk == 0, "generate.student_topk",
-         "score.engine 'vllm' cannot return the teacher's log-probs at the student's top-k ids: use score.engine hf"),
+        (config.score.engine not in ("vllm", "server") or g.student_topk == 0, "generate.student_topk",
+         f"score.engine '{config.score.engine}' cannot return the teacher's log-probs at the student's top-k ids: "
+         "use score.engine hf"),
+        (config.score.engine != "server" or config.score.url.startswith(("http://", "https://")), "score.url",
+         "score.engine 'server' needs the teacher's endpoint, e.g. http://host:8000/v1"),
+        (config.score.engine != "server" or len(set(teacher_routes(config).values())) == 1, "score.teachers",
+         "score.engine 'server' scores with the one teacher at score.url; several teachers run in-process (hf)"),
+        (config.score.retries >= 0 and config.score.request_timeout_s > 0, "score.retries",
+         "must be >= 0 (and score.request_timeout_s positive)"),
         (0 < config.score.gpu_memory_utilization <= 1, "score.gpu_memory_utilization", "must be in (0, 1]"),
         (TOPK_LOSSES.get(t.loss) != "teacher" or config.score.teacher_topk > 0, "score.teacher_topk",
          f"{t.loss} needs the teacher's top-k: set it > 0"),
@@ -258,8 +284,15 @@ def validate(config: Config) -> Config:
         (not t.offload_optimizer or t.zero_stage >= 1, "train.offload_optimizer", "needs train.zero_stage >= 1"),
         (not t.offload_params or t.zero_stage == 3, "train.offload_params", "needs train.zero_stage = 3"),
         (g.student_topk >= 0 and config.score.teacher_topk >= 0, "generate.student_topk", "must be >= 0"),
-        (t.loss != "k1" or t.policy_gradient, "train.policy_gradient",
-         "k1 without the policy-gradient form has no gradient from the teacher; set it to true"),
+        (t.loss not in POLICY_GRADIENT_LOSSES or t.policy_gradient is not False, "train.policy_gradient",
+         f"{t.loss} without the policy-gradient form has no gradient from the teacher; set it to true (or drop it)"),
+        (t.loss in POLICY_GRADIENT_LOSSES or not t.policy_gradient, "train.policy_gradient",
+         f"'{t.loss}' is a direct loss here; verl's policy-gradient form of it (the estimator as a reward) is not "
+         "built (fix: drop the key, or use k1, vopd or poweropd)"),
+        (not t.tis or t.loss in POLICY_GRADIENT_LOSSES or t.use_task_rewards, "train.tis",
+         f"truncated IS weights correct a policy-gradient loss (as in verl); '{t.loss}' is a direct loss and would "
+         "be left unweighted (fix: drop train.tis, or use k1, vopd or poweropd)"),
+        (t.power_alpha > 0, "train.power_alpha", "must be positive (the log-ratio of k1 is the limit alpha -> 0)"),
         (g.n >= 1, "generate.n", "must be at least 1"),
         (g.rows_per_shard >= 1, "generate.rows_per_shard", "must be at least 1"),
         (config.cluster.workers >= 0, "cluster.workers", "must be >= 0 (0: one per visible GPU, 1 on a CPU)"),
@@ -295,7 +328,38 @@ def validate(config: Config) -> Config:
     for ok, key, message in rules:
         if not ok:
             raise ConfigError(f"config key '{key}': {message}")
+    teachers = config.score.teachers
+    if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in teachers.items()):
+        raise ConfigError("config key 'score.teachers': expected data_source: teacher model pairs of strings")
+    names: dict[str, str] = {}
+    for model in teacher_routes(config).values():
+        if names.setdefault(teacher_name(model), model) != model:
+            raise ConfigError(f"config key 'score.teachers': {model} and {names[teacher_name(model)]} have the same "
+                              f"name {teacher_name(model)!r} (the scored shards' teacher column) (fix: rename a folder)")
+    if t.policy_gradient is None:  # resolved, so that the saved config says which form ran
+        t.policy_gradient = t.loss in POLICY_GRADIENT_LOSSES
     return config
+
+
+def teacher_routes(config: Config) -> dict[str, str]:
+    """data_source -> teacher model: score.teachers, or model.teacher for every source."""
+    return dict(config.score.teachers) or {"default": config.model.teacher}
+
+
+def teacher_for(config: Config, data_source: str) -> str:
+    """The teacher model that scores rows of `data_source` (its own, else the default)."""
+    routes = teacher_routes(config)
+    if data_source in routes:
+        return routes[data_source]
+    if "default" in routes:
+        return routes["default"]
+    raise ConfigError(f"config key 'score.teachers': no teacher for data_source {data_source!r} and no 'default' "
+                      f"(fix: add '{data_source}: <teacher>' or 'default: <teacher>' under score.teachers)")
+
+
+def teacher_name(model: str) -> str:
+    """The short name of a teacher (its folder's or hub id's last part): the `teacher` column, metric names."""
+    return Path(str(model).rstrip("/")).name
 
 
 def model_len(config: Config, role: Literal["generate", "score"]) -> int:

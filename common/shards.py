@@ -58,6 +58,7 @@ GRADE_FIELDS = [
 ]
 ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
 SCORED_SCHEMA = pa.schema(ROLLOUT_FIELDS + [pa.field("teacher_logprobs", pa.list_(pa.float32())),
+                                            pa.field("teacher", pa.string()),  # which teacher scored the row
                                             pa.field("teacher_version", pa.string())] + GRADE_FIELDS)
 EVAL_SCHEMA = pa.schema(ROLLOUT_FIELDS + GRADE_FIELDS)
 SCHEMAS = {"rollouts": ROLLOUT_SCHEMA, "scored": SCORED_SCHEMA, "eval": EVAL_SCHEMA}

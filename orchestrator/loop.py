@@ -168,10 +168,10 @@ class ResidentStages:
     once v_{i+1}'s optimizer state, written while iteration i+1 samples, is sealed too."""
 
     def __init__(self, client, run: Path, config: Config):
-        from stages.score.scoring import teacher_version
+        from stages.score.scoring import teacher_versions
 
         self.client, self.run, self.config = client, Path(run).resolve(), config  # workers may start elsewhere
-        self.teacher_version = teacher_version(config)
+        self.teacher_versions = teacher_versions(config)
         self.scoring: list | None = None  # the score futures of the iteration in flight
         self.address: str | None = None  # the trainers' rendezvous, fixed for the cluster's life
         self.opening: list = []  # open_models tasks, waited for before the first stage's
@@ -224,7 +224,7 @@ class ResidentStages:
         if not eval_only and start_scoring(self.config, self.run, iteration):
             # Scoring shard k waits for rollout shard k only (the whole iteration stays on v_i).
             sources = rollouts if rollouts else sealed_rollouts(self.run, iteration)
-            self.scoring = [self._submit(score_task, iteration, source, self.teacher_version, role=SCORE)
+            self.scoring = [self._submit(score_task, iteration, source, self.teacher_versions, role=SCORE)
                             for source in sources]
         if plan is not None:
             eval_done = self._wait("generate", iteration, evals)
@@ -249,7 +249,7 @@ class ResidentStages:
         self.scoring = None
         done = self._wait("score", iteration, futures)
         # The stage's clock starts with its first shard, not when its tasks were queued behind sampling.
-        seal_scored(self.config, self.run, iteration, done, min(d["started"] for d in done), self.teacher_version,
+        seal_scored(self.config, self.run, iteration, done, min(d["started"] for d in done), self.teacher_versions,
                     len({d["worker"] for d in done}))
         self.seal_saved(wait=False)
         return time.time() - began

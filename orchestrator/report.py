@@ -3,7 +3,8 @@
 Panels, against iteration i (policy v_i): accuracy (rollouts and eval split, with the teacher's eval
 accuracy as a reference line), mean reward, mean reverse KL, response length, length health (the
 fraction of rollouts cut at the length limit and the sampling distribution's entropy: the early
-signs of a length collapse), each stage's throughput and each stage's wall time. Curves come from
+signs of a length collapse), each stage's throughput and each stage's wall time, and pass@k against
+k for v0, the latest checkpoint and the teacher (from `make eval K=...`'s folders). Curves come from
 the MLflow run, the same numbers the UI shows.
 
 The teacher's accuracy is not logged by `iterate` (the loop never runs the teacher on the eval
@@ -19,6 +20,7 @@ import os
 from pathlib import Path
 
 from common import shards
+from common.config import teacher_routes
 from orchestrator.runs import UserError, mlflow_run, require_run, run_config
 
 REPORT = "report.png"
@@ -42,39 +44,77 @@ PANELS = [
 ]
 
 
-def teacher_eval(run: Path) -> dict:
-    """The teacher's accuracy on the eval sets, under the student's eval settings; cached per run.
+def teacher_eval(run: Path, k: int | None = None) -> dict:
+    """The teachers' accuracy (and, with k >= 2, pass@k) on the eval sets, under the student's eval
+    settings, each set by the teacher its data_source is routed to (score.teachers); cached per run and k.
 
-    The loop's own evaluator (stages/generate/jobs.py: evaluate_engine) on an engine holding the
+    The loop's own evaluator (stages/generate/jobs.py: evaluate_engine) on an engine holding each
     teacher: the same rendered prompts, shards, seeds, sampling and grading as `eval.accuracy`.
     """
+    from common.config import teacher_for
     from common.hub import local_model_dir
     from common.run import quiet_libraries, set_threads
     from common.shards import policy_version
-    from stages.generate.jobs import evaluate_engine
+    from stages.generate.jobs import eval_jobs, evaluate_engine
     from stages.generate.sampling import open_engine
 
     config = run_config(run)
-    teacher_dir = local_model_dir(config.model.teacher)
-    key = {"teacher": policy_version(teacher_dir), "eval": dataclasses.asdict(config.eval), "seed": config.seed,
+    k = k or config.eval.k
+    key = {"teachers": {m: policy_version(local_model_dir(m)) for m in dict.fromkeys(teacher_routes(config).values())},
+           "eval": dataclasses.asdict(config.eval), "k": k, "seed": config.seed,
            "rows_per_shard": config.generate.rows_per_shard, "shards": config.generate.shards,
-           "engine": config.generate.engine,
-           "reward_mode": config.score.reward_mode}
-    cache = Path(run) / TEACHER_CACHE
+           "engine": config.generate.engine, "routes": teacher_routes(config), "reward_mode": config.score.reward_mode}
+    cache = Path(run) / (TEACHER_CACHE if k == config.eval.k else f"teacher_eval-k{k}.json")
     if cache.exists():
         cached = json.loads(cache.read_text())
         if cached["key"] == key:
             return cached
     quiet_libraries()
     set_threads(config)
-    engine = open_engine(config, teacher_dir)
-    try:
-        metrics = evaluate_engine(config, run, engine)
-    finally:
-        engine.close()
+    student = shards.checkpoint_dir(run, 0)  # renders the sets with the student's tokenizer, as the loop does
+    routed: dict[str, set[str]] = {}
+    for job in eval_jobs(config, run, student, k):
+        routed.setdefault(teacher_for(config, job.eval_set), set()).add(job.eval_set)
+    metrics: dict[str, float] = {}
+    for model, sets in routed.items():
+        engine = open_engine(config, local_model_dir(model))
+        try:
+            metrics.update({name: value for name, value in evaluate_engine(config, run, engine, k, sets).items()
+                            if name.count("/") == 2})  # per set; the mean over all sets follows
+        finally:
+            engine.close()
+    accuracies = [value for name, value in metrics.items() if name.endswith("/accuracy")]
+    metrics["eval/accuracy"] = sum(accuracies) / len(accuracies)
     result = {"key": key, "accuracy": metrics["eval/accuracy"], "metrics": metrics}
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def pass_at_k_curves(run: Path, teacher: bool = True) -> dict[str, tuple[list[int], list[float]]]:
+    """pass@k against k, the mean over the eval sets, of v0, the latest evaluated checkpoint and the
+    teacher(s): from the eval folders `make eval K=...` wrote (the largest k that v0 has)."""
+    found: dict[tuple[int, int], dict] = {}
+    for path in Path(run).glob(f"iter=*/eval*/{shards.MANIFEST}"):
+        metrics = shards.read_manifest(path.parent)["metrics"]
+        ks = {int(name.rsplit("@", 1)[1]) for name in metrics if "/pass@" in name}
+        if ks:
+            found[(int(path.parent.parent.name.split("=")[1]), max(ks))] = metrics
+    if not any(iteration == 0 for iteration, _ in found):
+        return {}
+    k = max(kk for iteration, kk in found if iteration == 0)
+    latest = max(iteration for iteration, kk in found if kk == k)
+
+    def curve(metrics: dict) -> tuple[list[int], list[float]]:
+        ks = sorted({int(name.rsplit("@", 1)[1]) for name in metrics if "/pass@" in name})
+        return ks, [sum(v for name, v in metrics.items() if name.endswith(f"/pass@{kk}") and name.count("/") == 2)
+                    / sum(1 for name in metrics if name.endswith(f"/pass@{kk}") and name.count("/") == 2) for kk in ks]
+
+    curves = {"v0 (the student)": curve(found[(0, k)])}
+    if latest:
+        curves[f"v{latest} (latest)"] = curve(found[(latest, k)])
+    if teacher:
+        curves["teacher"] = curve(teacher_eval(run, k)["metrics"])
+    return curves
 
 
 def histories(client, run_id: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -90,14 +130,29 @@ def histories(client, run_id: str) -> dict[str, tuple[list[int], list[float]]]:
     return curves
 
 
-def plot(curves: dict, teacher_accuracy: float | None, title: str, path: Path) -> None:
+def plot(curves: dict, teacher_accuracy: float | None, title: str, path: Path,
+         pass_at_k: dict[str, tuple[list[int], list[float]]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; also keeps report working over ssh and in CI
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(17, 7), constrained_layout=True)
-    axes.flat[-1].set_visible(False)
+    ax = axes.flat[-1]
+    for label, (ks, values) in (pass_at_k or {}).items():
+        ax.plot(ks, values, marker="o", markersize=3, label=label, **({"color": "black", "linestyle": "--"}
+                                                                      if label == "teacher" else {}))
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("pass@k on the eval sets (make eval K=...)", fontsize=10)
+    ax.set_xlabel("k (samples per prompt)", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    if pass_at_k:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "none yet: `make eval CKPT=0 K=16`\nand `make eval K=16`", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
     for ax, (panel, series) in zip(axes.flat, PANELS):
         for metric, label in series:
             if metric in curves:
@@ -183,6 +238,6 @@ def report(run: Path, out: Path | None = None, teacher: bool = True) -> Path:
     title = (f"{run.name}: {config.generate.prompts_per_iteration} prompts x {config.generate.n} samples per "
              f"iteration, lr {config.train.lr:g}, loss {config.train.loss}")
     path = out or run / REPORT
-    plot(curves, teacher_accuracy, title, path)
+    plot(curves, teacher_accuracy, title, path, pass_at_k_curves(run, teacher))
     client.log_artifact(run_id, str(path))
     return path

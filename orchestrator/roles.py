@@ -1,7 +1,7 @@
 """Resident roles: what a Dask worker keeps loaded across iterations, and the tasks the controller sends it.
 
 Each worker carries the `Roles` plugin: a generation engine (pointed at each new policy in place, and
-gated against the trainer's probe before it samples), a teacher scorer, and, on the worker with a
+gated against the trainer's probe before it samples), a scorer for each teacher it serves, and, on the worker with a
 `train-rank-<r>` resource, rank r's DeepSpeed engine with its optimizer state. The tasks below call
 the stages' own shard functions with them, so a resident run writes exactly what stage processes
 write. Tasks take the run folder and read the frozen config from it: a worker may have joined from
@@ -15,8 +15,7 @@ from pathlib import Path
 from distributed import WorkerPlugin, get_worker
 
 from common import shards
-from common.config import Config
-from common.hub import local_model_dir
+from common.config import Config, teacher_routes
 from common.run import exit_with_parent, load_run_config, quiet_libraries, set_threads
 from common.shards import policy_version
 
@@ -32,7 +31,7 @@ class Roles(WorkerPlugin):
         self.controller_pid = controller_pid  # an embedded worker's parent: the controller (its nanny runs there)
         self.engine = None
         self.gate: dict[str, float] = {}  # the weight-sync gap of the policy the engine holds
-        self.scorer = None
+        self.scorers: dict = {}  # teacher model -> its scorer: each teacher this worker has served
         self.trainer = None
 
     def setup(self, worker) -> None:
@@ -56,12 +55,13 @@ class Roles(WorkerPlugin):
             self.gate = check_weight_sync(self.engine, checkpoint)
         return self.engine
 
-    def teacher(self, config: Config):
+    def teacher(self, config: Config, model: str):
+        """The scorer holding teacher `model`: opened on first use, kept."""
         from stages.score.teacher import open_scorer
 
-        if self.scorer is None:
-            self.scorer = open_scorer(config, local_model_dir(config.model.teacher))
-        return self.scorer
+        if model not in self.scorers:
+            self.scorers[model] = open_scorer(config, model)
+        return self.scorers[model]
 
     def rank(self, config: Config, rank: int, world: int, address: str):
         from stages.train.stage import Trainer
@@ -71,10 +71,10 @@ class Roles(WorkerPlugin):
         return self.trainer
 
     def close(self) -> None:
-        for model in (self.engine, self.scorer, self.trainer):
+        for model in (self.engine, *self.scorers.values(), self.trainer):
             if model is not None:
                 model.close()
-        self.engine = self.scorer = self.trainer = None
+        self.engine, self.scorers, self.trainer = None, {}, None
 
     def teardown(self, worker) -> None:
         self.close()
@@ -120,16 +120,18 @@ def sleep_task(run: Path) -> None:
 
 
 def open_models_task(run: Path, iteration: int) -> None:
-    """Open this worker's generation engine at v_i (gated) and its teacher ahead of the first shard,
+    """Open this worker's generation engine at v_i (gated) and its teachers ahead of the first shard,
     while the controller is still starting (MLflow, the prompt sets)."""
     config = _config(run)
     mine = roles()
     mine.generation_engine(config, shards.checkpoint_dir(run, iteration))
-    mine.teacher(config)
+    for model in dict.fromkeys(teacher_routes(config).values()):
+        mine.teacher(config, model)
 
 
-def score_task(run: Path, iteration: int, rollout: dict, teacher_version: str) -> dict:
-    """One scored shard from the rollout shard a sample task wrote (checked against its sha256)."""
+def score_task(run: Path, iteration: int, rollout: dict, versions: dict[str, str]) -> dict:
+    """One scored shard from the rollout shard a sample task wrote (checked against its sha256), each
+    row by its data_source's teacher, all of them kept loaded on this worker."""
     from common.shards import file_sha256
     from stages.score.scoring import score_shard
 
@@ -137,7 +139,8 @@ def score_task(run: Path, iteration: int, rollout: dict, teacher_version: str) -
     path = shards.stage_dir(run, iteration, "rollouts") / rollout["file"]
     if not path.exists() or file_sha256(path) != rollout["sha256"]:
         raise shards.ContractError(f"{path} is not the rollout shard that was sampled (missing or altered)")
-    return {**score_shard(config, run, iteration, path, roles().teacher(config), teacher_version),
+    mine = roles()
+    return {**score_shard(config, run, iteration, path, lambda model: mine.teacher(config, model), versions),
             "worker": get_worker().address}
 
 

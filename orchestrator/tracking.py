@@ -65,7 +65,9 @@ class Tracker:
         marker = Path(stage_dir) / LOGGED
         if marker.exists():
             return
-        numeric = {k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        # MLflow's names take no '@': the manifests' eval/<set>/pass@<k> is eval.<set>.pass_at_<k> there.
+        numeric = {k.replace("/", ".").replace("@", "_at_"): float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float))}
         # A crash between logging and the marker must not log the points twice: the batch is one
         # sqlite transaction, so one of its metrics at this step tells whether it went out.
         probe = next(iter(numeric), None)

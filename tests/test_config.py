@@ -31,7 +31,7 @@ def test_bad_values_name_the_key(override, key):
 
 
 def test_literal_choices_are_listed_in_the_error():
-    with pytest.raises(ConfigError, match="not one of k1, k2, k3, abs, forward_kl_topk"):
+    with pytest.raises(ConfigError, match="not one of k1, vopd, poweropd, k2, k3, abs, forward_kl_topk"):
         load_config("configs/tiny.yaml", ["train.loss=kl"])
 
 

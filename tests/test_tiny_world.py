@@ -10,18 +10,30 @@ from common.verifier import grade
 from tiny_world.task import DAPO_SCHEMA, parse_question, worked_solution
 
 ASSETS = Path("assets/tiny")
+MOPD = Path("assets/tiny-mopd")  # the two-domain world of several teachers (tiny_world/mopd.py)
 
 
-def test_checksums_match():
-    lines = (ASSETS / "SHA256SUMS").read_text().splitlines()
+@pytest.mark.parametrize("assets", [ASSETS, MOPD], ids=["tiny", "tiny-mopd"])
+def test_checksums_match(assets):
+    lines = (assets / "SHA256SUMS").read_text().splitlines()
     assert len(lines) >= 15
     for line in lines:
         digest, name = line.split("  ", 1)
-        assert file_sha256(ASSETS / name) == digest, name
+        assert file_sha256(assets / name) == digest, name
 
 
-def test_assets_are_small():
-    assert sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) < 20 * 2**20
+@pytest.mark.parametrize("assets", [ASSETS, MOPD], ids=["tiny", "tiny-mopd"])
+def test_assets_are_small(assets):
+    assert sum(p.stat().st_size for p in assets.rglob("*") if p.is_file()) < 20 * 2**20
+
+
+def test_the_subtraction_domain_is_worked_borrow_by_borrow_and_graded_right():
+    from tiny_world.mopd import SUB, problem
+
+    text, solution, answer = problem(SUB, 37, 302)  # the larger operand first
+    assert text.startswith("What is 302 - 37?") and answer == "265"
+    assert solution.splitlines() == ["12-7-0=5", "10-3-1=6", "3-0-1=2", "So 302-37=\\boxed{265}."]
+    assert grade(solution, answer).correct
 
 
 @pytest.mark.parametrize("model", ["teacher", "student"])
@@ -42,6 +54,17 @@ def test_splits_follow_the_dapo_schema_and_are_disjoint():
         assert question(row).endswith("put your final answer within \\boxed{}.")
         a, b = parse_question(question(row))
         assert grade(worked_solution(a, b), row["reward_model"]["ground_truth"]).correct
+
+
+def test_the_two_domain_splits_are_disjoint_and_hold_each_problem_once():
+    """(a, b) and (b, a) are one subtraction problem: the builder keeps it once, so no eval problem of
+    either domain is in the train split or twice in its eval split."""
+    question = lambda row: row["prompt"][0]["content"]
+    train = [question(r) for r in pq.read_table(MOPD / "data" / "train.parquet").to_pylist()]
+    assert len(set(train)) == len(train) == 20000
+    for name in ("eval-add", "eval-sub"):
+        evaluation = [question(r) for r in pq.read_table(MOPD / "data" / f"{name}.parquet").to_pylist()]
+        assert len(set(evaluation)) == len(evaluation) == 500 and not set(evaluation) & set(train), name
 
 
 def test_tokenizer_round_trips_and_renders_the_chat_template():

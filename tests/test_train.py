@@ -51,7 +51,7 @@ def write_scored(run: Path, iteration: int, seed: int, nan_row: int | None = Non
             "prompt_id": f"p{k // 2}", "sample_idx": k % 2, "iteration": iteration, "policy_version": version,
             "data_source": "synthetic", "ground_truth": "0", "prompt_ids": prompts[k // 2],
             "response_ids": response, "response_text": "", "rollout_logprobs": [rng.uniform(-6, -1) for _ in response],
-            "finish_reason": "length", "teacher_logprobs": teacher, "teacher_version": "synthetic",
+            "finish_reason": "length", "teacher_logprobs": teacher, "teacher": "synthetic", "teacher_version": "synthetic",
             "reward": 0.0, "correct": False, "extracted_answer": None, "verifier_status": "no_answer",
         })
     out_dir = shards.stage_dir(run, iteration, "scored")
@@ -236,8 +236,11 @@ def test_every_zero_stage_keeps_the_gradient_of_every_micro_batch(tmp_path):
 def test_offload_and_bf16_keep_every_micro_batch_and_accumulate_in_fp32(tmp_path):
     results = accumulation(tmp_path, "2+offload", "3+offload+ckpt+pack", "1+bf16", "3+bf16")
     assert_exact_accumulation({k: v for k, v in results.items() if "bf16" not in k}, 1e-5, 1e-2)
-    # bf16 forward/backward: errors of bf16 rounding against the fp32 reference, not of a lost micro-batch.
-    assert_exact_accumulation({k: v for k, v in results.items() if "bf16" in k}, 5e-2, 5e-2)
+    # bf16 forward/backward: errors of bf16 rounding against the fp32 reference (~2% of the gradient),
+    # not of a lost micro-batch (~60-70% here). Adam's first step is nearly lr x sign(gradient), so
+    # that 2% flips the sign of small components: the weights of 4 micro-batches and of 1 differ by
+    # ~16% of the update (measured 2026-12-06), a lost micro-batch by about all of it.
+    assert_exact_accumulation({k: v for k, v in results.items() if "bf16" in k}, 5e-2, 0.3)
     assert all(results[case]["dtypes"] == ["bfloat16", "float32"] for case in ("1+bf16", "3+bf16"))
 
 
@@ -332,7 +335,9 @@ def test_export_loads_with_auto_model_and_zero3_is_consolidated(tmp_path):
     for run in (zero1, zero3):
         write_scored(run, 0, seed=6)
         assert train(run, 0).returncode == 0
-    assert max_difference(weights(zero1, 1), weights(zero3, 1)) < 1e-6
+    # fp32 rounding of ZeRO-3's partitioned reductions (1.1e-6 on the AVX-512 machine); an export of
+    # one rank's shards instead of whole tensors would be off by the weights themselves (~0.05).
+    assert max_difference(weights(zero1, 1), weights(zero3, 1)) < 1e-5
     for run in (zero1, zero3):
         model = AutoModelForCausalLM.from_pretrained(shards.checkpoint_dir(run, 1))
         assert not torch.equal(model.lm_head.weight, load_model(STUDENT).lm_head.weight)

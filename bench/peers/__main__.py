@@ -1,5 +1,5 @@
-"""`make bench-peers`: the pipeline's variants and TRL, one run each, then one evaluator for all.
-Method: bench/peers/__init__.py."""
+"""`make bench-peers`: the pipeline's variants and TRL, one run per seed each, then one evaluator for
+all. Method: bench/peers/__init__.py."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench.peers import __doc__ as METHOD
-from bench.peers.evaluation import apply_accuracies, evaluate, evaluate_main
+from bench.peers.evaluation import apply_accuracies, eval_set, evaluate, evaluate_main
 from bench.peers.measure import ROOT, RunFailed, say
 from bench.peers.pipeline import STUDENT, pipeline_run
 from bench.peers.report import render_markdown, result_rows, summarise
@@ -27,7 +27,11 @@ VOCABULARY = json.loads((STUDENT / "config.json").read_text())["vocab_size"]
 # stores 332 log-probs per token in both shards (at Qwen3's 151,669 ids only a top-k is practical).
 # They sample with the HF engine: on this CPU vLLM's engine start costs 30-60 s and it samples ~1.3x
 # faster, which 20 short iterations do not pay back; on a GPU add generate.engine=vllm (`--variant ...`).
-VARIANTS = {"default": [], "best": ["train.loss=reverse_kl_topk", "generate.student_topk=16"],
+# `vopd` and `poweropd` are the card's k1 with a value baseline over the student's top-16 and with a
+# bounded reward (docs/loss.md): one teacher log-prob per token (vopd: 16), as k1.
+VARIANTS = {"default": [], "vopd": ["train.loss=vopd", "generate.student_topk=16"],
+            "poweropd": ["train.loss=poweropd"],
+            "best": ["train.loss=reverse_kl_topk", "generate.student_topk=16"],
             "exact": ["train.loss=reverse_kl_topk", f"generate.student_topk={VOCABULARY}"]}
 
 
@@ -44,36 +48,39 @@ def run_benchmark(args: argparse.Namespace, variants: dict[str, list[str]]) -> l
     warm_up()
     runs = []
     systems = [*variants, "trl", *(["trl-vllm"] if args.trl_vllm else [])]
-    for system in systems:
-        say(f"{system}: {args.iterations} x 256 samples (load {os.getloadavg()[0]:.2f})")
-        try:
-            if system.startswith("trl"):
-                run = trl_run(args.work / system, args.iterations, args.time_cap_s, args.threads,
-                              vllm=system == "trl-vllm")
-                run["system"] = system
-            else:
-                run = pipeline_run(system, args.work / system, args.iterations, args.time_cap_s,
-                                   [f"threads={args.threads}", *variants[system]])
-        except RunFailed as error:
-            if system != "trl-vllm":
-                raise SystemExit(str(error)) from None
-            # An optional peer that cannot run here is a result (reported), not the end of the benchmark.
-            say(f"{system}: failed: {error.reason}")
-            log = error.log.resolve()
-            runs.append({"system": system, "failed": error.reason,
-                         "log": str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log)})
+    for seed in range(args.seeds):  # seed by seed: an interrupted benchmark still has whole seeds
+        for system in systems:
+            folder = args.work / f"{system}-s{seed}"
+            say(f"{system}, seed {seed}: {args.iterations} x 256 samples (load {os.getloadavg()[0]:.2f})")
+            try:
+                if system.startswith("trl"):
+                    run = trl_run(folder, args.iterations, args.time_cap_s, args.threads, vllm=system == "trl-vllm",
+                                  seed=seed)
+                else:
+                    run = pipeline_run(system, folder, args.iterations, args.time_cap_s,
+                                       [f"threads={args.threads}", f"seed={seed}", *variants[system]])
+            except RunFailed as error:
+                if system != "trl-vllm":
+                    raise SystemExit(str(error)) from None
+                # An optional peer that cannot run here is a result (reported), not the end of the benchmark.
+                say(f"{system}: failed: {error.reason}")
+                log = error.log.resolve()
+                runs.append({"system": system, "seed": seed, "failed": error.reason,
+                             "log": str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log)})
+                (args.work / "runs.json").write_text(json.dumps(runs, indent=1))
+                continue
+            run.update(system=system, seed=seed)
+            last = run["checkpoints"][-1]
+            say(f"{system}, seed {seed}: {run['wall_s']:.1f}s wall, {last['samples']} samples by "
+                f"{last['seconds']:.1f}s, load {run['load_mean']:.2f}" + (" [time cap]" if run["time_capped"] else ""))
+            runs.append(run)
             (args.work / "runs.json").write_text(json.dumps(runs, indent=1))
-            continue
-        last = run["checkpoints"][-1]
-        say(f"{system}: {run['wall_s']:.1f}s wall, {last['samples']} samples by {last['seconds']:.1f}s, load "
-            f"{run['load_mean']:.2f}" + (" [time cap]" if run["time_capped"] else ""))
-        runs.append(run)
-        (args.work / "runs.json").write_text(json.dumps(runs, indent=1))
     paths = [str(TEACHER), str(STUDENT)]
     paths += [c["path"] for r in runs for c in r.get("checkpoints", [])
               if c["version"] > 0 and (c["version"] % args.eval_every == 0 or c is r["checkpoints"][-1])]
-    say(f"evaluating {len(paths)} models (teacher, student, every {args.eval_every}. checkpoint and the last)")
-    apply_accuracies(runs, evaluate(paths, args.work))
+    say(f"evaluating {len(paths)} models on {args.eval_prompts} prompts (teacher, student, every "
+        f"{args.eval_every}. checkpoint and the last)")
+    apply_accuracies(runs, evaluate(paths, args.work, eval_set(args.work, args.eval_prompts)))
     (args.work / "runs.json").write_text(json.dumps(runs, indent=1))
     return runs
 
@@ -87,7 +94,7 @@ def report_again(work: Path, eval_missing: bool) -> tuple[list[dict], str]:
                    and c["path"] not in graded]
         if missing:
             say(f"evaluating {len(missing)} more checkpoints")
-            evaluate(missing, work)
+            evaluate(missing, work, eval_set(work, json.loads((work / "command.json").read_text())["eval_prompts"]))
         command += "; python -m bench.peers report --eval-missing"
     apply_accuracies(runs, json.loads((work / "eval.json").read_text()))
     (work / "runs.json").write_text(json.dumps(runs, indent=1))
@@ -109,6 +116,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=METHOD,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=20, help="iterations of 256 samples per run (%(default)s)")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per system, seeds 0..N-1 (the config's `seed`: "
+                        "prompts, their order and the sampling); curves are averaged over them (%(default)s)")
+    parser.add_argument("--eval-prompts", type=int, default=500, help="eval prompts per model: the tiny eval split "
+                        "(500), or more drawn from its generator, disjoint from training (2500: a standard error "
+                        "<= 0.01) (%(default)s)")
     parser.add_argument("--time-cap-s", type=float, default=900, help="wall-time cap of one run (%(default)s)")
     parser.add_argument("--eval-every", type=int, default=2, help="evaluate checkpoints v_k with k a multiple of "
                         "this, and each run's last (%(default)s)")
@@ -126,16 +138,18 @@ def main() -> None:
     trl.add_argument("--launch", type=float, required=True)
     trl.add_argument("--threads", type=int, default=0)
     trl.add_argument("--vllm", action="store_true")
+    trl.add_argument("--seed", type=int, default=0)
     report = commands.add_parser("report", help="write the report again from <work>/runs.json and <work>/eval.json")
     report.add_argument("--eval-missing", action="store_true", help="first evaluate the checkpoints not yet graded")
     ev = commands.add_parser("evaluate", help="internal: eval accuracy of model folders")
     ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("--set", type=Path, required=True, help="the eval parquet")
     ev.add_argument("paths", nargs="+")
     args = parser.parse_args()
     if args.command == "trl":
-        return trl_main(args.out, args.iterations, args.launch, args.threads, args.vllm)
+        return trl_main(args.out, args.iterations, args.launch, args.threads, args.vllm, args.seed)
     if args.command == "evaluate":
-        return evaluate_main(args.paths, args.out)
+        return evaluate_main(args.paths, args.out, args.set)
     started = time.time()
     variants = parse_variants(args.variant)
     if args.command == "report":
@@ -143,11 +157,12 @@ def main() -> None:
     else:
         command = " ".join(["python -m bench.peers", *sys.argv[1:]])
         runs = run_benchmark(args, variants)
-        (args.work / "command.json").write_text(json.dumps({"command": command}))
+        (args.work / "command.json").write_text(json.dumps({"command": command, "eval_prompts": args.eval_prompts}))
+    eval_prompts = json.loads((args.work / "command.json").read_text()).get("eval_prompts", 500)
     teacher = json.loads((args.work / "eval.json").read_text())[str(TEACHER)]
-    summary = summarise(runs, teacher, next(iter(variants)))
+    summary = summarise(runs, teacher, next(iter(variants)), eval_prompts)
     args.out.write_text(render_markdown(runs, summary, command.strip(), args.iterations))
-    written = write_results("peers", "make bench-peers", result_rows(summary))
+    written = write_results("peers", "make bench-peers", result_rows(summary), {"seeds": summary["seeds"]})
     say(f"wrote {args.out} and {written} ({(time.time() - started) / 60:.1f} min); " + "; ".join(
         f"{pair} {figures['speedup']:.2f}x" for pair, figures in summary["speedups"].items()))
 

@@ -49,7 +49,7 @@ def trl_schedule(iterations: int, seed: int = 0) -> tuple[list[list[dict]], list
     return rows_messages, rows_ids
 
 
-def trl_main(out: Path, iterations: int, launch: float, threads: int, vllm: bool = False) -> None:
+def trl_main(out: Path, iterations: int, launch: float, threads: int, vllm: bool = False, seed: int = 0) -> None:
     """One TRL run (a separate process): train, write v1..vN, write <out>/timeline.json."""
     import torch
 
@@ -63,7 +63,7 @@ def trl_main(out: Path, iterations: int, launch: float, threads: int, vllm: bool
     from common.modeling import load_model
     from common.seeds import warmup_factor
 
-    config = load_config(CONFIG)
+    config = load_config(CONFIG, [f"seed={seed}"])  # the pipeline's `seed` key: prompts, order, sampling
     g, t = config.generate, config.train
     steps_per_iteration = g.prompts_per_iteration // t.mini_batch_prompts
     batch = t.mini_batch_prompts * g.n
@@ -156,18 +156,18 @@ def trl_main(out: Path, iterations: int, launch: float, threads: int, vllm: bool
     (out / "timeline.json").write_text(json.dumps(timeline, indent=1))
 
 
-def trl_command(out: Path, iterations: int, launch: float, threads: int, vllm: bool = False) -> list[str]:
+def trl_command(out: Path, iterations: int, launch: float, threads: int, vllm: bool = False, seed: int = 0) -> list[str]:
     return [sys.executable, "-m", "bench.peers", "trl", "--out", str(out), "--iterations", str(iterations),
-            "--launch", repr(launch), "--threads", str(threads), *(["--vllm"] if vllm else [])]
+            "--launch", repr(launch), "--threads", str(threads), "--seed", str(seed), *(["--vllm"] if vllm else [])]
 
 
-def trl_run(out: Path, iterations: int, time_cap_s: float, threads: int, vllm: bool = False) -> dict:
+def trl_run(out: Path, iterations: int, time_cap_s: float, threads: int, vllm: bool = False, seed: int = 0) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     log = out.parent / f"{out.name}.log"
     # The launch time is passed down so that TRL's checkpoint times use the same clock as the pipeline's.
     launch = time.time()
-    command = trl_command(out, iterations, launch, threads, vllm)
+    command = trl_command(out, iterations, launch, threads, vllm, seed)
     measured = run_measured(command, log, time_cap_s, launch=launch)
     timeline = json.loads((out / "timeline.json").read_text()) if (out / "timeline.json").exists() else {}
     checkpoints = [{"version": 0, "samples": 0, "seconds": 0.0, "path": str(STUDENT)},

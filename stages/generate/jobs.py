@@ -20,6 +20,7 @@ from common import shards
 from common.config import Config, ConfigError
 from common.data import Prompt, PromptSet, iteration_prompts, prepared_prompts
 from common.memory import peak_gpu_gib, peak_rss_gib, reset_peaks
+from common.passk import ks_up_to, pass_at_k
 from common.progress import Progress, stage_summary
 from common.seeds import eval_seed, rollout_seed
 from common.shards import file_sha256
@@ -142,6 +143,9 @@ def sample_job(config: Config, iteration: int, job: ShardJob, engine: Generation
     if job.folder != "rollouts":
         rows = graded(rows, config)
     entropies = [s.entropy_sum for s in samples]
+    correct_by_prompt: dict[str, int] = {}
+    for row in rows:
+        correct_by_prompt[row["prompt_id"]] = correct_by_prompt.get(row["prompt_id"], 0) + bool(row.get("correct"))
     return rows, {"index": job.index, "rows": len(rows), "response_tokens": sum(len(r["response_ids"]) for r in rows),
                   "truncated": sum(r["finish_reason"] == "length" for r in rows), "sample_seconds": sample_seconds,
                   # None where the engine does not see the whole distribution (vLLM returns top-k only)
@@ -150,7 +154,9 @@ def sample_job(config: Config, iteration: int, job: ShardJob, engine: Generation
                   "peak_rss_gib": peak_rss_gib(),
                   "eval_set": job.eval_set, "correct": sum(r.get("correct", False) for r in rows),
                   "boxed": sum(r.get("verifier_status", NO_ANSWER) != NO_ANSWER for r in rows),
-                  "verifier_errors": sum(r.get("verifier_status") == ERROR for r in rows)}
+                  "verifier_errors": sum(r.get("verifier_status") == ERROR for r in rows),
+                  # pass@k of the eval needs each prompt's count of correct samples out of n
+                  "samples_per_prompt": job.params.n, "correct_by_prompt": correct_by_prompt}
 
 
 def run_job(config: Config, run: Path, iteration: int, job: ShardJob, engine: GenerationEngine,
@@ -164,10 +170,13 @@ def run_job(config: Config, run: Path, iteration: int, job: ShardJob, engine: Ge
     return {**summary, "file": path.name, "sha256": file_sha256(path)}
 
 
-def evaluate_engine(config: Config, run: Path, engine: GenerationEngine, k: int | None = None) -> dict[str, float]:
-    """avg@k of the model `engine` holds, with the run's eval sets and settings, writing nothing: the
-    loop's evaluation without its shards, for the report's teacher line and bench-peers' checkpoints."""
-    done = [sample_job(config, 0, job, engine, "")[1] for job in eval_jobs(config, run, engine.checkpoint, k)]
+def evaluate_engine(config: Config, run: Path, engine: GenerationEngine, k: int | None = None,
+                    sets: set[str] | None = None) -> dict[str, float]:
+    """avg@k (and pass@k) of the model `engine` holds, with the run's eval sets and settings (only the
+    sets named in `sets`, when given), writing nothing: the loop's evaluation without its shards, for
+    the report's teacher line and bench-peers' checkpoints."""
+    done = [sample_job(config, 0, job, engine, "")[1] for job in eval_jobs(config, run, engine.checkpoint, k)
+            if sets is None or job.eval_set in sets]
     return eval_metrics(done, "eval")
 
 
@@ -211,12 +220,18 @@ def seal_rollouts(config: Config, run: Path, iteration: int, done: list[dict], s
 
 
 def eval_metrics(done: list[dict], folder: str) -> dict[str, float]:
-    """avg@k per eval set (`<folder>/<set>/accuracy`, ...) and their mean (`<folder>/accuracy`)."""
+    """avg@k per eval set (`<folder>/<set>/accuracy`, ...) and their mean (`<folder>/accuracy`); with
+    k >= 2 samples a prompt, the unbiased pass@k for k = 1, 2, 4, ... (`<folder>/<set>/pass@<k>`)."""
     metrics: dict[str, float] = {}
     for name in dict.fromkeys(d["eval_set"] for d in done):
         mine = [d for d in done if d["eval_set"] == name]
         rows = sum(d["rows"] for d in mine)
         metrics[f"{folder}/{name}/accuracy"] = sum(d["correct"] for d in mine) / rows
+        n = mine[0].get("samples_per_prompt", 1)
+        if n >= 2:
+            counts = [c for d in mine for c in d["correct_by_prompt"].values()]
+            for k in ks_up_to(n):
+                metrics[f"{folder}/{name}/pass@{k}"] = sum(pass_at_k(n, c, k) for c in counts) / len(counts)
         metrics[f"{folder}/{name}/boxed_fraction"] = sum(d["boxed"] for d in mine) / rows
         metrics[f"{folder}/{name}/mean_response_length"] = sum(d["response_tokens"] for d in mine) / rows
         metrics[f"{folder}/{name}/verifier_errors"] = sum(d["verifier_errors"] for d in mine)
@@ -235,6 +250,9 @@ def seal_eval(config: Config, run: Path, iteration: int, folder: str, done: list
                                      {"policy_version": version, "k": k})
     per_set = ", ".join(f"{key.split('/')[1]} {value:.3f}" for key, value in metrics.items()
                         if key.endswith("/accuracy") and key.count("/") == 2)
+    if k >= 2:
+        per_set += " | " + ", ".join(f"{key.split('/')[1]} pass@{k} {value:.3f}" for key, value in metrics.items()
+                                     if key.endswith(f"/pass@{k}"))
     stage_summary("eval", iteration, manifest["rows"], figures["tokens"], figures["stage_tokens_per_s"],
                   manifest["seconds"], f"avg@{k} {per_set}")
     return manifest

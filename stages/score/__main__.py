@@ -2,8 +2,9 @@
 
     python -m stages.score --run runs/tiny --iter 3
 
-Reads iter=i/rollouts/ and scores its shards in order with one teacher (stages/score/teacher.py),
-the verifier grading each shard while the teacher runs; scored shard k is rollout shard k plus the
+Reads iter=i/rollouts/ and scores its shards in order, each row by the teacher of its data_source
+(score.teachers; one teacher for all by default; stages/score/teacher.py), the verifier grading each
+shard while the teachers run; scored shard k is rollout shard k plus the
 teacher columns and rewards (stages/score/scoring.py). Then it seals iter=i/scored/.
 """
 from __future__ import annotations
@@ -12,9 +13,8 @@ import time
 
 from common import shards
 from common.config import ConfigError
-from common.hub import local_model_dir
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
-from stages.score.scoring import score_shard, seal_scored, sealed_rollouts, start_scoring, teacher_version
+from stages.score.scoring import score_shard, seal_scored, sealed_rollouts, start_scoring, teacher_versions
 from stages.score.teacher import open_scorer
 
 
@@ -28,13 +28,20 @@ def main() -> None:
             return
         rollouts_dir = shards.stage_dir(args.run, args.iteration, "rollouts")
         files = [rollouts_dir / shard["file"] for shard in sealed_rollouts(args.run, args.iteration)]
-        started, version = time.time(), teacher_version(config)
-        scorer = open_scorer(config, local_model_dir(config.model.teacher))
+        started, versions = time.time(), teacher_versions(config)
+        scorers: dict = {}  # a teacher opens when its first row comes
+
+        def scorer_for(model: str):
+            if model not in scorers:
+                scorers[model] = open_scorer(config, model)
+            return scorers[model]
+
         try:
-            done = [score_shard(config, args.run, args.iteration, path, scorer, version) for path in files]
+            done = [score_shard(config, args.run, args.iteration, path, scorer_for, versions) for path in files]
         finally:
-            scorer.close()
-        seal_scored(config, args.run, args.iteration, done, started, version)
+            for scorer in scorers.values():
+                scorer.close()
+        seal_scored(config, args.run, args.iteration, done, started, versions)
     except (ConfigError, shards.ContractError, ImportError) as error:
         fail(str(error))
 

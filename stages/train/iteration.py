@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from common.batching import micro_batches
-from common.config import TOPK_LOSSES, Config, ConfigError, TrainConfig
+from common.config import POLICY_GRADIENT_LOSSES, TOPK_LOSSES, Config, ConfigError, TrainConfig
 from common.faults import fault_point
 from common.progress import Progress
 from common.shards import ContractError
@@ -55,7 +55,7 @@ def scored_columns(t: TrainConfig) -> list[str]:
 
 def _topk_columns(t: TrainConfig) -> tuple[str, str] | None:
     """(ids, teacher log-probs at them): the teacher's top-k for forward_kl_topk*, the student's
-    sampling-time top-k for reverse_kl_topk."""
+    sampling-time top-k for reverse_kl_topk and vopd."""
     side = TOPK_LOSSES.get(t.loss)
     if side is None:
         return None
@@ -102,7 +102,7 @@ def iteration_data(scored: pa.Table, t: TrainConfig) -> IterationData:
 def loss_config(t: TrainConfig) -> LossConfig:
     return LossConfig(mode=t.loss, loss_max_clamp=t.loss_max_clamp, log_prob_min_clamp=t.log_prob_min_clamp,
                       clip_ratio=t.clip_ratio, dual_clip=t.dual_clip, use_task_rewards=t.use_task_rewards,
-                      distill_coef=t.distill_coef)
+                      distill_coef=t.distill_coef, power_alpha=t.power_alpha)
 
 
 def forward(engine, data: IterationData, rows: list[int], t: TrainConfig, pad_id: int, with_topk: bool = True):
@@ -113,8 +113,8 @@ def forward(engine, data: IterationData, rows: list[int], t: TrainConfig, pad_id
 
 
 def needs_old_logprobs(t: TrainConfig) -> bool:
-    """Whether the loss reads lp_old: the PPO ratio (k1, task rewards) or truncated IS weights."""
-    return t.loss == "k1" or t.use_task_rewards or t.tis
+    """Whether the loss reads lp_old: the PPO ratio (k1, vopd, poweropd, task rewards) or truncated IS weights."""
+    return t.loss in POLICY_GRADIENT_LOSSES or t.use_task_rewards or t.tis
 
 
 def keep_old_logprobs(data: IterationData, rows: list[int], logprobs: torch.Tensor) -> None:

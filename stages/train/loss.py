@@ -1,19 +1,27 @@
-"""Every training loss, in one place (written out in docs/loss.md; ../shared/DESIGN.md §4).
+"""Every training loss, in one place (written out in docs/loss.md).
 
 The card's loss is `k1` in policy-gradient form: the per-token advantage is the negative, clamped,
 detached log-ratio between student and teacher on the student's own sampled token, fed to a PPO
-surrogate with clip 0.2 and dual clip 3. Its gradient is the reverse-KL gradient.
+surrogate with clip 0.2 and dual clip 3. Its gradient is the reverse-KL gradient. Two variants
+change only the advantage, at k1's cost:
+    vopd      k1's advantage minus a detached baseline, the value of the state: V_t = -KL(student || teacher)
+              at position t, over the student's sampling-time top-k ids (vOPD, arXiv 2605.07865)
+    poweropd  the bounded reward p_teacher^alpha - p_student^alpha of the sampled token in place of
+              the log-ratio (PowerOPD, arXiv 2606.17199; the log-ratio is its alpha -> 0 limit, rescaled)
 
 The other modes are direct (supervised) losses on the same tokens, each clamped at
 `loss_max_clamp` (10) as verl clamps every estimator (a clamped token contributes no gradient):
     k2                      0.5 (lp - lq)^2
-    k3                      exp(lq - lp) - (lq - lp) - 1   (log-ratio clamped at +-20 first, as verl)
+    k3                      exp(lq - lp) - (lq - lp) - 1   (log-ratio clamped at +-20 first and the
+                            estimator at +-10, both as verl's kl_penalty does)
     abs                     |lp - lq|
     forward_kl_topk         verl's form: sum_k p_t,k (log p_t,k - log p_s,k) over the teacher's top-k ids,
                             with the student's full-vocabulary log-probs at those ids and the teacher's
                             values as given, both clamped below at `log_prob_min_clamp` (-10), then >= 0
     forward_kl_topk_renorm  KL(teacher || student) over the teacher's top-k ids, both renormalised on that set
     reverse_kl_topk         KL(student || teacher) over the student's top-k ids (from sampling), both renormalised
+
+Truncated importance-sampling weights (train.tis) scale the policy-gradient terms only, as verl's.
 
 Aggregation is the token mean over the whole mini-batch: callers pass `normaliser`, the number of
 response tokens in the global mini-batch (divided by the data-parallel world size, since DeepSpeed
@@ -26,9 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common.config import LOSSES
+from common.config import LOSSES, POLICY_GRADIENT_LOSSES
 
 LOG_RATIO_CLAMP = 20.0  # exp() of a log-ratio beyond this overflows nothing but means nothing either (verl's bound)
+K3_CLAMP = 10.0  # verl bounds its k3 estimator here, whatever loss_max_clamp says
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class LossConfig:
     log_ratio_clamp: float = LOG_RATIO_CLAMP
     use_task_rewards: bool = False  # add a PPO term on the GRPO advantage of the rule reward
     distill_coef: float = 1.0       # with task rewards: loss = ppo(task) + distill_coef * distill
+    power_alpha: float = 5.0        # poweropd's exponent
 
 
 @dataclass
@@ -52,7 +62,7 @@ class TokenBatch:
     weights: torch.Tensor | None = None       # truncated importance-sampling weights (detached)
     task_advantages: torch.Tensor | None = None
     # Top-k modes: both models' log-probs at the same k ids per token (the teacher's top-k for
-    # forward_kl_topk, the student's sampling-time top-k for reverse_kl_topk).
+    # forward_kl_topk, the student's sampling-time top-k for reverse_kl_topk and vopd's baseline).
     student_at_ids: torch.Tensor | None = None            # current forward: carries the gradient
     teacher_at_ids: torch.Tensor | None = None
 
@@ -67,6 +77,32 @@ class LossOutput:
 def k1_advantage(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, clamp: float) -> torch.Tensor:
     """A_t = -clamp(lp_t - lq_t): immediate, per token; no reward-to-go, discount or normalisation."""
     return -(logprobs.detach() - teacher_logprobs).clamp(-clamp, clamp)
+
+
+def vopd_baseline(student_at_ids: torch.Tensor, teacher_at_ids: torch.Tensor) -> torch.Tensor:
+    """V_t = E_{y ~ student}[lq(y) - lp(y)] = -KL(student || teacher) at position t: the expected k1
+    reward of the state, here over the student's top-k ids, both renormalised on them (the exact value
+    when k is the vocabulary). A function of the state only, so subtracting it leaves the gradient's
+    expectation unchanged and lowers its variance. Detached."""
+    return -_renormalised_kl(student_at_ids.detach(), teacher_at_ids)
+
+
+def power_reward(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """p_teacher^alpha - p_student^alpha of the sampled token: in [-1, 1], of the log-ratio's sign, and
+    (divided by alpha) the log-ratio as alpha -> 0. Detached."""
+    return torch.exp(alpha * teacher_logprobs) - torch.exp(alpha * logprobs.detach())
+
+
+def policy_gradient_advantage(batch: TokenBatch, config: LossConfig) -> torch.Tensor:
+    """The detached per-token advantage of the policy-gradient modes (k1, vopd, poweropd)."""
+    if config.mode == "poweropd":
+        return power_reward(batch.logprobs, batch.teacher_logprobs, config.power_alpha)
+    advantage = k1_advantage(batch.logprobs, batch.teacher_logprobs, config.loss_max_clamp)
+    if config.mode == "vopd":
+        advantage = advantage - vopd_baseline(_required(batch.student_at_ids, "vopd", "the student's top-k log-probs"),
+                                              _required(batch.teacher_at_ids, "vopd", "the teacher's log-probs at "
+                                                        "the student's top-k ids"))
+    return advantage
 
 
 def ppo_dual_clip(
@@ -104,7 +140,7 @@ def _direct_loss(batch: TokenBatch, config: LossConfig) -> torch.Tensor:
         return 0.5 * (lp - lq) ** 2
     if mode == "k3":
         log_ratio = (lq - lp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        return torch.exp(log_ratio) - log_ratio - 1.0
+        return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-K3_CLAMP, K3_CLAMP)
     if mode == "abs":
         return (lp - lq).abs()
     student = _required(batch.student_at_ids, mode, "the student's log-probs at the top-k ids")
@@ -121,10 +157,9 @@ def distillation_per_token(batch: TokenBatch, config: LossConfig) -> tuple[torch
     """(loss_t, clipped_t) of the distillation term alone."""
     if config.mode not in LOSSES:
         raise ValueError(f"unknown loss '{config.mode}' (choose: {', '.join(LOSSES)})")
-    if config.mode == "k1":
-        advantages = k1_advantage(batch.logprobs, batch.teacher_logprobs, config.loss_max_clamp)
+    if config.mode in POLICY_GRADIENT_LOSSES:
         return ppo_dual_clip(batch.logprobs, _required(batch.old_logprobs, config.mode, "lp_old"),
-                             advantages, config)
+                             policy_gradient_advantage(batch, config), config)
     loss = _direct_loss(batch, config)
     return loss.clamp(-config.loss_max_clamp, config.loss_max_clamp), torch.zeros_like(loss, dtype=torch.bool)
 
@@ -132,13 +167,16 @@ def distillation_per_token(batch: TokenBatch, config: LossConfig) -> tuple[torch
 def distillation_loss(batch: TokenBatch, normaliser: float, config: LossConfig = LossConfig()) -> LossOutput:
     """The micro-batch's contribution to the mini-batch loss: sum of per-token losses / normaliser."""
     per_token, clipped = distillation_per_token(batch, config)
+    weights = batch.weights
+    if weights is not None and config.mode in POLICY_GRADIENT_LOSSES:  # verl: the weights correct a PG loss only
+        per_token = per_token * weights
     if config.use_task_rewards:
         task = _required(batch.task_advantages, "use_task_rewards", "task advantages")
         task_loss, task_clipped = ppo_dual_clip(batch.logprobs, _required(batch.old_logprobs, "use_task_rewards",
                                                                           "lp_old"), task, config)
+        if weights is not None:
+            task_loss = task_loss * weights
         per_token, clipped = task_loss + config.distill_coef * per_token, clipped | task_clipped
-    if batch.weights is not None:
-        per_token = per_token * batch.weights
     return LossOutput(
         loss=per_token.sum() / normaliser,
         clipped_tokens=clipped.sum().item(),
