@@ -90,8 +90,9 @@ compare: $(STAMP)  ## make compare RUNS=tiny,lr-test: key params and final metri
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000
 
-tiny-assets: $(STAMP)  ## rebuild assets/tiny from scratch (task, tokenizer, teacher, student)
+tiny-assets: $(STAMP)  ## rebuild assets/tiny from scratch (task, tokenizer, teacher, student), then assets/tiny-mopd
 	$(PY) -m tiny_world.build --out assets/tiny
+	$(PY) -m tiny_world.mopd --out assets/tiny-mopd
 
 tiny-mopd-assets: $(STAMP)  ## rebuild assets/tiny-mopd: addition + subtraction, a student and one expert per domain (~10 min)
 	$(PY) -m tiny_world.mopd --out assets/tiny-mopd

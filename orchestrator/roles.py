@@ -31,7 +31,7 @@ class Roles(WorkerPlugin):
         self.controller_pid = controller_pid  # an embedded worker's parent: the controller (its nanny runs there)
         self.engine = None
         self.gate: dict[str, float] = {}  # the weight-sync gap of the policy the engine holds
-        self.scorers: dict = {}  # teacher model -> its scorer: each teacher this worker has served
+        self.teachers = None  # stages/score/teacher.py: Teachers, each teacher this worker has served
         self.trainer = None
 
     def setup(self, worker) -> None:
@@ -55,13 +55,13 @@ class Roles(WorkerPlugin):
             self.gate = check_weight_sync(self.engine, checkpoint)
         return self.engine
 
-    def teacher(self, config: Config, model: str):
-        """The scorer holding teacher `model`: opened on first use, kept."""
-        from stages.score.teacher import open_scorer
+    def teacher_scorers(self, config: Config):
+        """This worker's teachers (stages/score/teacher.py: Teachers): each opened on first use, kept."""
+        from stages.score.teacher import Teachers
 
-        if model not in self.scorers:
-            self.scorers[model] = open_scorer(config, model)
-        return self.scorers[model]
+        if self.teachers is None:
+            self.teachers = Teachers(config)
+        return self.teachers
 
     def rank(self, config: Config, rank: int, world: int, address: str):
         from stages.train.stage import Trainer
@@ -71,10 +71,10 @@ class Roles(WorkerPlugin):
         return self.trainer
 
     def close(self) -> None:
-        for model in (self.engine, *self.scorers.values(), self.trainer):
+        for model in (self.engine, self.teachers, self.trainer):
             if model is not None:
                 model.close()
-        self.engine, self.scorers, self.trainer = None, {}, None
+        self.engine = self.teachers = self.trainer = None
 
     def teardown(self, worker) -> None:
         self.close()
@@ -126,7 +126,7 @@ def open_models_task(run: Path, iteration: int) -> None:
     mine = roles()
     mine.generation_engine(config, shards.checkpoint_dir(run, iteration))
     for model in dict.fromkeys(teacher_routes(config).values()):
-        mine.teacher(config, model)
+        mine.teacher_scorers(config)(model)
 
 
 def score_task(run: Path, iteration: int, rollout: dict, versions: dict[str, str]) -> dict:
@@ -139,8 +139,7 @@ def score_task(run: Path, iteration: int, rollout: dict, versions: dict[str, str
     path = shards.stage_dir(run, iteration, "rollouts") / rollout["file"]
     if not path.exists() or file_sha256(path) != rollout["sha256"]:
         raise shards.ContractError(f"{path} is not the rollout shard that was sampled (missing or altered)")
-    mine = roles()
-    return {**score_shard(config, run, iteration, path, lambda model: mine.teacher(config, model), versions),
+    return {**score_shard(config, run, iteration, path, roles().teacher_scorers(config), versions),
             "worker": get_worker().address}
 
 

@@ -15,7 +15,7 @@ from common import shards
 from common.config import ConfigError
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.score.scoring import score_shard, seal_scored, sealed_rollouts, start_scoring, teacher_versions
-from stages.score.teacher import open_scorer
+from stages.score.teacher import Teachers
 
 
 def main() -> None:
@@ -29,18 +29,11 @@ def main() -> None:
         rollouts_dir = shards.stage_dir(args.run, args.iteration, "rollouts")
         files = [rollouts_dir / shard["file"] for shard in sealed_rollouts(args.run, args.iteration)]
         started, versions = time.time(), teacher_versions(config)
-        scorers: dict = {}  # a teacher opens when its first row comes
-
-        def scorer_for(model: str):
-            if model not in scorers:
-                scorers[model] = open_scorer(config, model)
-            return scorers[model]
-
+        teachers = Teachers(config)  # a teacher opens when its first row comes
         try:
-            done = [score_shard(config, args.run, args.iteration, path, scorer_for, versions) for path in files]
+            done = [score_shard(config, args.run, args.iteration, path, teachers, versions) for path in files]
         finally:
-            for scorer in scorers.values():
-                scorer.close()
+            teachers.close()
         seal_scored(config, args.run, args.iteration, done, started, versions)
     except (ConfigError, shards.ContractError, ImportError) as error:
         fail(str(error))

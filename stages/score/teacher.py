@@ -61,6 +61,24 @@ def open_scorer(config: Config, teacher: str | Path) -> TeacherScorer:
     return HfScorer(teacher_dir, config)
 
 
+class Teachers:
+    """The scorers of a run's teachers, each opened on first use and kept: `teachers(model)` is the
+    scorer holding `model` (what score_shard calls per routed teacher); `close()` frees them all."""
+
+    def __init__(self, config: Config):
+        self.config, self.scorers = config, {}
+
+    def __call__(self, model: str) -> TeacherScorer:
+        if model not in self.scorers:
+            self.scorers[model] = open_scorer(self.config, model)
+        return self.scorers[model]
+
+    def close(self) -> None:
+        for scorer in self.scorers.values():
+            scorer.close()
+        self.scorers = {}
+
+
 class HfScorer:
     """Chunked LM head and log-softmax, so peak memory does not grow with vocab x tokens."""
     name = "hf"
