@@ -9,7 +9,7 @@ On the tiny world (64 prompts x 4 samples, up to 64 new tokens, temperature 1, t
     process that imports the stack and opens the engine on v_i (timed as that process's wall time);
     resident mode pays `load_policy(v_i)` on the loaded engine (timed in process).
 On a GPU it also times the HF engine on the Qwen3-1.7B shape (random weights, 256 sequences x 512
-new tokens), against the 4,200 tokens/s of plain transformers `generate` (../shared/DESIGN.md §6; goal >= 2x).
+new tokens), against the 4,200 tokens/s of plain transformers `generate` (docs/design.md, "Reference figures"; goal >= 2x).
 Results go to bench/results/generate.json; vLLM rows are skipped when vLLM is not installed.
 """
 from __future__ import annotations
@@ -28,11 +28,12 @@ from common.config import load_config
 from common.data import load_prompts
 from common.modeling import load_tokenizer
 from common.vllm import vllm_available
-from stages.generate.sampling import SamplingParams, open_engine
+from stages.generate.engines import open_engine
+from stages.generate.sampling import SamplingParams
 
 STUDENT, OTHER = Path("assets/tiny/student"), Path("assets/tiny/teacher")  # same architecture
 OPEN_AND_CLOSE = ("from pathlib import Path\nfrom common.config import load_config\n"
-                  "from stages.generate.sampling import open_engine\n"
+                  "from stages.generate.engines import open_engine\n"
                   "if __name__ == '__main__':\n"
                   "    open_engine(load_config('configs/tiny.yaml', {overrides!r}), Path('{checkpoint}')).close()\n")
 

@@ -247,7 +247,8 @@ def check_preflight(out: Path, scale: Scale) -> dict:
 def check_train_zero3(out: Path, scale: Scale) -> list[dict]:
     """The card's ZeRO-3 + offload step, then v1's export and the weight-sync gate on it."""
     from common import shards
-    from stages.generate.gate import WeightSyncError, check_weight_sync
+    from common.errors import WeightSyncError
+    from stages.generate.gate import check_weight_sync
     from stages.generate.hf_engine import HfEngine
     from stages.train.stage import probe_sequences, write_policy
 

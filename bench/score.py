@@ -6,7 +6,7 @@ Scores the same 256 tiny-world sequences (64 prompts x 4 samples from the studen
 scorer, median tokens/s (prompt + response tokens through the teacher) over --repeats passes,
 alternating. On a GPU it also times the HF scorer on the Qwen3-4B shape (random weights, 8 x 8192
 tokens: 1024 prompt + 7168 response) with its MFU and peak memory; a plain forward reached 44% MFU
-on an H200 (../shared/DESIGN.md §9), the goal is >= 55%. Results go to bench/results/score.json.
+on an H200 (docs/design.md, "Reference figures"), the goal is >= 55%. Results go to bench/results/score.json.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from bench.generate import tiny_world_prompts
 from bench.record import write_results
 from common.config import load_config
 from common.vllm import vllm_available
-from stages.generate.sampling import SamplingParams, open_engine
+from stages.generate.engines import open_engine
+from stages.generate.sampling import SamplingParams
 from stages.score.teacher import open_scorer
 
 STUDENT, TEACHER = Path("assets/tiny/student"), Path("assets/tiny/teacher")

@@ -15,6 +15,8 @@ from typing import Literal
 
 import yaml
 
+from common.errors import ConfigError
+
 # Every choice a key can take, once: `Literal` fields are checked on load against these.
 Loss = Literal["k1", "vopd", "poweropd", "k2", "k3", "abs", "forward_kl_topk", "forward_kl_topk_renorm",
                "reverse_kl_topk"]
@@ -23,6 +25,7 @@ ScoreEngine = Literal["hf", "vllm", "server"]
 RewardMode = Literal["correct", "deepscaler"]
 Mode = Literal["subprocess", "resident"]
 GuardAction = Literal["warn", "stop"]
+OldLogprobs = Literal["recompute", "rollout"]
 LOSSES: tuple[str, ...] = typing.get_args(Loss)  # each defined in stages/train/loss.py
 # Whose top-k ids a loss compares the two models at (the teacher's from scoring, the student's from sampling).
 TOPK_LOSSES = {"forward_kl_topk": "teacher", "forward_kl_topk_renorm": "teacher", "reverse_kl_topk": "student",
@@ -30,10 +33,6 @@ TOPK_LOSSES = {"forward_kl_topk": "teacher", "forward_kl_topk_renorm": "teacher"
 # The losses in policy-gradient form (a detached per-token advantage in a PPO surrogate); the others are
 # direct losses on the same tokens.
 POLICY_GRADIENT_LOSSES = ("k1", "vopd", "poweropd")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key."""
 
 
 @dataclass
@@ -107,10 +106,17 @@ class TrainConfig:
     distill_coef: float = 1.0       # with task rewards: loss = ppo(task) + distill_coef * distillation
     tis: bool = False               # truncated importance sampling on the sampler/trainer gap
     tis_cap: float = 2.0
+    # lp_old of the PPO ratio: "recompute" = the trainer's forward of v_i before the first step (verl's
+    # default, exact whatever the sampler's numerics); "rollout" = the sampler's own log-probs from the
+    # shard, saving that forward (verl's bypass mode, NeMo-RL's skip_prev_logprobs): sound where the
+    # sampler computes what the trainer would (the HF engine in fp32: train/logprob_gap_max ~1e-6).
+    old_logprobs: OldLogprobs = "recompute"
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0           # linear warmup, then constant
+    warmup_steps: int = 0           # linear warmup, then constant (or the cosine below)
+    decay_steps: int = 0            # > 0: cosine from lr to min_lr_ratio x lr over this many steps after warmup
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     mini_batch_prompts: int = 16    # prompts per optimizer step (x n responses)
     micro_batch_size: int = 64      # at most this many sequences per forward/backward
@@ -131,6 +137,9 @@ class TrainConfig:
     clip_ratio: float = 0.2
     dual_clip: float = 3.0
     logit_chunk_tokens: int = 4096
+    # torchtune's habit, off by default: >= 0 traces that iteration's training (lp_old and every step) with
+    # torch.profiler on each rank: <run>/profile/iter=<i>-rank<r>.json (Chrome trace) and a .txt top-30 table.
+    profile_iteration: int = -1
 
 
 @dataclass
@@ -165,6 +174,9 @@ class HealthConfig:
 class ClusterConfig:
     address: str = ""               # Dask scheduler to join; empty = an embedded LocalCluster
     workers: int = 0                # embedded cluster: 0 = one worker per visible GPU (1 on a CPU); each has every role
+    # Peak dense TFLOP/s of one device for train/mfu and score/mfu (common/flops.py); 0 = from the GPU's
+    # name (H100/H200 989, A100 312, bf16), none on a CPU (then no mfu is logged).
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -292,9 +304,13 @@ def validate(config: Config) -> Config:
         (not t.tis or t.loss in POLICY_GRADIENT_LOSSES or t.use_task_rewards, "train.tis",
          f"truncated IS weights correct a policy-gradient loss (as in verl); '{t.loss}' is a direct loss and would "
          "be left unweighted (fix: drop train.tis, or use k1, vopd or poweropd)"),
+        (not (t.tis and t.old_logprobs == "rollout"), "train.old_logprobs",
+         "'rollout' makes lp_old the sampler's log-probs, so train.tis's weights exp(lp_old - lp_rollout) would all "
+         "be 1 (fix: drop train.tis, or use train.old_logprobs=recompute)"),
         (t.power_alpha > 0, "train.power_alpha", "must be positive (the log-ratio of k1 is the limit alpha -> 0)"),
         (g.n >= 1, "generate.n", "must be at least 1"),
         (g.rows_per_shard >= 1, "generate.rows_per_shard", "must be at least 1"),
+        (config.cluster.peak_tflops >= 0, "cluster.peak_tflops", "must be >= 0 (0: from the GPU's name)"),
         (config.cluster.workers >= 0, "cluster.workers", "must be >= 0 (0: one per visible GPU, 1 on a CPU)"),
         (g.shards >= 0, "generate.shards", "must be >= 0 (0: one per generation worker)"),
         (g.kv_cache_gib >= 0, "generate.kv_cache_gib", "must be >= 0 (0: from the device's free memory)"),
@@ -307,6 +323,8 @@ def validate(config: Config) -> Config:
         (t.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1"),
         (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3"),
         (t.lr > 0, "train.lr", "must be positive"),
+        (t.warmup_steps >= 0 and t.decay_steps >= 0, "train.decay_steps", "must be >= 0 (as train.warmup_steps)"),
+        (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]"),
         # The trainer's and the teacher's log-probs are of the untempered, untruncated distribution:
         # rollouts sampled from another one would be off-policy for the loss (eval has its own sampling).
         (g.temperature == 1.0, "generate.temperature",
@@ -320,8 +338,11 @@ def validate(config: Config) -> Config:
         (all(isinstance(path, str) for path in config.eval.sets), "eval.sets", "must be a list of parquet paths"),
         (config.data.epochs >= 0, "data.epochs", "must be >= 0"),
         (t.keep_checkpoint_every >= 0, "train.keep_checkpoint_every", "must be >= 0"),
-        (g.max_model_len == 0 or g.max_model_len >= config.data.max_prompt_tokens + g.max_response_tokens + 1,
-         "generate.max_model_len", f"{g.max_model_len} < data.max_prompt_tokens + generate.max_response_tokens + 1"),
+        (g.max_model_len == 0 or g.max_model_len >= needed_model_len(config, "generate"), "generate.max_model_len",
+         f"{g.max_model_len} < {needed_model_len(config, 'generate')}, the longest prompt + response + 1"),
+        (config.score.max_model_len == 0 or config.score.max_model_len >= needed_model_len(config, "score"),
+         "score.max_model_len",
+         f"{config.score.max_model_len} < {needed_model_len(config, 'score')}, the longest prompt + response + 1"),
         (config.score.verifier_workers >= 1, "score.verifier_workers", "must be at least 1"),
         (config.score.verifier_timeout_s > 0, "score.verifier_timeout_s", "must be positive"),
     ]
@@ -367,10 +388,15 @@ def model_len(config: Config, role: Literal["generate", "score"]) -> int:
     value, else the longest prompt plus the longest response it samples or scores, plus one (vLLM
     generates a token past the end, the scorer's dummy token)."""
     configured = config.generate.max_model_len if role == "generate" else config.score.max_model_len
+    return configured or needed_model_len(config, role)
+
+
+def needed_model_len(config: Config, role: Literal["generate", "score"]) -> int:
+    """The longest prompt plus the longest response `role` samples (eval's too) or scores, plus one."""
     longest = config.generate.max_response_tokens
     if role == "generate":
         longest = max(longest, config.eval.max_response_tokens)
-    return configured or config.data.max_prompt_tokens + longest + 1
+    return config.data.max_prompt_tokens + longest + 1
 
 
 def check_kv_budget(config: Config) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.config import ConfigError
+from common.errors import ConfigError
 from common.seeds import prompt_order_seed
 from common.shards import atomic_write_text
 

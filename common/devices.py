@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from common.config import Config, ConfigError
+from common.config import Config
+from common.errors import ConfigError
 
 Role = Literal["generate", "score", "train"]
 ROLES: tuple[Role, ...] = ("generate", "score", "train")

@@ -11,7 +11,8 @@ import time
 import warnings
 from pathlib import Path
 
-from common.config import Config, ConfigError, load_config
+from common.config import Config, load_config
+from common.errors import ConfigError
 
 RUN_CONFIG = "run.yaml"
 

@@ -6,6 +6,8 @@ multipliers are primes that keep the streams of different iterations, shards and
 """
 from __future__ import annotations
 
+import math
+
 
 def prompt_order_seed(seed: int, epoch: int) -> int:
     """The shuffle of the prompt set for one epoch (common/data.py: iteration_prompts)."""
@@ -33,6 +35,13 @@ def minibatch_seed(seed: int, iteration: int) -> int:
     return seed * 7 + iteration
 
 
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """The learning-rate multiplier at optimizer step `step`: linear warm-up, then constant."""
-    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_factor(step: int, warmup_steps: int, decay_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
+    """The learning-rate multiplier at optimizer step `step`: linear warm-up, then constant, or with
+    `decay_steps` a cosine from 1 down to `min_lr_ratio` over that many steps after the warm-up, then flat
+    (verl's `lr_scheduler_type: cosine` with `min_lr_ratio`)."""
+    if warmup_steps > 0 and step + 1 < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay_steps <= 0:
+        return 1.0
+    progress = min(1.0, max(0, step + 1 - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

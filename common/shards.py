@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.errors import ContractError
 from common.faults import fault_point
 
 MANIFEST = "_MANIFEST.json"
@@ -95,10 +96,6 @@ def _read_shard(path: Path, stage: str, columns: list[str] | None) -> pa.Table:
         present = pq.read_schema(path).names
         columns = [c for c in columns if c in present]
     return conform(pq.read_table(path, columns=columns), stage, columns)
-
-
-class ContractError(RuntimeError):
-    """A stage input or output breaks the contract (missing, altered, stale or malformed)."""
 
 
 # ---- layout -------------------------------------------------------------------------------
@@ -289,6 +286,14 @@ def reset_stage(out_dir: Path) -> None:
 def read_manifest(out_dir: Path) -> dict | None:
     path = Path(out_dir) / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def trained_iterations(run: Path) -> int:
+    """k: iterations 0..k-1 have a sealed train stage (v_k's checkpoint is not checked here)."""
+    k = 0
+    while read_manifest(stage_dir(run, k, "train")) is not None:
+        k += 1
+    return k
 
 
 def verify_stage(out_dir: Path) -> dict:

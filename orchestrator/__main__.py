@@ -16,7 +16,8 @@ import argparse
 import socket
 from pathlib import Path
 
-from common.config import ConfigError, load_config
+from common.config import load_config
+from common.errors import ConfigError
 from common.run import fail, quiet_environment, quiet_libraries
 
 
@@ -69,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    from orchestrator.runs import UserError
+    from common.errors import UserError
 
     try:
         if args.command == "iterate":
@@ -80,7 +81,8 @@ def main() -> None:
             quiet_libraries()
             inspect(args.run, args.iteration, args.row)
         elif args.command == "eval":
-            from orchestrator.loop import StageFailed, evaluate_checkpoint_now
+            from common.errors import StageFailed
+            from orchestrator.loop import evaluate_checkpoint_now
 
             quiet_libraries()
             try:
@@ -115,7 +117,8 @@ def main() -> None:
 
 
 def run_iterate(args: argparse.Namespace) -> None:
-    from orchestrator.loop import StageFailed, iterate
+    from common.errors import StageFailed
+    from orchestrator.loop import iterate
 
     if not args.config.exists():
         fail(f"config file {args.config} does not exist", fix="pass an existing file, e.g. CONFIG=configs/tiny.yaml")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from common import shards
+from common.errors import ContractError
 from common.run import load_run_config
 from common.shards import policy_version
 
@@ -27,7 +28,7 @@ def _check_iteration(run: Path, iteration: int, expected_rows: int) -> list[str]
     for stage in ("rollouts", "scored"):
         try:
             table = shards.read_stage(shards.stage_dir(run, iteration, stage), stage)
-        except shards.ContractError as error:
+        except ContractError as error:
             problems.append(f"iteration {iteration}: {error}")
             continue
         if table.num_rows != expected_rows:
@@ -74,14 +75,12 @@ def check_run(run: Path) -> tuple[int, list[str]]:
     run = Path(run)
     config = load_run_config(run)
     expected_rows = config.generate.prompts_per_iteration * config.generate.n
-    finished, problems = 0, []
-    while shards.read_manifest(shards.stage_dir(run, finished, "train")) is not None:
-        problems += _check_iteration(run, finished, expected_rows)
-        finished += 1
+    finished = shards.trained_iterations(run)
+    problems = [p for i in range(finished) for p in _check_iteration(run, i, expected_rows)]
     for checkpoint in sorted((run / "checkpoints").glob("v[0-9]*")):
         try:
             shards.verify_checkpoint(checkpoint)
-        except shards.ContractError as error:
+        except ContractError as error:
             problems.append(str(error))
     visible_partials = [p for p in run.rglob("*") if ".tmp" in p.name and not p.name.startswith(".")]
     problems += [f"half-written file visible: {p}" for p in visible_partials]

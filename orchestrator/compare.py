@@ -13,7 +13,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.runs import UserError, mlflow_run, require_run
+from common.errors import UserError
+from orchestrator.runs import mlflow_run, require_run
 
 KEY_PARAMS = ["model.student", "model.teacher", "train.loss", "train.lr", "train.warmup_steps",
               "generate.prompts_per_iteration", "generate.n", "train.mini_batch_prompts", "seed"]

@@ -16,7 +16,8 @@ from rich.table import Table
 from rich.text import Text
 
 from common import shards
-from orchestrator.runs import UserError, require_iteration, require_run
+from common.errors import UserError
+from orchestrator.runs import require_iteration, require_run
 from stages.score.mechanism import token_overlap
 
 

@@ -22,20 +22,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import yaml
-
 from common import shards
-from common.config import Config, ConfigError, config_from_dict, save_config
+from common.config import Config, save_config
+from common.errors import ConfigError, ContractError, StageFailed
 from common.faults import fault_point
 from common.hub import local_model_dir
 from common.run import RUN_CONFIG, exit_with_parent, free_port, load_run_config
 from orchestrator.tracking import Tracker
 
 STAGE_OUTPUT = {"generate": "rollouts", "score": "scored", "train": "train"}
-
-
-class StageFailed(RuntimeError):
-    pass
 
 
 def resolve_shards(config: Config, previous: Config | None, generation_workers: int) -> Config:
@@ -53,7 +48,7 @@ def prepare_run(run: Path, config: Config, force: bool, generation_workers: int 
     (mode, cluster, MLflow store, threads) is taken, and frozen, as is."""
     run.mkdir(parents=True, exist_ok=True)
     frozen = run / RUN_CONFIG
-    previous = config_from_dict(yaml.safe_load(frozen.read_text())) if frozen.exists() else None
+    previous = load_run_config(run) if frozen.exists() else None
     config = resolve_shards(config, previous, generation_workers)
     if previous is not None:
         if previous.hash() != config.hash() and not force:
@@ -65,7 +60,7 @@ def prepare_run(run: Path, config: Config, force: bool, generation_workers: int 
     if shards.checkpoint_ready(initial) and shards.read_manifest(shards.stage_dir(run, 0, "train")) is None:
         try:
             shards.verify_checkpoint(initial)
-        except shards.ContractError as error:
+        except ContractError as error:
             print(f"warning: {error}; copying the student again", file=sys.stderr, flush=True)
             shutil.rmtree(initial)
     if not shards.checkpoint_ready(initial):
@@ -95,14 +90,12 @@ def completed_iterations(run: Path) -> int:
     A missing or corrupt v_k means iteration k-1's training is redone: its inputs (v_{k-1} with its
     optimizer state, the scored shards) are kept until v_{k+1} exists.
     """
-    k = 0
-    while shards.read_manifest(shards.stage_dir(run, k, "train")) is not None:
-        k += 1
+    k = shards.trained_iterations(run)
     if k > 0:
         latest = shards.checkpoint_dir(run, k)
         try:
             shards.verify_checkpoint(latest)
-        except shards.ContractError as error:
+        except ContractError as error:
             print(f"warning: {error}; training iteration {k - 1} again", file=sys.stderr, flush=True)
             shards.reset_stage(shards.stage_dir(run, k - 1, "train"))
             shutil.rmtree(latest, ignore_errors=True)
@@ -183,12 +176,11 @@ class ResidentStages:
         NaN) stops the stage with one line. Anything else is a bug and keeps its traceback."""
         from distributed import KilledWorker
 
-        from stages.generate.gate import WeightSyncError
-        from stages.train.errors import NonFiniteError, StalePolicyError
+        from common.errors import NonFiniteError, StalePolicyError, WeightSyncError
 
         try:
             return self.client.gather(futures)
-        except (KilledWorker, ConfigError, shards.ContractError, WeightSyncError, NonFiniteError,
+        except (KilledWorker, ConfigError, ContractError, WeightSyncError, NonFiniteError,
                 StalePolicyError) as error:
             self.client.cancel(futures)
             what = "a worker died" if isinstance(error, KilledWorker) else str(error).splitlines()[0]

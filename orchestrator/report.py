@@ -21,7 +21,9 @@ from pathlib import Path
 
 from common import shards
 from common.config import teacher_routes
-from orchestrator.runs import UserError, mlflow_run, require_run, run_config
+from common.errors import UserError
+from common.run import load_run_config
+from orchestrator.runs import mlflow_run, require_run
 
 REPORT = "report.png"
 TEACHER_CACHE = "teacher_eval.json"
@@ -55,10 +57,10 @@ def teacher_eval(run: Path, k: int | None = None) -> dict:
     from common.hub import local_model_dir
     from common.run import quiet_libraries, set_threads
     from common.shards import policy_version
+    from stages.generate.engines import open_engine
     from stages.generate.jobs import eval_jobs, evaluate_engine
-    from stages.generate.sampling import open_engine
 
-    config = run_config(run)
+    config = load_run_config(run)
     k = k or config.eval.k
     key = {"teachers": {m: policy_version(local_model_dir(m)) for m in dict.fromkeys(teacher_routes(config).values())},
            "eval": dataclasses.asdict(config.eval), "k": k, "seed": config.seed,
@@ -199,7 +201,7 @@ def learning_table(run: Path) -> str:
         return f"{(manifests[(iteration, 'eval')]['finished_at'] - started) / 60:.1f}"
 
     trained = sorted(i for i, stage in manifests if stage == "train")
-    config = run_config(run)
+    config = load_run_config(run)
     rows = [
         ("iteration", [str(i) for i in evals]),
         (f"eval accuracy, sampled ({config.eval.prompts or 'all'} prompts)", [metric(i, "eval", "eval/accuracy")
@@ -234,7 +236,7 @@ def report(run: Path, out: Path | None = None, teacher: bool = True) -> Path:
         if client.get_run(run_id).data.metrics.get(TEACHER_METRIC) != teacher_accuracy:
             client.log_metric(run_id, TEACHER_METRIC, teacher_accuracy, step=0)
     curves = histories(client, run_id)
-    config = run_config(run)
+    config = load_run_config(run)
     title = (f"{run.name}: {config.generate.prompts_per_iteration} prompts x {config.generate.n} samples per "
              f"iteration, lr {config.train.lr:g}, loss {config.train.loss}")
     path = out or run / REPORT

@@ -16,6 +16,7 @@ from distributed import WorkerPlugin, get_worker
 
 from common import shards
 from common.config import Config, teacher_routes
+from common.errors import ContractError
 from common.run import exit_with_parent, load_run_config, quiet_libraries, set_threads
 from common.shards import policy_version
 
@@ -44,8 +45,8 @@ class Roles(WorkerPlugin):
     def generation_engine(self, config: Config, checkpoint: Path):
         """The resident engine holding `checkpoint`: opened on first use, then reloaded in place;
         checked against the checkpoint's weight-sync probe whenever it takes a new policy."""
+        from stages.generate.engines import open_engine
         from stages.generate.gate import check_weight_sync
-        from stages.generate.sampling import open_engine
 
         if self.engine is None:
             self.engine = open_engine(config, checkpoint)
@@ -138,7 +139,7 @@ def score_task(run: Path, iteration: int, rollout: dict, versions: dict[str, str
     config = _config(run)
     path = shards.stage_dir(run, iteration, "rollouts") / rollout["file"]
     if not path.exists() or file_sha256(path) != rollout["sha256"]:
-        raise shards.ContractError(f"{path} is not the rollout shard that was sampled (missing or altered)")
+        raise ContractError(f"{path} is not the rollout shard that was sampled (missing or altered)")
     return {**score_shard(config, run, iteration, path, roles().teacher_scorers(config), versions),
             "worker": get_worker().address}
 

@@ -7,19 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from common import shards
-from common.config import Config, config_from_dict
-from common.run import RUN_CONFIG
+from common.errors import UserError
+from common.run import RUN_CONFIG, load_run_config
 from orchestrator.tracking import RUN_ID_FILE, tracking_uri
-
-
-class UserError(RuntimeError):
-    """A mistake the user can fix: the message says what is wrong and how to fix it."""
-
-    def __init__(self, message: str, fix: str):
-        super().__init__(f"{message} (fix: {fix})")
 
 
 def run_names(root: Path) -> list[str]:
@@ -35,10 +26,6 @@ def require_run(run: Path, what: str = "RUN") -> Path:
                else f"start it first with `make iterate RUN={run.name}`")
         raise UserError(f"no run folder {run}", fix)
     return run
-
-
-def run_config(run: Path) -> Config:
-    return config_from_dict(yaml.safe_load((Path(run) / RUN_CONFIG).read_text()))
 
 
 def scored_iterations(run: Path) -> list[int]:
@@ -64,4 +51,4 @@ def mlflow_run(run: Path) -> tuple[str, str]:
     id_file = Path(run) / RUN_ID_FILE
     if not id_file.exists():
         raise UserError(f"{run} has no MLflow run yet", f"run `make iterate RUN={Path(run).name}` first")
-    return tracking_uri(run_config(run), run), id_file.read_text().strip()
+    return tracking_uri(load_run_config(run), run), id_file.read_text().strip()

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ConfigError
 from common.data import load_prompts
+from common.errors import ConfigError
 from common.modeling import load_tokenizer
 from common.shards import file_sha256
 from rehearsal.tokenizer import BuildError, ensure_tokenizer

@@ -1,7 +1,8 @@
 """Config loading: defaults, overrides, and one-line errors that name the key."""
 import pytest
 
-from common.config import ConfigError, load_config
+from common.config import load_config
+from common.errors import ConfigError
 
 
 def test_tiny_config_loads_and_overrides_apply():
@@ -47,3 +48,13 @@ def test_the_hash_covers_what_changes_results_and_nothing_else():
     operational = ["orchestrator.mode=subprocess", "cluster.workers=2", "threads=1", "mlflow.experiment=other"]
     assert load_config("configs/tiny.yaml", operational).hash() == base.hash()
     assert load_config("configs/tiny.yaml", ["train.lr=1e-3"]).hash() != base.hash()
+
+
+def test_a_max_model_len_below_the_longest_sequence_its_engine_holds_is_refused_for_either_role():
+    """One rule for both engines: prompt + the longest response it samples (eval's too) or scores, + 1."""
+    base = ["data.max_prompt_tokens=100", "generate.max_response_tokens=50", "eval.max_response_tokens=80"]
+    load_config("configs/tiny.yaml", base + ["generate.max_model_len=181", "score.max_model_len=151"])
+    with pytest.raises(ConfigError, match="generate.max_model_len': 151 < 181"):
+        load_config("configs/tiny.yaml", base + ["generate.max_model_len=151"])  # enough for training, not eval
+    with pytest.raises(ConfigError, match="score.max_model_len': 150 < 151"):
+        load_config("configs/tiny.yaml", base + ["score.max_model_len=150"])

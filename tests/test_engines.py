@@ -6,8 +6,9 @@ import pytest
 import torch
 from pipeline_helpers import SHAPING_GENERATION_CONFIG, shaped_copy
 
-from common.config import ConfigError, load_config
+from common.config import load_config
 from common.data import load_prompts
+from common.errors import ConfigError
 from common.modeling import load_model, load_tokenizer, response_logprobs
 from stages.generate.hf_engine import _generation_config, sample
 from stages.generate.sampling import SamplingParams
@@ -47,9 +48,31 @@ def test_same_seed_same_samples_and_another_seed_other_samples():
     # The seed reaches the sampler: most of the 16 responses change with it (a fixed stream would change none).
     changed = sum(a.response_ids != b.response_ids for a, b in zip(first, other))
     assert changed >= 8, changed
-    greedy = SamplingParams(n=1, max_new_tokens=32, temperature=0.0)
-    assert all(lp <= 0 for s in sample(model, prompts, greedy, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-               for lp in s.logprobs)
+
+
+def not_argmax_tokens(model, prompts: list[list[int]], samples) -> int:
+    """Response tokens that are not the argmax of the model's next-token logits after their prefix (one
+    full forward per response: no KV cache, no sampler code)."""
+    misses = 0
+    with torch.no_grad():
+        for s in samples:
+            prompt = prompts[s.prompt_index]
+            logits = model(torch.tensor([prompt + s.response_ids])).logits[0]
+            predicted = logits[len(prompt) - 1 : len(prompt) + len(s.response_ids) - 1].argmax(-1).tolist()
+            misses += sum(p != t for p, t in zip(predicted, s.response_ids))
+    return misses
+
+
+def test_greedy_sampling_takes_the_argmax_token_at_every_step():
+    """temperature 0 is greedy: every token is the argmax after its prefix; the control, sampling at
+    temperature 1, takes other tokens (so the check can fail)."""
+    tokenizer, model = load_tokenizer(STUDENT), load_model(STUDENT)
+    prompts = [p.prompt_ids for p in load_prompts("assets/tiny/data/eval.parquet", tokenizer, 1024, False).prompts[:8]]
+    eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    greedy = sample(model, prompts, SamplingParams(n=1, max_new_tokens=32, temperature=0.0), eos, pad)
+    assert sum(map(len, (s.response_ids for s in greedy))) > 100 and not_argmax_tokens(model, prompts, greedy) == 0
+    sampled = sample(model, prompts, SamplingParams(n=2, max_new_tokens=32, temperature=1.0, seed=5), eos, pad)
+    assert not_argmax_tokens(model, prompts, sampled) > 0
 
 
 def test_a_checkpoints_generation_config_does_not_shape_sampling(tmp_path):

@@ -18,8 +18,8 @@ import pytest
 from pipeline_helpers import OVERRIDES, assert_same_as_reference, orchestrate, rollout_digests
 
 from common import shards
-from common.config import ConfigError
 from common.data import load_prompts
+from common.errors import ConfigError
 from common.modeling import load_tokenizer
 from orchestrator.checks import check_run
 

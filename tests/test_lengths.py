@@ -10,11 +10,12 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from common import shards
 from common.attention import attention_implementation
 from common.batching import micro_batches
-from common.config import ConfigError, load_config
+from common.config import load_config
 from common.data import load_prompts
+from common.errors import ConfigError, StageFailed
 from common.memory import peak_rss_gib, reset_peaks, rss_gib
 from common.modeling import load_model, load_tokenizer, response_logprobs
-from orchestrator.loop import StageFailed, check_length_health
+from orchestrator.loop import check_length_health
 from stages.generate.hf_engine import kv_batches, kv_bytes_per_token, sample
 from stages.generate.sampling import SamplingParams
 from stages.score.teacher import HfScorer

@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from common.config import ConfigError, load_config
+from common.config import load_config
+from common.errors import ConfigError
 from stages.train.loss import LossConfig, TokenBatch, distillation_loss, grpo_advantages, truncated_is_weights
 
 LOSS_CLAMP, LOG_PROB_FLOOR, CLIP, DUAL, ALPHA = 10.0, -10.0, 0.2, 3.0, 5.0
@@ -174,6 +175,22 @@ def test_regions_are_hit():
     assert any(math.exp(q - p) - (q - p) - 1 > 10 for p, q in zip(lp, lq)), "k3's loss clamp"
     assert any(r > 1.2 for r in ratios) and any(r < 0.8 for r in ratios), "PPO clip"
     assert any(a < 0 and -a * r > -3 * a for a, r in zip(advantages, ratios)), "dual clip"
+
+
+def test_clip_counts_match_the_reference_regions_and_the_dual_clip_is_counted_apart():
+    """clipped_tokens counts tokens where the reference's gradient is cut by either PPO bound or the
+    dual clip; dual_clipped_tokens (verl's pg_clipfrac_lower) only those capped at -3 A with A < 0."""
+    lp, old, lq = random_case(1, 400)
+    advantages = [-min(max(p - q, -10), 10) for p, q in zip(lp, lq)]
+    ratios = [math.exp(p - o) for p, o in zip(lp, old)]
+    dual = sum(a < 0 and -a * max(r, 1 - CLIP) > -DUAL * a for a, r in zip(advantages, ratios))
+    either = sum((-a * min(max(r, 1 - CLIP), 1 + CLIP) > -a * r) or (a < 0 and -a * max(r, 1 - CLIP) > -DUAL * a)
+                 for a, r in zip(advantages, ratios))
+    out = distillation_loss(TokenBatch(f64(lp), f64(old), f64(lq)), normaliser=1.0, config=LossConfig(mode="k1"))
+    assert 0 < dual < either < len(lp)
+    assert (out.dual_clipped_tokens, out.clipped_tokens) == (dual, either)
+    direct = distillation_loss(TokenBatch(f64(lp), f64(old), f64(lq)), normaliser=1.0, config=LossConfig(mode="k2"))
+    assert (direct.dual_clipped_tokens, direct.clipped_tokens) == (0, 0)
 
 
 def test_topk_regions_are_hit():

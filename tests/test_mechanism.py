@@ -28,6 +28,30 @@ def test_mechanism_metrics_on_a_hand_made_example():
     assert metrics["mechanism/topk_overlap"] == pytest.approx(0.5)          # {2} of {2, 3}
     assert metrics["mechanism/student_mass_on_shared"] == pytest.approx(0.3)  # the student's p(2)
     assert metrics["mechanism/teacher_mass_on_shared"] == pytest.approx(0.5)  # the teacher's p(2)
+    # The end-to-end test's polars recomputation, checked here on the same example.
+    assert recomputed_mechanism(pl.DataFrame(columns | {"response_ids": [[0] * 6]})) == pytest.approx(metrics)
+
+
+def recomputed_mechanism(scored: pl.DataFrame) -> dict[str, float]:
+    """The mechanism metrics from a scored shard, in polars (token rows, joins), not mechanism.py's loops."""
+    tokens = (scored.with_row_index("row")
+              .select("row", "rollout_logprobs", "teacher_logprobs", "student_topk_ids", "student_topk_logprobs",
+                      "teacher_topk_ids", "teacher_topk_logprobs",
+                      length=pl.col("response_ids").list.len(),
+                      position=pl.int_ranges(pl.col("response_ids").list.len()))
+              .explode("rollout_logprobs", "teacher_logprobs", "student_topk_ids", "student_topk_logprobs",
+                       "teacher_topk_ids", "teacher_topk_logprobs", "position")
+              .with_row_index("token"))
+    third = pl.min_horizontal(3 * pl.col("position") // pl.col("length"), 2)
+    kl = tokens.group_by(third.alias("third")).agg((pl.col("rollout_logprobs") - pl.col("teacher_logprobs")).mean())
+    metrics = {f"mechanism/reverse_kl_{['start', 'middle', 'end'][t]}": v for t, v in kl.iter_rows()}
+    student = tokens.select("token", id="student_topk_ids", lp="student_topk_logprobs").explode("id", "lp")
+    teacher = tokens.select("token", id="teacher_topk_ids", lq="teacher_topk_logprobs").explode("id", "lq")
+    shared = student.join(teacher, on=["token", "id"])  # one row per (token, id) in both top-k sets
+    k_teacher = tokens["teacher_topk_ids"].list.len()
+    return metrics | {"mechanism/topk_overlap": (1.0 / k_teacher.gather(shared["token"])).sum() / tokens.height,
+                      "mechanism/student_mass_on_shared": shared["lp"].exp().sum() / tokens.height,
+                      "mechanism/teacher_mass_on_shared": shared["lq"].exp().sum() / tokens.height}
 
 
 @pytest.mark.slow  # a whole iteration; the loss itself: test_loss.py; vLLM's top-k columns: test_vllm.py
@@ -44,8 +68,8 @@ def test_reverse_kl_on_the_students_topk_end_to_end(tmp_path):
     first = scored.row(0, named=True)
     assert all(len(ids) == 4 for ids in first["student_topk_ids"])
     metrics = shards.read_manifest(shards.stage_dir(run, 0, "scored"))["metrics"]
-    assert 0.0 < metrics["mechanism/topk_overlap"] <= 1.0
-    assert 0.0 < metrics["mechanism/teacher_mass_on_shared"] <= 1.0 + 1e-6
+    for name, value in recomputed_mechanism(scored).items():
+        assert metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
     train = shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"]
     assert train["train/loss"] > 0 and math.isfinite(train["train/grad_norm"])
     shown = subprocess.run([sys.executable, "-m", "orchestrator", "inspect", "--run", str(run), "--iter", "0",

@@ -60,11 +60,16 @@ def test_trainer_refuses_a_stale_shard(run, tmp_path):
     assert "refusing to train" in result.stderr and "v0000" in result.stderr
 
 
-def test_changed_config_is_refused_unless_forced(run):
+def test_changed_config_is_refused_unless_forced(run, tmp_path):
     result = orchestrate(run, 0, "-o", "train.lr=5e-4")
     assert result.returncode == 2 and "train.lr" in result.stderr
-    frozen = load_config(run / "run.yaml")
-    assert frozen.train.lr == 1e-4
+    assert load_config(run / "run.yaml").train.lr == 1e-4
+    forced = tmp_path / "forced"  # a copy: the other tests read the module's run as it is
+    shutil.copytree(run, forced)
+    result = orchestrate(forced, 0, "-o", "train.lr=5e-4", "--force")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_config(forced / "run.yaml").train.lr == 5e-4  # continued, and frozen under the new config
+    assert orchestrate(forced, 0, "-o", "train.lr=5e-4").returncode == 0  # which now needs no force
 
 
 @pytest.mark.slow  # the default suite's kill -9 and corruption tests resume the same way

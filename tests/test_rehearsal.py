@@ -11,8 +11,8 @@ import pytest
 from pipeline_helpers import ROOT, needs_shared
 
 from common import shards
+from common.run import load_run_config
 from orchestrator.checks import check_run
-from orchestrator.runs import run_config
 
 MODELS = ROOT / "assets" / "rehearsal"
 
@@ -51,7 +51,7 @@ def test_the_small_rehearsal_runs_two_resident_iterations_at_the_real_widths(mod
     share of the machine at which Dask pauses a worker by default): both iterations finish."""
     run = tmp_path / "rehearse-small"
     assert_rehearsed(run, rehearse(run, "--small", "--iterations", "2"), micro_batches=2, iterations=2)
-    assert run_config(run).orchestrator.mode == "resident"
+    assert load_run_config(run).orchestrator.mode == "resident"
 
 
 @pytest.mark.slow
@@ -60,7 +60,7 @@ def test_the_full_rehearsal_keeps_the_cards_settings_and_passes_check(models, tm
     run = tmp_path / "rehearse"
     result = rehearse(run)
     assert_rehearsed(run, result, micro_batches=2)
-    t = run_config(run).train  # the frozen config: the card's training settings stand
+    t = load_run_config(run).train  # the frozen config: the card's training settings stand
     assert (t.zero_stage, t.offload_params, t.offload_optimizer, t.packing, t.gradient_checkpointing) == (
         3, True, True, True, True)
     assert (t.max_tokens_per_micro_batch, t.loss, t.policy_gradient, t.lr) == (8192, "k1", True, 1e-6)

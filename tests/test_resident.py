@@ -10,8 +10,9 @@ import pytest
 from pipeline_helpers import assert_same_as_reference, orchestrate
 
 from common import shards
+from common.errors import WeightSyncError
 from common.modeling import load_weights_in_place
-from stages.generate.gate import WeightSyncError, check_weight_sync
+from stages.generate.gate import check_weight_sync
 from stages.generate.hf_engine import HfEngine
 
 
@@ -40,7 +41,7 @@ def test_the_controllers_modules_import_no_model_library():
     """What the resident controller imports to plan, seal and catch a stage's refusal loads neither
     torch nor transformers; the workers' modules do (the negative control)."""
     controller = ("orchestrator.loop", "orchestrator.cluster", "orchestrator.roles", "orchestrator.tracking",
-                  "stages.generate.stage", "stages.score.scoring", "stages.train.errors")
+                  "stages.generate.stage", "stages.score.scoring", "common.errors")
     check = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]; print('torch' in sys.modules)"
     ran = [subprocess.run([sys.executable, "-c", check, *modules], capture_output=True, text=True, check=True)
            for modules in (controller, ("stages.score.teacher",))]

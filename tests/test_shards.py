@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 
 from common import shards
+from common.errors import ContractError
 
 
 def rollout_rows(n, version="v0000-abc"):
@@ -36,7 +37,7 @@ def test_round_trip_and_manifest(tmp_path):
 def test_unfinished_stage_is_rejected(tmp_path):
     out = shards.stage_dir(tmp_path, 0, "rollouts")
     shards.write_shard(pa.Table.from_pylist(rollout_rows(2), schema=shards.ROLLOUT_SCHEMA), out, 0)
-    with pytest.raises(shards.ContractError, match="did not finish"):
+    with pytest.raises(ContractError, match="did not finish"):
         shards.read_stage(out, "rollouts")
 
 
@@ -45,10 +46,10 @@ def test_altered_or_missing_shard_is_rejected(tmp_path):
     path = shards.write_shard(pa.Table.from_pylist(rollout_rows(4), schema=shards.ROLLOUT_SCHEMA), out, 0)
     shards.write_manifest(out, "rollouts", 0, started=0.0)
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(shards.ContractError, match="sha256"):
+    with pytest.raises(ContractError, match="sha256"):
         shards.read_stage(out, "rollouts")
     path.unlink()
-    with pytest.raises(shards.ContractError, match="missing"):
+    with pytest.raises(ContractError, match="missing"):
         shards.read_stage(out, "rollouts")
 
 
@@ -56,7 +57,7 @@ def test_missing_column_is_rejected(tmp_path):
     out = shards.stage_dir(tmp_path, 0, "scored")
     shards.write_shard(pa.Table.from_pylist(rollout_rows(2), schema=shards.ROLLOUT_SCHEMA), out, 0)
     shards.write_manifest(out, "scored", 0, started=0.0)
-    with pytest.raises(shards.ContractError, match="teacher_logprobs"):
+    with pytest.raises(ContractError, match="teacher_logprobs"):
         shards.read_stage(out, "scored")
 
 
@@ -74,5 +75,5 @@ def test_reading_some_columns_still_verifies_the_whole_shard(tmp_path):
                                  "student_topk_ids": [r["student_topk_ids"] for r in rows]}
     assert shards.read_files(out, "rollouts", wanted).schema.names == table.schema.names
     path.write_bytes(path.read_bytes()[:-10])  # a column that is not read is still part of the checksum
-    with pytest.raises(shards.ContractError, match="sha256"):
+    with pytest.raises(ContractError, match="sha256"):
         shards.read_stage(out, "rollouts", ["response_ids"])

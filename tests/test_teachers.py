@@ -16,9 +16,10 @@ import torch
 from pipeline_helpers import ROOT
 
 from common import shards
-from common.config import ConfigError, load_config, teacher_for
+from common.config import load_config, teacher_for
 from common.data import load_prompts
-from common.modeling import load_tokenizer
+from common.errors import ConfigError
+from common.modeling import load_model, load_tokenizer
 from common.vllm import vllm_available
 from stages.score.scoring import routed_scores
 from stages.score.teacher import HfScorer, ServedScorer
@@ -68,7 +69,7 @@ def test_a_two_domain_run_records_the_teacher_of_every_row_and_its_metrics(tmp_p
     run = tmp_path / "mopd"
     command = [sys.executable, "-m", "orchestrator", "iterate", "--run", str(run), "--config", "configs/tiny-mopd.yaml",
                "-n", "1", "-o", "eval.every=0", "-o", "generate.prompts_per_iteration=16", "-o",
-               "train.mini_batch_prompts=8", "-o", "cluster.workers=2"]
+               "train.mini_batch_prompts=8", "-o", "cluster.workers=2", "-o", "cluster.peak_tflops=0.5"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     scored = pl.read_parquet(shards.stage_dir(run, 0, "scored") / "*.parquet")
@@ -78,6 +79,18 @@ def test_a_two_domain_run_records_the_teacher_of_every_row_and_its_metrics(tmp_p
     for name in expected.values():
         assert {f"score/{name}/reverse_kl", f"rollout/{name}/accuracy"} <= set(metrics)
     assert sum(metrics[f"rollout/{name}/rows"] for name in expected.values()) == scored.height
+    # score/mfu: every row's forward by its own teacher (2 N per token + 4 L d S^2; N counted here from the
+    # loaded model), over the two workers' summed teacher seconds and the configured peak.
+    flops = 0.0
+    for source, name in expected.items():
+        teacher = load_model(MOPD / name)
+        n, c = sum(p.numel() for p in teacher.parameters()), teacher.config
+        rows = scored.filter(pl.col("data_source") == source)
+        for prompt, response in zip(rows["prompt_ids"], rows["response_ids"]):
+            s = len(prompt) + len(response)
+            flops += 2 * n * s + 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * s * s
+    assert metrics["score/mfu"] == pytest.approx(flops / (metrics["score/teacher_forward_s"] * 0.5e12), rel=1e-9)
+    assert "train/mfu" in shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"]
 
 
 def test_make_eval_k_gives_the_unbiased_pass_at_k_of_its_shards(reference_run, tmp_path):

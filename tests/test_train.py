@@ -4,6 +4,7 @@ changes nothing, resume continues the same optimizer trajectory, and bad numbers
 Most tests train on a synthetic scored shard (random responses, random teacher log-probs) written
 through the shard contract, so they exercise the real stage process without the other stages."""
 import json
+import math
 import os
 import random
 import shutil
@@ -18,11 +19,12 @@ from safetensors.torch import load_file
 
 from common import shards
 from common.config import load_config
+from common.errors import ConfigError, ContractError
 from common.modeling import load_model, response_logprobs
 from common.shards import policy_version
 from orchestrator.loop import prepare_run
 from stages.train.engine import PolicyLogprobs
-from stages.train.iteration import IterationData, iteration_data, minibatch_backward
+from stages.train.iteration import IterationData, iteration_data, minibatch_backward, train_iteration
 from stages.train.loss import LossConfig
 
 BASE = ["generate.prompts_per_iteration=8", "generate.n=2", "train.mini_batch_prompts=4", "train.lr=1e-3",
@@ -158,6 +160,89 @@ def test_a_ratio_loss_without_lp_old_after_a_step_is_refused_and_a_direct_loss_i
     assert all(old is None for old in data.old)
 
 
+class SteppingFloat64Engine(Float64Engine):
+    """Float64Engine with the optimizer half of DeepSpeed's engine (step, norm, lr), counting the
+    forwards that bypass it (lp_old's recomputation goes through `engine.module`)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        self.bypassing_forwards, self.norm = 0, 0.0
+        forward = self.module.forward
+
+        def counted(*inputs):
+            self.bypassing_forwards += 1
+            return forward(*inputs)
+        self.module.forward = counted
+
+    def __call__(self, *inputs):
+        return self.module.__class__.forward(self.module, *inputs)
+
+    def step(self):
+        self.norm = torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+    def get_lr(self):
+        return [0.5]
+
+
+def two_steps(old_logprobs: str, rollout_noise: float) -> tuple[dict, list[torch.Tensor], int]:
+    """Two optimizer steps (k1) on 16 rows of 4 prompts; the shard's rollout log-probs are v_i's own
+    (recomputed here in float64) plus uniform noise. Returns the metrics, the weights and the
+    forwards that bypassed the engine (lp_old's recomputation)."""
+    rng = random.Random(6)
+    model, data, own = float64_rows(7, 16, rng)
+    data.rollout = [(o + torch.tensor([rng.uniform(-rollout_noise, rollout_noise) for _ in o], dtype=torch.float64))
+                    .float() for o in own]  # the shard's rollout_logprobs are fp32, as lp_old is kept
+    config = load_config("configs/tiny.yaml", ["generate.prompts_per_iteration=4", "generate.n=4",
+                                               "train.mini_batch_prompts=2", "train.micro_batch_size=4",
+                                               f"train.old_logprobs={old_logprobs}"])
+    engine = SteppingFloat64Engine(model)
+    metrics = train_iteration(config, engine, data, [f"p{k // 4}" for k in range(16)], 0, 0, 0)
+    return metrics, [p.detach().clone() for p in model.parameters()], engine.bypassing_forwards
+
+
+def test_rollout_lp_old_trains_as_the_recomputation_when_the_sampler_agrees_and_saves_its_forward():
+    """train.old_logprobs=rollout takes lp_old from the shard: with the sampler's log-probs equal to v_i's
+    own, the two steps land on the recomputation's weights with no lp_old forward; with the sampler off by
+    up to 0.5 nats (the control) they do not, and the gap metric, still taken on v_i's own forward of the
+    first mini-batch, sees the offset."""
+    recomputed, reference, recompute_forwards = two_steps("recompute", 0.0)
+    agreeing, weights, forwards = two_steps("rollout", 0.0)
+    assert recompute_forwards == 4 and forwards == 0  # 16 rows in micro-batches of 4
+    assert max((a - b).abs().max().item() for a, b in zip(weights, reference)) < 1e-10
+    assert agreeing["train/loss"] == pytest.approx(recomputed["train/loss"], abs=1e-10)
+    assert agreeing["train/logprob_gap_max"] < 1e-6
+    off, off_weights, _ = two_steps("rollout", 0.5)
+    assert max((a - b).abs().max().item() for a, b in zip(off_weights, reference)) > 1e-4
+    assert 0.2 < off["train/logprob_gap_mean"] < 0.3  # E|U(-0.5, 0.5)| = 0.25
+    assert off["train/clip_fraction"] > 0.2 > recomputed["train/clip_fraction"]
+
+
+def test_rollout_lp_old_with_truncated_is_is_refused_at_load():
+    with pytest.raises(ConfigError, match="train.old_logprobs"):
+        load_config("configs/tiny.yaml", ["train.old_logprobs=rollout", "train.tis=true"])
+
+
+def test_the_lr_schedule_warms_up_then_holds_or_follows_a_cosine_to_its_floor():
+    """The trainer's LambdaLR multiplier (common/seeds.py: lr_factor), against values worked by hand:
+    warm-up 4 steps, then a cosine over 10 steps from 1 to 0.1, then flat; without decay_steps it is
+    the old warm-up-then-constant schedule."""
+    from common.seeds import lr_factor
+    got = [lr_factor(step, 4, 10, 0.1) for step in range(16)]
+    # after warm-up: 0.1 + 0.9 * (1 + cos(pi * k / 10)) / 2 for k = step + 1 - 4
+    want = [0.25, 0.5, 0.75, 1.0] + [0.1 + 0.45 * (1 + math.cos(math.pi * k / 10)) for k in range(1, 11)] + [0.1] * 2
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got[3 + 5] == pytest.approx(0.55)  # half way down
+    assert [lr_factor(step, 4) for step in range(8)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ConfigError, match="train.min_lr_ratio"):
+        load_config("configs/tiny.yaml", ["train.min_lr_ratio=2"])
+
+
 def test_packed_and_padded_logprobs_agree():
     model = load_model(STUDENT)
     prompts, responses = random_rows(5, 12)
@@ -198,7 +283,7 @@ def test_the_scored_columns_become_the_tensors_python_lists_give():
     assert data.prompts == [r["prompt_ids"] for r in rows] and data.responses == [r["response_ids"] for r in rows]
     ragged = table.to_pylist()
     ragged[2]["student_topk_ids"][1] = [5, 6]  # one token with a top-2 among top-3s
-    with pytest.raises(shards.ContractError, match="unequal top-k width"):
+    with pytest.raises(ContractError, match="unequal top-k width"):
         iteration_data(pa.Table.from_pylist(ragged), load_config("configs/tiny.yaml", [
             "train.loss=reverse_kl_topk", "generate.student_topk=3"]).train)
 
@@ -300,6 +385,39 @@ def test_non_finite_loss_aborts_without_a_checkpoint(tmp_path):
     assert message.startswith("error: iteration 0, mini-batch") and "micro-batch" in message and "non-finite" in message
     assert not shards.checkpoint_dir(run, 1).exists()
     assert shards.read_manifest(shards.stage_dir(run, 0, "train")) is None
+
+
+def test_train_mfu_is_three_forwards_of_every_row_over_the_steps_time_and_the_peak(tmp_path):
+    """train/mfu against a count made here from the loaded model: 2 N per token (N: every parameter, the
+    tied embedding once as the output projection) + 4 L d S^2 per sequence, times 3 for the backward,
+    over train/step_seconds x cluster.peak_tflops; and absent on a CPU without a configured peak."""
+    run = new_run(tmp_path, "mfu", "cluster.peak_tflops=0.5")
+    write_scored(run, 0, seed=3)
+    assert train(run, 0).returncode == 0
+    metrics = shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"]
+    model = load_model(STUDENT)
+    n = sum(p.numel() for p in model.parameters())  # tied: the embedding matrix is also the output projection
+    assert model.config.tie_word_embeddings
+    c = model.config
+    prompts, responses = random_rows(3 * 100 + 0, 16)
+    lengths = [len(prompts[k // 2]) + len(r) for k, r in enumerate(responses)]
+    flops = 3 * sum(2 * n * s + 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * s * s for s in lengths)
+    assert metrics["train/mfu"] == pytest.approx(flops / (metrics["train/step_seconds"] * 0.5e12), rel=1e-9)
+    plain = new_run(tmp_path, "no-peak")
+    write_scored(plain, 0, seed=3)
+    assert train(plain, 0).returncode == 0
+    assert "train/mfu" not in shards.read_manifest(shards.stage_dir(plain, 0, "train"))["metrics"]
+
+
+def test_the_profiler_window_traces_the_chosen_iteration_only_and_stays_out_of_the_sealed_folders(tmp_path):
+    run = new_run(tmp_path, "profiled", "train.profile_iteration=1")
+    for iteration in (0, 1):
+        write_scored(run, iteration, seed=4)
+        assert train(run, iteration).returncode == 0
+    assert sorted(p.name for p in (run / "profile").iterdir()) == ["iter=1-rank0.json", "iter=1-rank0.txt"]
+    trace = json.loads((run / "profile" / "iter=1-rank0.json").read_text())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    shards.verify_stage(shards.stage_dir(run, 1, "train"))  # the sealed folder holds only what its manifest lists
 
 
 def max_difference(a: dict, b: dict) -> float:

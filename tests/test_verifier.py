@@ -19,7 +19,8 @@ import pytest
 from pipeline_helpers import ROOT, SHARED_DATA, needs_shared
 
 import common.verifier as verifier
-from common.config import ConfigError, config_from_dict
+from common.config import config_from_dict
+from common.errors import ConfigError
 from common.verifier import STATUSES, grade, grade_batch, shutdown, worker_pids
 from common.verifier.equivalence import _exact_numbers, decide, guard, parse_answer, use_two_stage_parsing
 from common.verifier.extract import extract_answer

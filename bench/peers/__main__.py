@@ -28,9 +28,12 @@ VOCABULARY = json.loads((STUDENT / "config.json").read_text())["vocab_size"]
 # They sample with the HF engine: on this CPU vLLM's engine start costs 30-60 s and it samples ~1.3x
 # faster, which 20 short iterations do not pay back; on a GPU add generate.engine=vllm (`--variant ...`).
 # `vopd` and `poweropd` are the card's k1 with a value baseline over the student's top-16 and with a
-# bounded reward (docs/loss.md): one teacher log-prob per token (vopd: 16), as k1.
+# bounded reward (docs/loss.md): one teacher log-prob per token (vopd: 16), as k1. `poweropd-rollout`
+# also takes lp_old from the sampler (train.old_logprobs=rollout): the HF sampler is the trainer's fp32
+# model, so this saves the lp_old forward and changes nothing else (tests/test_train.py).
 VARIANTS = {"default": [], "vopd": ["train.loss=vopd", "generate.student_topk=16"],
             "poweropd": ["train.loss=poweropd"],
+            "poweropd-rollout": ["train.loss=poweropd", "train.old_logprobs=rollout"],
             "best": ["train.loss=reverse_kl_topk", "generate.student_topk=16"],
             "exact": ["train.loss=reverse_kl_topk", f"generate.student_topk={VOCABULARY}"]}
 

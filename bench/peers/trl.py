@@ -61,7 +61,7 @@ def trl_main(out: Path, iterations: int, launch: float, threads: int, vllm: bool
 
     from common.config import load_config
     from common.modeling import load_model
-    from common.seeds import warmup_factor
+    from common.seeds import lr_factor
 
     config = load_config(CONFIG, [f"seed={seed}"])  # the pipeline's `seed` key: prompts, order, sampling
     g, t = config.generate, config.train
@@ -89,7 +89,7 @@ def trl_main(out: Path, iterations: int, launch: float, threads: int, vllm: bool
     student, teacher = load_model(ROOT / config.model.student), load_model(ROOT / config.model.teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # the train stage's schedule (common/seeds.py)
-        optimizer, lambda step: warmup_factor(step, t.warmup_steps))
+        optimizer, lambda step: lr_factor(step, t.warmup_steps, t.decay_steps, t.min_lr_ratio))
     args = DistillationConfig(
         output_dir=str(out / "trainer"), report_to="none", save_strategy="no", logging_steps=steps_per_iteration,
         use_cpu=True, bf16=False, gradient_checkpointing=False, seed=config.seed, data_seed=config.seed,

@@ -9,11 +9,9 @@ iter=i/eval/. Finished outputs are skipped (stages/generate/stage.py).
 """
 from __future__ import annotations
 
-from common import shards
-from common.config import ConfigError
+from common.errors import ConfigError, ContractError, WeightSyncError
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
-from stages.generate.gate import WeightSyncError
-from stages.generate.sampling import open_engine
+from stages.generate.engines import open_engine
 from stages.generate.stage import generate_stage
 
 
@@ -28,7 +26,7 @@ def main() -> None:
         set_threads(config)
         engine = generate_stage(config, args.run, args.iteration, lambda checkpoint: open_engine(config, checkpoint),
                                 args.eval_only, args.eval_k)
-    except shards.ContractError as error:
+    except ContractError as error:
         fail(f"{error}: train iteration {args.iteration - 1} (again) first")
     except (ConfigError, ImportError, WeightSyncError) as error:
         fail(str(error))

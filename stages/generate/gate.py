@@ -19,12 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from common import shards
+from common.errors import WeightSyncError
 
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
-
-
-class WeightSyncError(RuntimeError):
-    pass
 
 
 def check_weight_sync(engine, checkpoint: Path) -> dict[str, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from common.config import ConfigError
+from common.errors import ConfigError
 from common.modeling import load_inference_model, load_tokenizer, load_weights_in_place, response_logprobs
 from common.weights import checksums, model_tensors
 from stages.generate.sampling import Progress, Sampled, SamplingParams

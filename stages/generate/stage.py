@@ -63,7 +63,7 @@ def discard_stale(run: Path, iteration: int, version: str, folders: tuple[str, .
 def plan_generation(config: Config, run: Path, iteration: int, eval_only: bool = False,
                     eval_k: int | None = None, trusted: bool = False) -> GenerationPlan | None:
     """The jobs left for iteration i (None when nothing is), after clearing unsealed or stale outputs.
-    Raises shards.ContractError when v_i's policy is missing or altered; `trusted`: its writer's hashes
+    Raises ContractError when v_i's policy is missing or altered; `trusted`: its writer's hashes
     were handed to this process in this run, so only the files' sizes are checked."""
     checkpoint = shards.checkpoint_dir(run, iteration)
     verify_started = time.time()

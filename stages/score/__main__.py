@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from common import shards
-from common.config import ConfigError
+from common.errors import ConfigError, ContractError
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
 from stages.score.scoring import score_shard, seal_scored, sealed_rollouts, start_scoring, teacher_versions
 from stages.score.teacher import Teachers
@@ -35,7 +35,7 @@ def main() -> None:
         finally:
             teachers.close()
         seal_scored(config, args.run, args.iteration, done, started, versions)
-    except (ConfigError, shards.ContractError, ImportError) as error:
+    except (ConfigError, ContractError, ImportError) as error:
         fail(str(error))
 
 

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from common import shards
 from common.config import Config, teacher_for, teacher_name, teacher_routes
+from common.flops import forward_flops, mfu, peak_flops
 from common.hub import local_model_dir
 from common.memory import peak_gpu_gib, peak_rss_gib, reset_peaks
 from common.progress import stage_summary
@@ -95,7 +96,12 @@ def score_shard(config: Config, run: Path, iteration: int, rollout_file: Path, s
     index = int(rollout_file.stem.split("-")[1])
     shards.write_shard(shards.conform(scored, "scored"), shards.stage_dir(run, iteration, "scored"), index)
     forward_tokens = sum(map(len, columns["prompt_ids"])) + sum(map(len, columns["response_ids"]))
+    lengths = [len(p) + len(r) for p, r in zip(columns["prompt_ids"], columns["response_ids"])]
+    flops = [forward_flops(local_model_dir(model), [lengths[k] for k, m in enumerate(models) if m == model])
+             for model in dict.fromkeys(models)]
     return {"index": index, "forward_seconds": forward_seconds, "forward_tokens": forward_tokens,
+            "forward_flops": None if None in flops else sum(flops),
+            "peak_flops": peak_flops(config.cluster.peak_tflops),  # of this worker's device
             "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(), "peak_rss_gib": peak_rss_gib()}
 
 
@@ -111,11 +117,16 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], sta
     forward_tokens = sum(d["forward_tokens"] for d in done)  # prompt + response: what the teacher ran over
     reverse_kl = sum(r - t for rl, sl in zip(columns["rollout_logprobs"], scores) for r, t in zip(rl, sl))
     rows = len(scores)
+    # Each shard's teacher forward ran on one device: the summed seconds are device-seconds.
+    flops = [d.get("forward_flops") for d in done]
+    utilisation = mfu(None if None in flops else sum(flops), sum(d["forward_seconds"] for d in done), 1,
+                      min((d.get("peak_flops") or 0.0 for d in done), default=0.0) or None)
     metrics = {
         "score/tokens_per_s": forward_tokens / max(time.time() - started, 1e-9),  # the stage's, over its wall time
         "score/teacher_tokens_per_s": forward_tokens / max(sum(d["forward_seconds"] for d in done), 1e-9),
         "score/teacher_forward_s": sum(d["forward_seconds"] for d in done),
         "score/forward_tokens": forward_tokens,
+        **({"score/mfu": utilisation} if utilisation is not None else {}),
         "rollout/reverse_kl": reverse_kl / max(tokens, 1),
         "rollout/reward_mean": sum(columns["reward"]) / rows,
         "rollout/accuracy": sum(columns["correct"]) / rows,

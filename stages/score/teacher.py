@@ -19,7 +19,8 @@ from typing import Protocol
 import torch
 
 from common.batching import micro_batches
-from common.config import Config, ConfigError, model_len
+from common.config import Config, model_len
+from common.errors import ConfigError
 from common.hub import local_model_dir
 from common.modeling import load_inference_model, load_tokenizer, response_logprobs
 from common.progress import Progress

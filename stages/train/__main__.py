@@ -11,10 +11,8 @@ Writes v_{i+1} as HF safetensors + tokenizer + optimizer state (stages/train/sta
 """
 from __future__ import annotations
 
-from common import shards
-from common.config import ConfigError
+from common.errors import ConfigError, ContractError, NonFiniteError, StalePolicyError
 from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
-from stages.train.errors import NonFiniteError, StalePolicyError
 from stages.train.stage import Trainer, train_stage
 
 
@@ -25,7 +23,7 @@ def main() -> None:
         config = load_run_config(args.run)
         set_threads(config)
         train_stage(config, args.run, args.iteration, Trainer(config))
-    except (ConfigError, shards.ContractError, StalePolicyError) as error:
+    except (ConfigError, ContractError, StalePolicyError) as error:
         fail(str(error))
     except NonFiniteError as error:
         fail(f"{error}; no checkpoint written (check the scored shard's teacher_logprobs and train.lr)")

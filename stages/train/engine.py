@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common.config import Config, ConfigError, TrainConfig
+from common.config import Config, TrainConfig
 from common.devices import check_torch_sees_the_gpus
+from common.errors import ConfigError
 from common.modeling import load_model, response_logprobs
 from common.run import free_port
-from common.seeds import warmup_factor
+from common.seeds import lr_factor
 from stages.train.records import OPTIMIZER_STATE
 
 
@@ -138,7 +139,8 @@ def open_engine(config: Config, checkpoint: Path, bf16: bool | None = None):
                                      adamw_mode=True)
     else:
         optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, t.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, t.warmup_steps, t.decay_steps, t.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(t, bf16))
     state = Path(checkpoint) / OPTIMIZER_STATE

@@ -1,7 +1,8 @@
 """One iteration of training on one rank: lp_old, then one optimizer step per mini-batch.
 
 lp_old is v_i's own log-probs of the sampled tokens, recomputed without grad before the first step
-when the loss reads it (the PPO ratio of k1 and of task rewards, truncated IS weights). A direct loss
+when the loss reads it (the PPO ratio of k1 and of task rewards, truncated IS weights), or the
+sampler's log-probs from the shard with `train.old_logprobs: rollout` (no forward). A direct loss
 (k2, k3, abs, the top-k KLs) never does: it costs no forward beyond its steps, and the first
 mini-batch's forward, taken before any step, gives lp_old of its rows for the sampler/trainer gap.
 
@@ -19,13 +20,12 @@ import torch
 import torch.distributed as dist
 
 from common.batching import micro_batches
-from common.config import POLICY_GRADIENT_LOSSES, TOPK_LOSSES, Config, ConfigError, TrainConfig
+from common.config import POLICY_GRADIENT_LOSSES, TOPK_LOSSES, Config, TrainConfig
+from common.errors import ConfigError, ContractError, NonFiniteError
 from common.faults import fault_point
 from common.progress import Progress
-from common.shards import ContractError
 from stages.train.batching import minibatches, rank_share
 from stages.train.engine import all_reduce, rank_and_world
-from stages.train.errors import NonFiniteError
 from stages.train.loss import LossConfig, TokenBatch, distillation_loss, grpo_advantages, truncated_is_weights
 
 
@@ -40,6 +40,7 @@ class IterationData:
     topk_ids: list | None = None                    # ids at which the loss compares the two models
     teacher_at_topk: list[torch.Tensor] | None = None
     old: list[torch.Tensor | None] | None = None     # lp_old per row, None where not (yet) known
+    own: list[torch.Tensor | None] | None = None     # v_i's own forward per row where taken (the gap metrics)
 
     def tokens(self) -> list[int]:
         return [len(p) + len(r) for p, r in zip(self.prompts, self.responses)]
@@ -118,10 +119,15 @@ def needs_old_logprobs(t: TrainConfig) -> bool:
 
 
 def keep_old_logprobs(data: IterationData, rows: list[int], logprobs: torch.Tensor) -> None:
-    """Store a forward of v_i, flat over `rows`' response tokens, as lp_old of the rows that lack it."""
+    """Store a forward of v_i, flat over `rows`' response tokens, as lp_old of the rows that lack it
+    (and as v_i's own log-probs, which the sampler/trainer gap is measured on)."""
+    if data.own is None:
+        data.own = [None] * len(data.responses)
     for k, values in zip(rows, logprobs.detach().split([len(data.responses[k]) for k in rows])):
+        if data.own[k] is None:
+            data.own[k] = values.float().cpu()
         if data.old[k] is None:
-            data.old[k] = values.float().cpu()
+            data.old[k] = data.own[k]
 
 
 def micro_batch_loss(engine, data: IterationData, rows: list[int], normaliser: float, t: TrainConfig,
@@ -185,6 +191,7 @@ def minibatch_backward(engine, data: IterationData, rows: list[int], normaliser:
         engine.backward(out.loss, scale_wrt_gas=False)
         stats["loss"] += out.loss.item()
         stats["clipped"] += out.clipped_tokens
+        stats["dual_clipped"] += out.dual_clipped_tokens
         stats["reverse_kl"] += out.reverse_kl_sum
         stats["tokens"] += sum(len(data.responses[k]) for k in batch)
         stats["micro_batches"] += 1
@@ -204,7 +211,10 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
 
     mine = [k for share in shares for k in share]
     data.old = [None] * len(data.prompts)
-    if needs_old_logprobs(t):
+    data.own = [None] * len(data.prompts)
+    if needs_old_logprobs(t) and t.old_logprobs == "rollout":
+        data.old = list(data.rollout)  # the sampler's log-probs of v_i: no forward (see TrainConfig.old_logprobs)
+    elif needs_old_logprobs(t):
         recompute_old_logprobs(engine, data, mine, t, pad_id, filler)
 
     totals = defaultdict(float)
@@ -223,10 +233,12 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
         grad_norm = float(engine.get_global_grad_norm() if stage0_norm is None else stage0_norm)
         if not torch.isfinite(torch.tensor(grad_norm)):
             raise NonFiniteError(f"{where}: non-finite gradient norm {grad_norm}")
-        loss, clipped, reverse_kl, step_tokens, micro = all_reduce(
-            [stats["loss"], stats["clipped"], stats["reverse_kl"], stats["tokens"], stats["micro_batches"]])
+        loss, clipped, dual_clipped, reverse_kl, step_tokens, micro = all_reduce(
+            [stats["loss"], stats["clipped"], stats["dual_clipped"], stats["reverse_kl"], stats["tokens"],
+             stats["micro_batches"]])
         totals["loss"] += loss / world  # each rank's loss carries a factor `world` (see the normaliser)
         totals["clipped"] += clipped
+        totals["dual_clipped"] += dual_clipped
         totals["reverse_kl"] += reverse_kl
         totals["tokens"] += step_tokens
         totals["grad_norm"] += grad_norm
@@ -235,9 +247,9 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
             bar.update(len(rows), int(step_tokens))
     if bar is not None:
         bar.close()
-    # The sampler/trainer gap on the rows whose lp_old is known (every row, or the first mini-batch's).
-    known = [k for k in mine if data.old[k] is not None]
-    gap = torch.cat([data.old[k] - data.rollout[k] for k in known]) if known else torch.zeros(0)
+    # The sampler/trainer gap on the rows v_i's own forward saw (every row, or the first mini-batch's).
+    known = [k for k in mine if data.own[k] is not None]
+    gap = torch.cat([data.own[k] - data.rollout[k] for k in known]) if known else torch.zeros(0)
     # k3 of the gap: E[exp(r) - r - 1] with r = lp_rollout - lp_old, >= 0 and 0 iff equal.
     gap_k3 = (torch.exp(-gap) + gap - 1.0).sum().item()
     gap_sum, gap_count, gap_k3 = all_reduce([gap.abs().sum().item(), gap.numel(), gap_k3])
@@ -246,6 +258,7 @@ def train_iteration(config: Config, engine, data: IterationData, prompt_ids: lis
         "train/loss": totals["loss"] / len(steps),
         "train/grad_norm": totals["grad_norm"] / len(steps),
         "train/clip_fraction": totals["clipped"] / totals["tokens"],
+        "train/dual_clip_fraction": totals["dual_clipped"] / totals["tokens"],
         "train/reverse_kl": totals["reverse_kl"] / totals["tokens"],
         "train/logprob_gap_mean": gap_sum / max(gap_count, 1),
         "train/logprob_gap_max": gap_max,

@@ -70,7 +70,8 @@ class TokenBatch:
 @dataclass
 class LossOutput:
     loss: torch.Tensor        # this micro-batch's share of the mini-batch token mean (backward this)
-    clipped_tokens: float     # tokens where a PPO clip was active
+    clipped_tokens: float     # tokens where a PPO clip was active (either bound or the dual clip)
+    dual_clipped_tokens: float  # of those, tokens capped by the dual clip (A < 0; verl's pg_clipfrac_lower)
     reverse_kl_sum: float     # sum over tokens of lp - lq, for logging
 
 
@@ -107,8 +108,8 @@ def policy_gradient_advantage(batch: TokenBatch, config: LossConfig) -> torch.Te
 
 def ppo_dual_clip(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, config: LossConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO surrogate with dual clip; returns (loss_t, clipped_t as bool)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO surrogate with dual clip; returns (loss_t, clipped_t, dual_clipped_t), the last two bool."""
     log_ratio = (logprobs - old_logprobs).clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -116,8 +117,8 @@ def ppo_dual_clip(
     loss = torch.maximum(unclipped, clipped)
     capped = torch.minimum(loss, -advantages * config.dual_clip)
     loss = torch.where(advantages < 0, capped, loss)
-    was_clipped = (clipped > unclipped) | ((advantages < 0) & (capped < torch.maximum(unclipped, clipped)))
-    return loss, was_clipped
+    dual_clipped = (advantages < 0) & (capped < torch.maximum(unclipped, clipped))
+    return loss, (clipped > unclipped) | dual_clipped, dual_clipped
 
 
 def _renormalised_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -153,33 +154,37 @@ def _direct_loss(batch: TokenBatch, config: LossConfig) -> torch.Tensor:
     return _renormalised_kl(student, teacher)  # reverse_kl_topk
 
 
-def distillation_per_token(batch: TokenBatch, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss_t, clipped_t) of the distillation term alone."""
+def distillation_per_token(batch: TokenBatch, config: LossConfig
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_t, clipped_t, dual_clipped_t) of the distillation term alone."""
     if config.mode not in LOSSES:
         raise ValueError(f"unknown loss '{config.mode}' (choose: {', '.join(LOSSES)})")
     if config.mode in POLICY_GRADIENT_LOSSES:
         return ppo_dual_clip(batch.logprobs, _required(batch.old_logprobs, config.mode, "lp_old"),
                              policy_gradient_advantage(batch, config), config)
     loss = _direct_loss(batch, config)
-    return loss.clamp(-config.loss_max_clamp, config.loss_max_clamp), torch.zeros_like(loss, dtype=torch.bool)
+    never = torch.zeros_like(loss, dtype=torch.bool)
+    return loss.clamp(-config.loss_max_clamp, config.loss_max_clamp), never, never
 
 
 def distillation_loss(batch: TokenBatch, normaliser: float, config: LossConfig = LossConfig()) -> LossOutput:
     """The micro-batch's contribution to the mini-batch loss: sum of per-token losses / normaliser."""
-    per_token, clipped = distillation_per_token(batch, config)
+    per_token, clipped, dual_clipped = distillation_per_token(batch, config)
     weights = batch.weights
     if weights is not None and config.mode in POLICY_GRADIENT_LOSSES:  # verl: the weights correct a PG loss only
         per_token = per_token * weights
     if config.use_task_rewards:
         task = _required(batch.task_advantages, "use_task_rewards", "task advantages")
-        task_loss, task_clipped = ppo_dual_clip(batch.logprobs, _required(batch.old_logprobs, "use_task_rewards",
-                                                                          "lp_old"), task, config)
+        old = _required(batch.old_logprobs, "use_task_rewards", "lp_old")
+        task_loss, task_clipped, task_dual_clipped = ppo_dual_clip(batch.logprobs, old, task, config)
         if weights is not None:
             task_loss = task_loss * weights
-        per_token, clipped = task_loss + config.distill_coef * per_token, clipped | task_clipped
+        per_token = task_loss + config.distill_coef * per_token
+        clipped, dual_clipped = clipped | task_clipped, dual_clipped | task_dual_clipped
     return LossOutput(
         loss=per_token.sum() / normaliser,
         clipped_tokens=clipped.sum().item(),
+        dual_clipped_tokens=dual_clipped.sum().item(),
         reverse_kl_sum=(batch.logprobs.detach() - batch.teacher_logprobs).sum().item(),
     )
 

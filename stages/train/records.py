@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common import shards
 from common.config import Config
+from common.errors import ContractError
 from common.progress import stage_summary
 
 OPTIMIZER_STATE = "optimizer_state"
@@ -55,7 +56,7 @@ def seal_train(config: Config, run: Path, policy: PolicyWritten, state: StateWri
     iteration = policy.iteration
     target = Path(policy.checkpoint)
     if not shards.checkpoint_ready(target):
-        raise shards.ContractError(f"{target} has no DONE: its optimizer state was not sealed")
+        raise ContractError(f"{target} has no DONE: its optimizer state was not sealed")
     manifest = shards.write_manifest(shards.stage_dir(run, iteration, "train"), "train", iteration, policy.started,
                                      {**policy.metrics, **state.metrics},
                                      {"policy_version": policy.policy_version, "produced_checkpoint": str(target),

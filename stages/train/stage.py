@@ -13,6 +13,7 @@ runs both and seals the folder: what a stage process does.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -24,14 +25,15 @@ import torch.distributed as dist
 
 from common import shards
 from common.config import Config
+from common.errors import ContractError, StalePolicyError
 from common.faults import fault_point
+from common.flops import forward_flops, mfu, peak_flops
 from common.memory import peak_gpu_gib, peak_rss_gib, reset_peaks, rss_gib
 from common.modeling import load_tokenizer
 from common.seeds import minibatch_seed, train_seed
 from common.shards import policy_version
 from common.weights import bit_sum, checksums, file_tensors
 from stages.train.engine import export_policy, init_distributed, open_engine, save_optimizer_state
-from stages.train.errors import StalePolicyError
 from stages.train.iteration import iteration_data, scored_columns, train_iteration
 from stages.train.records import PolicyWritten, StateWritten, announce, seal_train
 
@@ -131,11 +133,30 @@ def train_policy(config: Config, run: Path, iteration: int, trainer: Trainer) ->
     """The steps of iteration i on this rank, then v_{i+1}'s policy written and sealed. Rank 0 returns
     its account; the other ranks, and every rank when iteration i is sealed already, return None.
 
-    Raises shards.ContractError (missing or altered inputs), StalePolicyError (rows of another
+    Raises ContractError (missing or altered inputs), StalePolicyError (rows of another
     policy) and NonFiniteError (nothing is written then).
     """
     with trainer.lock:
         return _train_policy(config, run, iteration, trainer)
+
+
+@contextlib.contextmanager
+def profiled(run: Path, iteration: int, rank: int, enabled: bool):
+    """torch.profiler over the block when enabled (train.profile_iteration): a Chrome trace and the top-30
+    operators by self time in <run>/profile/, outside the sealed stage folders."""
+    if not enabled:
+        yield
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
+        yield
+    out = run / "profile"
+    out.mkdir(exist_ok=True)
+    profiler.export_chrome_trace(str(out / f"iter={iteration}-rank{rank}.json"))
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    (out / f"iter={iteration}-rank{rank}.txt").write_text(profiler.key_averages().table(sort_by=sort, row_limit=30))
+    print(f"profile: iteration {iteration}'s training -> {out}/iter={iteration}-rank{rank}.json", flush=True)
 
 
 def _train_policy(config: Config, run: Path, iteration: int, trainer: Trainer) -> PolicyWritten | None:
@@ -163,10 +184,17 @@ def _train_policy(config: Config, run: Path, iteration: int, trainer: Trainer) -
     baseline_rss = rss_gib()  # the model, its gradients' buffers and the optimizer state, before any step
     torch.manual_seed(train_seed(config.seed, iteration))  # after any loading: the same stream resident or not
     train_started = time.time()
-    metrics = train_iteration(config, engine, data, columns["prompt_id"], trainer.tokenizer.pad_token_id,
-                              minibatch_seed(config.seed, iteration), iteration)
+    with profiled(run, iteration, trainer.rank, config.train.profile_iteration == iteration):
+        metrics = train_iteration(config, engine, data, columns["prompt_id"], trainer.tokenizer.pad_token_id,
+                                  minibatch_seed(config.seed, iteration), iteration)
     metrics["train/step_seconds"] = time.time() - train_started  # lp_old and the optimizer steps
     metrics["train/tokens_per_s"] = metrics["train/response_tokens"] / max(metrics["train/step_seconds"], 1e-9)
+    # Forward + backward (3 forwards) of every row, over the ranks' devices for the steps' time (lp_old excluded).
+    model_flops = forward_flops(source, data.tokens())
+    utilisation = mfu(None if model_flops is None else 3 * model_flops, metrics["train/step_seconds"], trainer.world,
+                      peak_flops(config.cluster.peak_tflops))
+    if utilisation is not None:
+        metrics["train/mfu"] = utilisation
     metrics["train/setup_seconds"] = setup_seconds
     metrics["train/verify_seconds"] = verify_seconds
     metrics["train/resident_engine"] = float(resident)
@@ -191,7 +219,7 @@ def write_optimizer_state(config: Config, run: Path, iteration: int, trainer: Tr
     target = shards.checkpoint_dir(run, iteration + 1)
     with trainer.lock:
         if trainer.holds != policy_version(target):
-            raise shards.ContractError(f"the trainer holds {trainer.holds}, not {target.name}: its optimizer state "
+            raise ContractError(f"the trainer holds {trainer.holds}, not {target.name}: its optimizer state "
                                        "cannot be written")
         state_files, timings = save_optimizer_state(trainer.engine, target)
         if trainer.rank != 0:
