@@ -221,10 +221,10 @@ class ResidentStages:
         if plan is not None:
             eval_done = self._wait("generate", iteration, evals)
             rollouts_done = self._wait("generate", iteration, rollouts)
-            gate = max((d["gate"] for d in eval_done + rollouts_done),
+            gate = max((d.gate for d in eval_done + rollouts_done),
                        key=lambda g: g.get("generate/weight_sync_gap_mean", 0.0), default={})
             seal_plan(self.config, self.run, iteration, plan, eval_done, began, rollouts_done,
-                      min((d["started"] for d in rollouts_done), default=began), gate)
+                      min((d.started for d in rollouts_done), default=began), gate)
         self.seal_saved(wait=False)
         return time.time() - began
 
@@ -241,8 +241,8 @@ class ResidentStages:
         self.scoring = None
         done = self._wait("score", iteration, futures)
         # The stage's clock starts with its first shard, not when its tasks were queued behind sampling.
-        seal_scored(self.config, self.run, iteration, done, min(d["started"] for d in done), self.teacher_versions,
-                    len({d["worker"] for d in done}))
+        seal_scored(self.config, self.run, iteration, done, min(d.started for d in done), self.teacher_versions,
+                    len({d.worker for d in done}))
         self.seal_saved(wait=False)
         return time.time() - began
 

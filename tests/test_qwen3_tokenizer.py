@@ -1,8 +1,9 @@
 """The rebuilt Qwen3 tokenizer against public references: Qwen's own files, token ids other projects
 recorded from the real tokenizer, and renderings of the real chat template.
 
-The session fixture builds assets/qwen3-tokenizer when it is absent or stale (a fresh clone: pip
-downloads the pinned dashscope wheel from PyPI once, then about 6 s on one core).
+They read assets/qwen3-tokenizer as `make qwen3-tokenizer` builds it (a fresh clone: pip downloads the
+pinned dashscope wheel from PyPI once, then about 6 s on one core; .ci/run does it before `make test`);
+without it they are skipped, so the suite itself never reaches the network.
 """
 import hashlib
 import json
@@ -22,8 +23,8 @@ ASSET = Path("assets/qwen3-tokenizer")
 
 
 @pytest.fixture(scope="session")
-def folder() -> Path:
-    return qwen3.ensure_tokenizer(ASSET)
+def folder(qwen3_tokenizer_folder) -> Path:
+    return qwen3_tokenizer_folder
 
 
 @pytest.fixture(scope="session")

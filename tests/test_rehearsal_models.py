@@ -1,7 +1,6 @@
 """The real-width rehearsal models: the public configs' values and parameter counts, and (slow) a seeded
 build that the pipeline's loader reads back."""
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from common.modeling import load_model
 from rehearsal import models
 from rehearsal import prompt_lengths as lengths_cli
 from rehearsal import tokenizer as tokenizer_cli
-from rehearsal.tokenizer import ensure_tokenizer
 
 # The public config.json values each rehearsal model copies (all but the depth).
 # Qwen3-4B-Base: Robojiang/qwen_mlsys, Qwen3-4B-Base/config.json (commit 73fd83f73b8b56f2ba8522789584b5a3784303d7,
@@ -64,8 +62,8 @@ def test_a_model_without_layers_is_refused():
 
 
 @pytest.mark.slow
-def test_a_seeded_build_is_reproducible_and_loads_with_the_pipelines_loader(tmp_path):
-    tokenizer = ensure_tokenizer(Path("assets/qwen3-tokenizer"))
+def test_a_seeded_build_is_reproducible_and_loads_with_the_pipelines_loader(tmp_path, qwen3_tokenizer_folder):
+    tokenizer = qwen3_tokenizer_folder
     digests = []
     for attempt in ("a", "b"):
         folder = models.write_model("student", tmp_path / attempt, tokenizer, layers=1, seed=0)

@@ -11,7 +11,7 @@ writes it; `seal_rollouts` / `seal_eval` write the manifest once every shard is 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,6 +37,32 @@ class ShardJob:
     prompts: tuple[Prompt, ...]
     params: SamplingParams
     eval_set: str = ""        # the eval set's name (its data_source), for the eval's metrics
+
+
+@dataclass(frozen=True)
+class SampledShard:
+    """What one sampled shard tells the seal (and, over Dask, the controller): sample_job's summary,
+    with run_job's file and the worker's gate and address added on the way."""
+    index: int
+    rows: int
+    response_tokens: int
+    truncated: int                 # responses cut at the length limit
+    sample_seconds: float
+    entropy_sum: float | None      # None where the engine does not see the whole distribution (vLLM: top-k)
+    started: float
+    finished: float
+    peak_gpu_gib: float
+    peak_rss_gib: float
+    eval_set: str = ""
+    correct: int = 0
+    boxed: int = 0
+    verifier_errors: int = 0
+    samples_per_prompt: int = 1    # pass@k of the eval needs each prompt's count of correct samples of n
+    correct_by_prompt: dict[str, int] = field(default_factory=dict)
+    file: str = ""                 # part-<index>.parquet, once written
+    sha256: str = ""
+    gate: dict[str, float] = field(default_factory=dict)  # the worker's weight-sync gate figures
+    worker: str = ""
 
 
 def eval_folder(config: Config, k: int | None) -> str:
@@ -132,7 +158,7 @@ def graded(rows: list[dict], config: Config) -> list[dict]:
 
 
 def sample_job(config: Config, iteration: int, job: ShardJob, engine: GenerationEngine, version: str
-               ) -> tuple[list[dict], dict]:
+               ) -> tuple[list[dict], SampledShard]:
     """One shard's rows, sampled by `engine` (which holds `version`) and graded if it is an eval
     shard, and the summary sealing needs: rows, tokens, correct answers, timings."""
     started = time.time()
@@ -147,28 +173,26 @@ def sample_job(config: Config, iteration: int, job: ShardJob, engine: Generation
     correct_by_prompt: dict[str, int] = {}
     for row in rows:
         correct_by_prompt[row["prompt_id"]] = correct_by_prompt.get(row["prompt_id"], 0) + bool(row.get("correct"))
-    return rows, {"index": job.index, "rows": len(rows), "response_tokens": sum(len(r["response_ids"]) for r in rows),
-                  "truncated": sum(r["finish_reason"] == "length" for r in rows), "sample_seconds": sample_seconds,
-                  # None where the engine does not see the whole distribution (vLLM returns top-k only)
-                  "entropy_sum": None if None in entropies else sum(entropies),
-                  "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(),
-                  "peak_rss_gib": peak_rss_gib(),
-                  "eval_set": job.eval_set, "correct": sum(r.get("correct", False) for r in rows),
-                  "boxed": sum(r.get("verifier_status", NO_ANSWER) != NO_ANSWER for r in rows),
-                  "verifier_errors": sum(r.get("verifier_status") == ERROR for r in rows),
-                  # pass@k of the eval needs each prompt's count of correct samples out of n
-                  "samples_per_prompt": job.params.n, "correct_by_prompt": correct_by_prompt}
+    return rows, SampledShard(
+        index=job.index, rows=len(rows), response_tokens=sum(len(r["response_ids"]) for r in rows),
+        truncated=sum(r["finish_reason"] == "length" for r in rows), sample_seconds=sample_seconds,
+        entropy_sum=None if None in entropies else sum(entropies), started=started, finished=time.time(),
+        peak_gpu_gib=peak_gpu_gib(), peak_rss_gib=peak_rss_gib(), eval_set=job.eval_set,
+        correct=sum(r.get("correct", False) for r in rows),
+        boxed=sum(r.get("verifier_status", NO_ANSWER) != NO_ANSWER for r in rows),
+        verifier_errors=sum(r.get("verifier_status") == ERROR for r in rows),
+        samples_per_prompt=job.params.n, correct_by_prompt=correct_by_prompt)
 
 
 def run_job(config: Config, run: Path, iteration: int, job: ShardJob, engine: GenerationEngine,
-            version: str) -> dict:
+            version: str) -> SampledShard:
     """Sample one shard (sample_job) and write it; returns its summary with the file's name and sha256."""
     rows, summary = sample_job(config, iteration, job, engine, version)
     stage = "rollouts" if job.folder == "rollouts" else "eval"
     schema = shards.schema_with_optional(stage, list(rows[0]))
     path = shards.write_shard(pa.Table.from_pylist(rows, schema=schema), shards.stage_dir(run, iteration, job.folder),
                               job.index)
-    return {**summary, "file": path.name, "sha256": file_sha256(path)}
+    return replace(summary, file=path.name, sha256=file_sha256(path))
 
 
 def evaluate_engine(config: Config, run: Path, engine: GenerationEngine, k: int | None = None,
@@ -183,32 +207,32 @@ def evaluate_engine(config: Config, run: Path, engine: GenerationEngine, k: int 
 
 # ---- sealing --------------------------------------------------------------------------------
 
-def _throughput(done: list[dict], started: float) -> dict:
-    tokens = sum(d["response_tokens"] for d in done)
+def _throughput(done: list[SampledShard], started: float) -> dict:
+    tokens = sum(d.response_tokens for d in done)
     return {"tokens": tokens, "stage_tokens_per_s": tokens / max(time.time() - started, 1e-9),
-            "engine_tokens_per_s": tokens / max(sum(d["sample_seconds"] for d in done), 1e-9)}
+            "engine_tokens_per_s": tokens / max(sum(d.sample_seconds for d in done), 1e-9)}
 
 
-def seal_rollouts(config: Config, run: Path, iteration: int, done: list[dict], started: float, version: str,
+def seal_rollouts(config: Config, run: Path, iteration: int, done: list[SampledShard], started: float, version: str,
                   dropped: dict[str, int], gate: dict[str, float]) -> dict:
     """The rollouts' manifest; `done` holds each shard's summary (run_job's, with the worker that ran it)."""
-    rows = sum(d["rows"] for d in done)
+    rows = sum(d.rows for d in done)
     figures = _throughput(done, started)
     metrics = {
         "generate/response_tokens": figures["tokens"],
         "generate/mean_response_length": figures["tokens"] / rows,
-        "generate/truncated_fraction": sum(d["truncated"] for d in done) / rows,
+        "generate/truncated_fraction": sum(d.truncated for d in done) / rows,
         # Mean entropy (nats) of the distributions the sampled tokens came from: with the truncated
         # fraction, the early signs of a length collapse (StableOPD). HF engine only.
-        **({"generate/entropy": sum(d["entropy_sum"] for d in done) / max(figures["tokens"], 1)}
-           if all(d.get("entropy_sum") is not None for d in done) else {}),
+        **({"generate/entropy": sum(d.entropy_sum for d in done) / max(figures["tokens"], 1)}
+           if all(d.entropy_sum is not None for d in done) else {}),
         "generate/tokens_per_s": figures["stage_tokens_per_s"],       # the stage's, over its wall time
         "generate/engine_tokens_per_s": figures["engine_tokens_per_s"],  # one engine's, over its sampling time
-        "generate/sample_seconds": sum(d["sample_seconds"] for d in done),
+        "generate/sample_seconds": sum(d.sample_seconds for d in done),
         "generate/shards": len(done),
-        "generate/workers": len({d.get("worker") for d in done}),
-        "generate/peak_gpu_gib": max(d["peak_gpu_gib"] for d in done),  # the HF engine's (vLLM's is its EngineCore's)
-        "generate/peak_rss_gib": max(d["peak_rss_gib"] for d in done),
+        "generate/workers": len({d.worker for d in done}),
+        "generate/peak_gpu_gib": max(d.peak_gpu_gib for d in done),  # the HF engine's (vLLM's is its EngineCore's)
+        "generate/peak_rss_gib": max(d.peak_rss_gib for d in done),
         **{f"generate/dropped_{reason}": count for reason, count in dropped.items()},
         **gate,
     }
@@ -220,29 +244,29 @@ def seal_rollouts(config: Config, run: Path, iteration: int, done: list[dict], s
     return manifest
 
 
-def eval_metrics(done: list[dict], folder: str) -> dict[str, float]:
+def eval_metrics(done: list[SampledShard], folder: str) -> dict[str, float]:
     """avg@k per eval set (`<folder>/<set>/accuracy`, ...) and their mean (`<folder>/accuracy`); with
     k >= 2 samples a prompt, the unbiased pass@k for k = 1, 2, 4, ... (`<folder>/<set>/pass@<k>`)."""
     metrics: dict[str, float] = {}
-    for name in dict.fromkeys(d["eval_set"] for d in done):
-        mine = [d for d in done if d["eval_set"] == name]
-        rows = sum(d["rows"] for d in mine)
-        metrics[f"{folder}/{name}/accuracy"] = sum(d["correct"] for d in mine) / rows
-        n = mine[0].get("samples_per_prompt", 1)
+    for name in dict.fromkeys(d.eval_set for d in done):
+        mine = [d for d in done if d.eval_set == name]
+        rows = sum(d.rows for d in mine)
+        metrics[f"{folder}/{name}/accuracy"] = sum(d.correct for d in mine) / rows
+        n = mine[0].samples_per_prompt
         if n >= 2:
-            counts = [c for d in mine for c in d["correct_by_prompt"].values()]
+            counts = [c for d in mine for c in d.correct_by_prompt.values()]
             for k in ks_up_to(n):
                 metrics[f"{folder}/{name}/pass@{k}"] = sum(pass_at_k(n, c, k) for c in counts) / len(counts)
-        metrics[f"{folder}/{name}/boxed_fraction"] = sum(d["boxed"] for d in mine) / rows
-        metrics[f"{folder}/{name}/mean_response_length"] = sum(d["response_tokens"] for d in mine) / rows
-        metrics[f"{folder}/{name}/verifier_errors"] = sum(d["verifier_errors"] for d in mine)
+        metrics[f"{folder}/{name}/boxed_fraction"] = sum(d.boxed for d in mine) / rows
+        metrics[f"{folder}/{name}/mean_response_length"] = sum(d.response_tokens for d in mine) / rows
+        metrics[f"{folder}/{name}/verifier_errors"] = sum(d.verifier_errors for d in mine)
     accuracies = [value for key, value in metrics.items() if key.endswith("/accuracy")]
     metrics[f"{folder}/accuracy"] = sum(accuracies) / len(accuracies)
-    metrics[f"{folder}/mean_response_length"] = sum(d["response_tokens"] for d in done) / sum(d["rows"] for d in done)
+    metrics[f"{folder}/mean_response_length"] = sum(d.response_tokens for d in done) / sum(d.rows for d in done)
     return metrics
 
 
-def seal_eval(config: Config, run: Path, iteration: int, folder: str, done: list[dict], started: float, version: str,
+def seal_eval(config: Config, run: Path, iteration: int, folder: str, done: list[SampledShard], started: float, version: str,
               k: int) -> dict:
     metrics = eval_metrics(done, folder)
     figures = _throughput(done, started)

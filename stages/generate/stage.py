@@ -17,6 +17,7 @@ from common.config import Config
 from common.shards import policy_version
 from stages.generate.gate import check_weight_sync
 from stages.generate.jobs import (
+    SampledShard,
     ShardJob,
     eval_folder,
     eval_jobs,
@@ -89,13 +90,13 @@ def plan_generation(config: Config, run: Path, iteration: int, eval_only: bool =
     return plan
 
 
-def seal_plan(config: Config, run: Path, iteration: int, plan: GenerationPlan, eval_done: list[dict],
-              eval_started: float, rollouts_done: list[dict], rollouts_started: float, gate: dict) -> None:
+def seal_plan(config: Config, run: Path, iteration: int, plan: GenerationPlan, eval_done: list[SampledShard],
+              eval_started: float, rollouts_done: list[SampledShard], rollouts_started: float, gate: dict) -> None:
     if plan.eval_jobs:
-        seal_eval(config, run, iteration, plan.eval_folder, sorted(eval_done, key=lambda d: d["index"]),
+        seal_eval(config, run, iteration, plan.eval_folder, sorted(eval_done, key=lambda d: d.index),
                   eval_started, plan.version, plan.k)
     if plan.rollout_jobs:
-        seal_rollouts(config, run, iteration, sorted(rollouts_done, key=lambda d: d["index"]), rollouts_started,
+        seal_rollouts(config, run, iteration, sorted(rollouts_done, key=lambda d: d.index), rollouts_started,
                       plan.version, plan.dropped, {"generate/verify_seconds": plan.verify_seconds, **gate})
 
 

@@ -27,7 +27,7 @@ def main() -> None:
         if not start_scoring(config, args.run, args.iteration):
             return
         rollouts_dir = shards.stage_dir(args.run, args.iteration, "rollouts")
-        files = [rollouts_dir / shard["file"] for shard in sealed_rollouts(args.run, args.iteration)]
+        files = [rollouts_dir / shard.file for shard in sealed_rollouts(args.run, args.iteration)]
         started, versions = time.time(), teacher_versions(config)
         teachers = Teachers(config)  # a teacher opens when its first row comes
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,28 @@ from stages.score import mechanism
 # log-probs, which at a large k are most of the shard.
 SCORING_INPUTS = ("prompt_ids", "response_ids", "student_topk_ids", "response_text", "ground_truth", "data_source")
 TEACHER_INPUTS = ("prompt_ids", "response_ids", "student_topk_ids")
+
+
+@dataclass(frozen=True)
+class RolloutShard:
+    """A sealed (or just written) rollout shard a score job reads, checked against its sha256."""
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ScoredShard:
+    """What one scored shard tells the seal (and, over Dask, the controller)."""
+    index: int
+    forward_seconds: float         # the teachers' forward over the shard's rows
+    forward_tokens: int            # prompt + response tokens they ran over
+    forward_flops: float | None    # None where a teacher's weights are not at hand (a served teacher)
+    peak_flops: float | None       # of the device that ran it; None where unknown (a CPU)
+    started: float
+    finished: float
+    peak_gpu_gib: float
+    peak_rss_gib: float
+    worker: str = ""
 
 
 def routed_scores(config: Config, columns: dict, scorer_for: Callable[[str], object]) -> tuple[dict, list[str]]:
@@ -61,14 +84,14 @@ def start_scoring(config: Config, run: Path, iteration: int) -> bool:
     return True
 
 
-def sealed_rollouts(run: Path, iteration: int) -> list[dict]:
+def sealed_rollouts(run: Path, iteration: int) -> list[RolloutShard]:
     """The rollout shards of a sealed iter=i/rollouts/ (name and sha256), checked against the manifest."""
-    return [{"file": entry["name"], "sha256": entry["sha256"]}
+    return [RolloutShard(entry["name"], entry["sha256"])
             for entry in shards.verify_stage(shards.stage_dir(run, iteration, "rollouts"))["files"]]
 
 
 def score_shard(config: Config, run: Path, iteration: int, rollout_file: Path, scorer_for: Callable[[str], object],
-                versions: dict[str, str]) -> dict:
+                versions: dict[str, str]) -> ScoredShard:
     """Teacher columns and grades for one rollout shard -> the scored shard of the same number.
     `scorer_for(model)` is the scorer holding that teacher; `versions` each teacher's version."""
     rollouts = pq.read_table(rollout_file)
@@ -99,13 +122,13 @@ def score_shard(config: Config, run: Path, iteration: int, rollout_file: Path, s
     lengths = [len(p) + len(r) for p, r in zip(columns["prompt_ids"], columns["response_ids"])]
     flops = [forward_flops(local_model_dir(model), [lengths[k] for k, m in enumerate(models) if m == model])
              for model in dict.fromkeys(models)]
-    return {"index": index, "forward_seconds": forward_seconds, "forward_tokens": forward_tokens,
-            "forward_flops": None if None in flops else sum(flops),
-            "peak_flops": peak_flops(config.cluster.peak_tflops),  # of this worker's device
-            "started": started, "finished": time.time(), "peak_gpu_gib": peak_gpu_gib(), "peak_rss_gib": peak_rss_gib()}
+    return ScoredShard(index=index, forward_seconds=forward_seconds, forward_tokens=forward_tokens,
+                       forward_flops=None if None in flops else sum(flops),
+                       peak_flops=peak_flops(config.cluster.peak_tflops),  # of this worker's device
+                       started=started, finished=time.time(), peak_gpu_gib=peak_gpu_gib(), peak_rss_gib=peak_rss_gib())
 
 
-def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], started: float, versions: dict[str, str],
+def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShard], started: float, versions: dict[str, str],
                 workers: int = 1) -> dict:
     out_dir = shards.stage_dir(run, iteration, "scored")
     wanted = [*mechanism.COLUMNS, "reward", "correct", "verifier_status", "teacher"]
@@ -114,17 +137,17 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], sta
     columns = shards.read_files(out_dir, "scored", wanted).to_pydict()
     scores = columns["teacher_logprobs"]
     tokens = sum(map(len, scores))
-    forward_tokens = sum(d["forward_tokens"] for d in done)  # prompt + response: what the teacher ran over
+    forward_tokens = sum(d.forward_tokens for d in done)  # prompt + response: what the teacher ran over
     reverse_kl = sum(r - t for rl, sl in zip(columns["rollout_logprobs"], scores) for r, t in zip(rl, sl))
     rows = len(scores)
     # Each shard's teacher forward ran on one device: the summed seconds are device-seconds.
-    flops = [d.get("forward_flops") for d in done]
-    utilisation = mfu(None if None in flops else sum(flops), sum(d["forward_seconds"] for d in done), 1,
-                      min((d.get("peak_flops") or 0.0 for d in done), default=0.0) or None)
+    flops = [d.forward_flops for d in done]
+    utilisation = mfu(None if None in flops else sum(flops), sum(d.forward_seconds for d in done), 1,
+                      min((d.peak_flops or 0.0 for d in done), default=0.0) or None)
     metrics = {
         "score/tokens_per_s": forward_tokens / max(time.time() - started, 1e-9),  # the stage's, over its wall time
-        "score/teacher_tokens_per_s": forward_tokens / max(sum(d["forward_seconds"] for d in done), 1e-9),
-        "score/teacher_forward_s": sum(d["forward_seconds"] for d in done),
+        "score/teacher_tokens_per_s": forward_tokens / max(sum(d.forward_seconds for d in done), 1e-9),
+        "score/teacher_forward_s": sum(d.forward_seconds for d in done),
         "score/forward_tokens": forward_tokens,
         **({"score/mfu": utilisation} if utilisation is not None else {}),
         "rollout/reverse_kl": reverse_kl / max(tokens, 1),
@@ -134,8 +157,8 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[dict], sta
         # A bug of the verifier's own (status 'error'), never a verdict on the answer: should stay 0.
         "rollout/verifier_errors": sum(s == ERROR for s in columns["verifier_status"]),
         "rollout/teacher_logprob_mean": sum(map(sum, scores)) / max(tokens, 1),
-        "score/peak_gpu_gib": max(d["peak_gpu_gib"] for d in done),
-        "score/peak_rss_gib": max(d["peak_rss_gib"] for d in done),
+        "score/peak_gpu_gib": max(d.peak_gpu_gib for d in done),
+        "score/peak_rss_gib": max(d.peak_rss_gib for d in done),
         "score/workers": workers,
         **mechanism.mechanism_metrics(columns),
         **per_teacher_metrics(columns),
