@@ -9,6 +9,7 @@ two); recomputations (lp_old, gradient checkpointing) are not counted, as MFU (n
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -33,17 +34,27 @@ def matmul_parameters(model_dir: str | Path) -> int:
     return total - embedding + (embedding if tied else 0)
 
 
-def forward_flops(model_dir: str | Path, lengths: list[int]) -> float | None:
-    """FLOPs of one forward of the saved model over sequences of these lengths (prompt + response each);
-    None where the folder has no weights (a served teacher)."""
+@functools.lru_cache(maxsize=32)
+def _shape(model_dir: str) -> tuple[int, int, int] | None:
+    """(N, layers, attention width) of a saved model, read once per folder (a teacher is asked every
+    shard); None where the folder has no weights (a served teacher)."""
     if not any(Path(model_dir).glob("*.safetensors")):
         return None
     config = json.loads((Path(model_dir) / "config.json").read_text())
     config = config.get("text_config", config)
     heads = config["num_attention_heads"]
-    attention_width = heads * (config.get("head_dim") or config["hidden_size"] // heads)
-    n, layers = matmul_parameters(model_dir), config["num_hidden_layers"]
-    return float(sum(2 * n * s + 4 * layers * attention_width * s * s for s in lengths))
+    width = heads * (config.get("head_dim") or config["hidden_size"] // heads)
+    return matmul_parameters(model_dir), config["num_hidden_layers"], width
+
+
+def forward_flops(model_dir: str | Path, lengths: list[int]) -> float | None:
+    """FLOPs of one forward of the saved model over sequences of these lengths (prompt + response each);
+    None where the folder has no weights (a served teacher)."""
+    shape = _shape(str(model_dir))
+    if shape is None:
+        return None
+    n, layers, width = shape
+    return float(sum(2 * n * s + 4 * layers * width * s * s for s in lengths))
 
 
 def peak_flops(configured_tflops: float = 0.0) -> float | None:

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 
 from common.config import load_config
-from common.errors import ConfigError
+from common.errors import ConfigError, StageFailed, UserError
 from common.run import fail, quiet_environment, quiet_libraries
 
 
@@ -70,8 +70,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    from common.errors import UserError
-
     try:
         if args.command == "iterate":
             run_iterate(args)
@@ -81,7 +79,6 @@ def main() -> None:
             quiet_libraries()
             inspect(args.run, args.iteration, args.row)
         elif args.command == "eval":
-            from common.errors import StageFailed
             from orchestrator.loop import evaluate_checkpoint_now
 
             quiet_libraries()
@@ -117,7 +114,6 @@ def main() -> None:
 
 
 def run_iterate(args: argparse.Namespace) -> None:
-    from common.errors import StageFailed
     from orchestrator.loop import iterate
 
     if not args.config.exists():

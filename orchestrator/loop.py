@@ -24,7 +24,7 @@ from pathlib import Path
 
 from common import shards
 from common.config import Config, save_config
-from common.errors import ConfigError, ContractError, StageFailed
+from common.errors import ConfigError, ContractError, NonFiniteError, StageFailed, StalePolicyError, WeightSyncError
 from common.faults import fault_point
 from common.hub import local_model_dir
 from common.run import RUN_CONFIG, exit_with_parent, free_port, load_run_config
@@ -175,8 +175,6 @@ class ResidentStages:
         """The tasks' results; a failure a user can act on (a lost worker, bad data, a failed gate, a
         NaN) stops the stage with one line. Anything else is a bug and keeps its traceback."""
         from distributed import KilledWorker
-
-        from common.errors import NonFiniteError, StalePolicyError, WeightSyncError
 
         try:
             return self.client.gather(futures)

@@ -19,9 +19,9 @@ from common import shards
 from common.config import Config, teacher_routes
 from common.errors import ContractError
 from common.run import exit_with_parent, load_run_config, quiet_libraries, set_threads
-from common.shards import policy_version
-from stages.generate.jobs import SampledShard
-from stages.score.scoring import RolloutShard, ScoredShard
+from common.shards import file_sha256, policy_version
+from stages.generate.jobs import SampledShard, run_job
+from stages.score.scoring import RolloutShard, ScoredShard, score_shard
 
 NAME = "opd-roles"
 GENERATE, SCORE = "generate", "score"
@@ -106,8 +106,6 @@ def _config(run: Path) -> Config:
 
 def sample_task(run: Path, iteration: int, job) -> SampledShard:
     """One generate-stage shard (rollouts or eval) on this worker's engine, holding v_i."""
-    from stages.generate.jobs import run_job
-
     config = _config(run)
     checkpoint = shards.checkpoint_dir(run, iteration)
     mine = roles()
@@ -137,9 +135,6 @@ def score_task(run: Path, iteration: int, rollout: RolloutShard | SampledShard, 
                ) -> ScoredShard:
     """One scored shard from the rollout shard a sample task wrote (checked against its sha256), each
     row by its data_source's teacher, all of them kept loaded on this worker."""
-    from common.shards import file_sha256
-    from stages.score.scoring import score_shard
-
     config = _config(run)
     path = shards.stage_dir(run, iteration, "rollouts") / rollout.file
     if not path.exists() or file_sha256(path) != rollout.sha256:

@@ -136,14 +136,13 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShar
         wanted += mechanism.TOPK_COLUMNS
     columns = shards.read_files(out_dir, "scored", wanted).to_pydict()
     scores = columns["teacher_logprobs"]
-    tokens = sum(map(len, scores))
     forward_tokens = sum(d.forward_tokens for d in done)  # prompt + response: what the teacher ran over
-    reverse_kl = sum(r - t for rl, sl in zip(columns["rollout_logprobs"], scores) for r, t in zip(rl, sl))
+    reverse_kl, tokens = lp_minus_lq(columns, range(len(scores)))
     rows = len(scores)
     # Each shard's teacher forward ran on one device: the summed seconds are device-seconds.
-    flops = [d.forward_flops for d in done]
+    flops, peaks = [d.forward_flops for d in done], [d.peak_flops for d in done]
     utilisation = mfu(None if None in flops else sum(flops), sum(d.forward_seconds for d in done), 1,
-                      min((d.peak_flops or 0.0 for d in done), default=0.0) or None)
+                      None if None in peaks else min(peaks))
     metrics = {
         "score/tokens_per_s": forward_tokens / max(time.time() - started, 1e-9),  # the stage's, over its wall time
         "score/teacher_tokens_per_s": forward_tokens / max(sum(d.forward_seconds for d in done), 1e-9),
@@ -171,6 +170,12 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShar
     return manifest
 
 
+def lp_minus_lq(columns: dict, rows) -> tuple[float, int]:
+    """(sum over the rows' tokens of lp - lq, those tokens): the sampled tokens' reverse KL estimate."""
+    gap = sum(r - t for k in rows for r, t in zip(columns["rollout_logprobs"][k], columns["teacher_logprobs"][k]))
+    return gap, sum(len(columns["teacher_logprobs"][k]) for k in rows)
+
+
 def per_teacher_metrics(columns: dict) -> dict[str, float]:
     """With several teachers: each one's rows' reverse KL (lp - lq per token) and accuracy."""
     names = sorted(set(columns["teacher"]))
@@ -179,8 +184,7 @@ def per_teacher_metrics(columns: dict) -> dict[str, float]:
     metrics = {}
     for name in names:
         rows = [k for k, t in enumerate(columns["teacher"]) if t == name]
-        tokens = sum(len(columns["teacher_logprobs"][k]) for k in rows)
-        gap = sum(r - t for k in rows for r, t in zip(columns["rollout_logprobs"][k], columns["teacher_logprobs"][k]))
+        gap, tokens = lp_minus_lq(columns, rows)
         metrics[f"score/{name}/reverse_kl"] = gap / max(tokens, 1)
         metrics[f"rollout/{name}/accuracy"] = sum(columns["correct"][k] for k in rows) / len(rows)
         metrics[f"rollout/{name}/rows"] = len(rows)
