@@ -166,7 +166,7 @@ class ResidentStages:
         self.client, self.run, self.config = client, Path(run).resolve(), config  # workers may start elsewhere
         self.teacher_versions = teacher_versions(config)
         self.scoring: list | None = None  # the score futures of the iteration in flight
-        self.address: str | None = None  # the trainers' rendezvous, fixed for the cluster's life
+        self.address = None  # the trainers' rendezvous (host:port, a future until known), fixed for the cluster's life
         self.opening: list = []  # open_models tasks, waited for before the first stage's
         self.trusted: set[Path] = set()  # checkpoints whose writer's hashes this controller holds
         self.saving: tuple | None = None  # (PolicyWritten, futures) of the optimizer state being written
@@ -189,13 +189,21 @@ class ResidentStages:
         return self.client.submit(task, self.run, *args, resources={role: 1}, pure=False)
 
     def open_models(self, iteration: int) -> None:
-        """Every generation worker opens its engine at v_i and its teacher now, in its own process."""
-        from orchestrator.roles import GENERATE, open_models_task
+        """Every worker opens what its roles need at v_i now, in its own process: its generation engine,
+        its teachers and verifier workers, its training rank (orchestrator/roles.py: open_models_task)."""
+        from common.devices import train_role
+        from orchestrator.roles import GENERATE, SCORE, open_models_task, rendezvous_address
 
-        workers = [address for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items()
-                   if GENERATE in info.get("resources", {})]
-        self.opening = [self.client.submit(open_models_task, self.run, iteration, workers=[address], pure=False)
-                        for address in workers]
+        world = self.config.train.processes
+        # The ranks' meeting point, picked on rank 0's worker; a future the open tasks wait for.
+        self.address = self.client.submit(rendezvous_address, resources={train_role(0): 1}, pure=False)
+        for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items():
+            roles = info.get("resources", {})
+            rank = next((r for r in range(world) if train_role(r) in roles), None)
+            if GENERATE in roles or SCORE in roles or rank is not None:
+                self.opening.append(self.client.submit(open_models_task, self.run, iteration, GENERATE in roles,
+                                                       SCORE in roles, rank, world, self.address, workers=[address],
+                                                       pure=False))
 
     def _generate(self, iteration: int, eval_only: bool = False, eval_k: int | None = None) -> float:
         from orchestrator.roles import GENERATE, SCORE, sample_task, score_task
@@ -248,16 +256,16 @@ class ResidentStages:
         """Iteration i's steps and v_{i+1}'s policy on every rank; then their optimizer state is
         written in the background (a seceded task per rank), sealed by seal_saved."""
         from common.devices import train_role
-        from orchestrator.roles import optimizer_state_task, rendezvous_address, sleep_task, train_task
+        from orchestrator.roles import optimizer_state_task, rendezvous_address, train_task
         from stages.train.records import announce
 
         began = time.time()
         self.seal_saved(wait=True)  # v_i's state must be whole before its engine steps again
-        self._wait("train", iteration, [self.client.submit(sleep_task, self.run, workers=[address], pure=False)
-                                        for address in self._engines_beside_ranks()])
         world = self.config.train.processes
         if self.address is None:
-            self.address = self.client.submit(rendezvous_address, resources={train_role(0): 1}, pure=False).result()
+            self.address = self.client.submit(rendezvous_address, resources={train_role(0): 1}, pure=False)
+        if not isinstance(self.address, str):
+            self.address = self.address.result()
         ranks = [self._submit(train_task, iteration, rank, world, self.address, role=train_role(rank))
                  for rank in range(world)]
         policy = self._wait("train", iteration, ranks)[0]
@@ -268,15 +276,6 @@ class ResidentStages:
                                   role=train_role(rank)) for rank in range(world)]
             self.saving = (policy, saves)
         return time.time() - began
-
-    def _engines_beside_ranks(self) -> list[str]:
-        """Workers holding both a generation engine and a training rank: their engine sleeps through
-        the train stage (on a GPU; a no-op on a CPU)."""
-        from orchestrator.roles import GENERATE
-
-        return [address for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items()
-                if GENERATE in info.get("resources", {})
-                and any(role.startswith("train-rank-") for role in info.get("resources", {}))]
 
     def seal_saved(self, wait: bool) -> None:
         """Seal iter=i/train/ once v_{i+1}'s optimizer state is written and DONE (if it is, or `wait`)."""

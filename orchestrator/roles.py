@@ -9,6 +9,7 @@ another machine.
 """
 from __future__ import annotations
 
+import copy
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from distributed import WorkerPlugin, get_worker
 from common import shards
 from common.config import Config, teacher_routes
 from common.errors import ContractError
-from common.run import exit_with_parent, load_run_config, quiet_libraries, set_threads
+from common.run import RUN_CONFIG, exit_with_parent, load_run_config, quiet_libraries, set_threads
 from common.shards import file_sha256, policy_version
 from stages.generate.jobs import SampledShard, run_job
 from stages.score.scoring import RolloutShard, ScoredShard, score_shard
@@ -95,9 +96,19 @@ def close_roles(dask_worker) -> None:
     dask_worker.plugins[NAME].close()
 
 
+_configs: dict[tuple, Config] = {}
+
+
 def _config(run: Path) -> Config:
+    """The run's frozen config, parsed and validated once per version of the file (every task reads it:
+    milliseconds on the critical path), a fresh copy per task."""
     quiet_libraries()
-    config = load_run_config(run)
+    stat = (Path(run) / RUN_CONFIG).stat()
+    key = (str(run), stat.st_mtime_ns, stat.st_size)
+    if key not in _configs:
+        _configs.clear()
+        _configs[key] = load_run_config(run)
+    config = copy.deepcopy(_configs[key])
     set_threads(config)
     return config
 
@@ -114,21 +125,25 @@ def sample_task(run: Path, iteration: int, job) -> SampledShard:
                    worker=get_worker().address)
 
 
-def sleep_task(run: Path) -> None:
-    """Before the train stage: this worker's engine frees its GPU memory for the rank beside it."""
-    engine = roles().engine
-    if engine is not None:
-        engine.sleep()
+def open_models_task(run: Path, iteration: int, generate: bool, score: bool, rank: int | None, world: int,
+                     address: str | None) -> None:
+    """Open what this worker's roles need at v_i while the controller is still starting (MLflow, the
+    prompt sets), so the first iteration pays for none of it: the generation engine (gated), the
+    teachers and the verifier's workers, and rank `rank`'s trainer (all ranks open at once: they meet
+    at `address`)."""
+    from common.verifier import start as start_verifier
 
-
-def open_models_task(run: Path, iteration: int) -> None:
-    """Open this worker's generation engine at v_i (gated) and its teachers ahead of the first shard,
-    while the controller is still starting (MLflow, the prompt sets)."""
     config = _config(run)
     mine = roles()
-    mine.generation_engine(config, shards.checkpoint_dir(run, iteration))
-    for model in dict.fromkeys(teacher_routes(config).values()):
-        mine.teacher_scorers(config)(model)
+    checkpoint = shards.checkpoint_dir(run, iteration)
+    if generate:
+        mine.generation_engine(config, checkpoint)
+    if score:
+        for model in dict.fromkeys(teacher_routes(config).values()):
+            mine.teacher_scorers(config)(model)
+        start_verifier(config.score.verifier_workers)
+    if rank is not None:
+        mine.rank(config, rank, world, address).open_at(checkpoint)
 
 
 def score_task(run: Path, iteration: int, rollout: RolloutShard | SampledShard, versions: dict[str, str]
@@ -149,7 +164,10 @@ def train_task(run: Path, iteration: int, rank: int, world: int, address: str):
     from stages.train.stage import train_policy
 
     config = _config(run)
-    return train_policy(config, run, iteration, roles().rank(config, rank, world, address))
+    mine = roles()
+    if mine.engine is not None:  # a generation engine beside this rank frees its GPU memory (a no-op on a CPU)
+        mine.engine.sleep()
+    return train_policy(config, run, iteration, mine.rank(config, rank, world, address))
 
 
 def optimizer_state_task(run: Path, iteration: int, rank: int, policy_files: dict | None):

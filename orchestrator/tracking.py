@@ -3,11 +3,15 @@
 One MLflow run per pipeline run; its id lives in the run folder so a resumed run keeps logging to
 it. Each stage's metrics are logged once per iteration: a `_LOGGED` marker beside the manifest
 records that they went out, and a crash before the marker is caught by looking the points up.
+The logging itself runs on a thread of its own, in order, so the next iteration never waits for
+sqlite; `close()` waits for it, and an error there comes back at the next call.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from common.config import Config
@@ -60,9 +64,22 @@ class Tracker:
             self.active = mlflow.start_run(run_name=self.run.name)
             id_file.write_text(self.active.info.run_id + "\n")
             mlflow.log_params(_flatten(config.to_dict()))
+        self.logging = ThreadPoolExecutor(1, thread_name_prefix="mlflow")
+        self.pending: list[Future] = []
 
     def log_stage(self, stage_dir: Path, metrics: dict, step: int) -> None:
-        marker = Path(stage_dir) / LOGGED
+        """Queue one stage's metrics for MLflow (raises what an earlier one raised)."""
+        self._raise_failures(wait=False)
+        self.pending.append(self.logging.submit(self._log_stage, Path(stage_dir), dict(metrics), step))
+
+    def _raise_failures(self, wait: bool) -> None:
+        done = [future for future in self.pending if wait or future.done()]
+        self.pending = [future for future in self.pending if future not in done]
+        for future in done:
+            future.result()
+
+    def _log_stage(self, stage_dir: Path, metrics: dict, step: int) -> None:
+        marker = stage_dir / LOGGED
         if marker.exists():
             return
         # MLflow's names take no '@': the manifests' eval/<set>/pass@<k> is eval.<set>.pass_at_<k> there.
@@ -71,11 +88,20 @@ class Tracker:
         # A crash between logging and the marker must not log the points twice: the batch is one
         # sqlite transaction, so one of its metrics at this step tells whether it went out.
         probe = next(iter(numeric), None)
-        history = self.mlflow.MlflowClient().get_metric_history(self.active.info.run_id, probe) if probe else []
+        client, run_id = self.mlflow.MlflowClient(), self.active.info.run_id
+        history = client.get_metric_history(run_id, probe) if probe else []
         if not any(point.step == step for point in history):
-            self.mlflow.log_metrics(numeric, step=step)
+            from mlflow.entities import Metric
+
+            # By run id: mlflow's active run is per thread, and this is not the thread that started it.
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in numeric.items()])
         fault_point("mlflow")
         marker.write_text("")
 
     def close(self) -> None:
-        self.mlflow.end_run()
+        try:
+            self._raise_failures(wait=True)
+        finally:
+            self.logging.shutdown()
+            self.mlflow.end_run()

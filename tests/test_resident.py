@@ -23,7 +23,8 @@ def manifest(run, iteration, stage):
 def test_resident_run_on_two_workers_equals_the_subprocess_run(reference_run, tmp_path):
     """Two workers share the generate and score shards, one keeps the trainer: every rollout, scored
     and eval shard is byte-identical to the stage processes' run, and so is every checkpoint.
-    Iteration 1 samples from v0001 loaded in place and trains on the engine that wrote v0001. The
+    Iteration 1 samples from v0001 loaded in place and trains on the engine that wrote v0001; the
+    trainer opened v0000 while the controller started, so iteration 0 finds it open too. The
     controller plans and seals all of it without importing a model library (its start-up stays light)."""
     run = tmp_path / "resident"
     result = orchestrate(run, 2, "-o", "orchestrator.mode=resident", "-o", "cluster.workers=2", imports=True)
@@ -32,7 +33,7 @@ def test_resident_run_on_two_workers_equals_the_subprocess_run(reference_run, tm
     assert_same_as_reference(run, reference_run)
     assert manifest(run, 0, "rollouts")["metrics"]["generate/workers"] == 2
     assert manifest(run, 0, "scored")["metrics"]["score/workers"] == 2
-    assert [manifest(run, i, "train")["metrics"]["train/resident_engine"] for i in (0, 1)] == [0.0, 1.0]
+    assert [manifest(run, i, "train")["metrics"]["train/resident_engine"] for i in (0, 1)] == [1.0, 1.0]
     assert [manifest(reference_run, i, "train")["metrics"]["train/resident_engine"] for i in (0, 1)] == [0.0, 0.0]
     assert manifest(run, 1, "rollouts")["metrics"]["generate/weight_sync_gap_mean"] < 1e-5
 

@@ -21,7 +21,7 @@ from pipeline_helpers import ROOT, SHARED_DATA, needs_shared
 import common.verifier as verifier
 from common.config import config_from_dict
 from common.errors import ConfigError
-from common.verifier import STATUSES, grade, grade_batch, shutdown, worker_pids
+from common.verifier import STATUSES, grade, grade_batch, shutdown, start, worker_pids
 from common.verifier.equivalence import _exact_numbers, decide, guard, parse_answer, use_two_stage_parsing
 from common.verifier.extract import extract_answer
 
@@ -440,6 +440,17 @@ def test_the_pool_is_reused_across_batches():
     assert len(pids) == 2 and worker_pids() == pids
     assert all(g.correct for g in first + second)
     assert grade(boxed("x^{2}+2x+1"), "(x+1)^2").correct and worker_pids() == pids  # one worker of the same pool
+
+
+def test_started_workers_are_the_ones_that_grade():
+    """`start` brings the workers up before any answer needs one (a resident score worker calls it at
+    open): no job has run, and the first symbolic batch is graded by exactly those processes."""
+    shutdown()
+    assert worker_pids() == []
+    start(2)
+    started = worker_pids()
+    assert len(started) == 2
+    assert all(g.correct for g in grade_batch(SYMBOLIC, workers=2)) and worker_pids() == started
 
 
 def _eventually(condition, wait_s: float = 10.0) -> bool:

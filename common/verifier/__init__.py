@@ -6,7 +6,8 @@
 Extraction (extract.py) and the sympy-free tiers of equivalence.py (integers, decimals, simple
 fractions and surds, the number prose ends on) run in the calling process; everything else goes
 to a persistent pool of killable worker processes (pool.py) with a hard time bound.
-`shutdown()` stops the pool (it also runs at interpreter exit); the next call starts it again.
+`start(workers)` starts the pool ahead of need; `shutdown()` stops it (it also runs at interpreter exit); the
+next call starts it again.
 `python -m common.verifier` is the batch CLI over JSON lines.
 
 A grade's status is ok | no_answer | timeout | parse_error | error; status.py says which is which. `error`
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from common.config import RewardMode
 from common.verifier.equivalence import decide, fast_equal, guard
 from common.verifier.extract import extract_answer, has_think_answer_format
-from common.verifier.pool import run_symbolic, shutdown, worker_pids
+from common.verifier.pool import run_symbolic, shutdown, start, worker_pids
 from common.verifier.status import ERROR, OK, PARSE_ERROR, STATUSES, Verdict, error_verdict
 
 MODES: tuple[str, ...] = typing.get_args(RewardMode)  # the config's choices (score.reward_mode)
@@ -116,4 +117,4 @@ def grade(response: str, gold: str, mode: str = "correct", timeout_s: float = DE
     return grade_batch([(response, gold)], mode, workers=1, timeout_s=timeout_s)[0]
 
 
-__all__ = ["ERROR", "Grade", "MODES", "STATUSES", "grade", "grade_batch", "shutdown", "worker_pids"]
+__all__ = ["ERROR", "Grade", "MODES", "STATUSES", "grade", "grade_batch", "shutdown", "start", "worker_pids"]

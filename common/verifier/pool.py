@@ -225,6 +225,19 @@ def _next_job(queues: list[deque[deque[int]]], slot: int) -> int | None:
     return busiest[-1].pop() if busiest else None
 
 
+def _ready() -> None:
+    """A job that does nothing: its result means the worker is up, warm, and taking jobs."""
+
+
+def start(workers: int) -> None:
+    """Start the first `workers` workers now rather than at the first answer that needs one (a resident
+    score worker calls it while the controller starts, so the first iteration does not pay for it)."""
+    with _lock:
+        ready = [_slot(slot).pool.schedule(_ready) for slot in range(workers)]
+    for future in ready:
+        future.result()
+
+
 def worker_pids() -> list[int]:
     """Process ids of the live workers, by slot (for tests and the benchmark's CPU accounting)."""
     with _lock:

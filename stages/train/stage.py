@@ -72,6 +72,14 @@ class Trainer:
             self.holds = version
         return self.engine
 
+    def open_at(self, checkpoint: Path) -> None:
+        """Open the engine on `checkpoint` ahead of its first iteration (a resident rank does it while the
+        controller starts), verified first as _train_policy would: the optimizer state is a pickle."""
+        with self.lock:
+            if self.holds != policy_version(checkpoint):
+                shards.verify_checkpoint(checkpoint)
+                self.engine_at(checkpoint)
+
     def close(self) -> None:
         with self.lock:
             if self.engine is not None:
