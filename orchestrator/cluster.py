@@ -35,7 +35,7 @@ from typing import Iterator
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from common.config import Config
-from common.devices import WorkerSpec, embedded_layout, gpu_memory_plan, threads_per_worker, train_role
+from common.devices import WorkerSpec, embedded_layout, threads_per_worker, train_role
 from common.errors import ConfigError
 from orchestrator.roles import GENERATE, SCORE, Roles, close_roles
 
@@ -81,6 +81,56 @@ def _worker_process() -> dict:
         total = float(query.stdout.split()[0]) / 1024 if query.returncode == 0 and query.stdout.strip() else None
     return {"daemon": multiprocessing.current_process().daemon, "gpu": gpu, "gpu_total_gib": total,
             "threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def parameters(model_config: dict) -> int:
+    """A decoder's parameter count from its config.json (Qwen3/Llama layout; a tied LM head counted once)."""
+    hidden, layers, vocab = model_config["hidden_size"], model_config["num_hidden_layers"], model_config["vocab_size"]
+    head_dim = model_config.get("head_dim") or hidden // model_config["num_attention_heads"]
+    attention = hidden * head_dim * (2 * model_config["num_attention_heads"] + 2 * model_config["num_key_value_heads"])
+    per_layer = attention + 3 * hidden * model_config["intermediate_size"] + 2 * hidden + 2 * head_dim
+    return vocab * hidden * (1 if model_config.get("tie_word_embeddings", False) else 2) + layers * per_layer + hidden
+
+
+def gpu_memory_plan(config: Config, student: dict, teacher: dict, total_gib: float) -> tuple[str, list[str]]:
+    """Each role's share of one GPU when a worker holds all three (the card's layout), in the two
+    phases that alternate: sampling and scoring (engine + teacher), then training (the trainer, with
+    the engine asleep). One line to print, and the phases that do not fit (an empty list when all do).
+    The trainer's and the teacher's figures are estimates from the shapes; vLLM's is its setting."""
+    g, s, t = config.generate, config.score, config.train
+    gib = 2**30
+    n_student, n_teacher = parameters(student), parameters(teacher)
+    teacher_weights = 2 * n_teacher / gib  # bf16
+    # The teacher's forward: one chunk of fp32 logits, and a batch's activations (hidden and MLP) in bf16.
+    teacher_work = (s.logit_chunk_tokens * teacher["vocab_size"] * 4
+                    + s.max_tokens_per_batch * 2 * (4 * teacher["hidden_size"] + 3 * teacher["intermediate_size"])) / gib
+    if g.engine == "vllm":
+        engine, engine_asleep = g.gpu_memory_utilization * total_gib, 0.0
+        engine_text = f"vLLM {engine:.0f} GiB (generate.gpu_memory_utilization {g.gpu_memory_utilization})"
+    else:
+        engine_asleep = 2 * n_student / gib
+        engine = engine_asleep + (g.kv_cache_gib or 0.6 * (total_gib - engine_asleep - teacher_weights))
+        engine_text = f"HF engine {engine:.0f} GiB (weights + KV budget)"
+    # The trainer: resident (from the run's start, opened beside the engine) are its bf16 weights unless
+    # ZeRO-3 offloads them and its optimizer state unless offloaded; while it trains, also the
+    # checkpointed activations of one micro-batch, a layer's full activations, one chunk of logits and
+    # its gradient.
+    micro = t.max_tokens_per_micro_batch
+    trainer_resident = ((0 if t.offload_params else 2 * n_student / (t.processes if t.zero_stage == 3 else 1))
+                        + (0 if t.offload_optimizer else 12 * n_student / (t.processes if t.zero_stage else 1))) / gib
+    trainer = trainer_resident + (micro * student["hidden_size"] * 2 * student["num_hidden_layers"]
+                                  + micro * 2 * (4 * student["hidden_size"] + 3 * student["intermediate_size"])
+                                  + 2 * t.logit_chunk_tokens * student["vocab_size"] * 4) / gib
+    sampling = engine + teacher_weights + teacher_work + trainer_resident
+    training = trainer + teacher_weights + engine_asleep
+    line = (f"GPU memory plan per worker ({total_gib:.0f} GiB): sampling and scoring {sampling:.0f} GiB = "
+            f"{engine_text} + teacher {teacher_weights:.0f} GiB weights + ~{teacher_work:.0f} GiB per batch"
+            + (f" + the resident trainer's ~{trainer_resident:.0f} GiB" if trainer_resident >= 0.5 else "")
+            + f"; training ~{training:.0f} GiB = trainer ~{trainer:.0f} GiB + the teacher's weights"
+            + (f" + the HF engine's {engine_asleep:.0f} GiB" if engine_asleep else " (vLLM asleep)"))
+    over = [f"{phase} needs ~{need:.0f} GiB of {total_gib:.0f}" for phase, need in
+            (("sampling and scoring", sampling), ("training", training)) if need > 0.95 * total_gib]
+    return line, over
 
 
 def memory_plan_line(config: Config, total_gib: float) -> str:

@@ -182,28 +182,31 @@ class ResidentStages:
                 StalePolicyError) as error:
             self.client.cancel(futures)
             what = "a worker died" if isinstance(error, KilledWorker) else str(error).splitlines()[0]
-            raise StageFailed(f"stage {stage} failed at iteration {iteration}: {what} "
+            step = "opening the workers' models" if stage == "open" else f"stage {stage}"
+            raise StageFailed(f"{step} failed at iteration {iteration}: {what} "
                               "(fix: rerun the same command to resume)") from error
 
     def _submit(self, task, *args, role: str) -> object:
         return self.client.submit(task, self.run, *args, resources={role: 1}, pure=False)
 
     def open_models(self, iteration: int) -> None:
-        """Every worker opens what its roles need at v_i now, in its own process: its generation engine,
-        its teachers and verifier workers, its training rank (orchestrator/roles.py: open_models_task)."""
+        """Every worker opens what its roles need at v_i now, in its own process (orchestrator/roles.py):
+        first its generation engine, teachers and verifier workers, then, once all of those are open, the
+        training ranks, all at once."""
         from common.devices import train_role
-        from orchestrator.roles import GENERATE, SCORE, open_models_task, rendezvous_address
+        from orchestrator.roles import GENERATE, SCORE, open_models_task, open_rank_task, rendezvous_address
 
         world = self.config.train.processes
-        # The ranks' meeting point, picked on rank 0's worker; a future the open tasks wait for.
-        self.address = self.client.submit(rendezvous_address, resources={train_role(0): 1}, pure=False)
-        for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items():
-            roles = info.get("resources", {})
-            rank = next((r for r in range(world) if train_role(r) in roles), None)
-            if GENERATE in roles or SCORE in roles or rank is not None:
-                self.opening.append(self.client.submit(open_models_task, self.run, iteration, GENERATE in roles,
-                                                       SCORE in roles, rank, world, self.address, workers=[address],
-                                                       pure=False))
+        workers = {address: info.get("resources", {})
+                   for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items()}
+        models = [self.client.submit(open_models_task, self.run, iteration, GENERATE in roles, SCORE in roles,
+                                     workers=[address], pure=False)
+                  for address, roles in workers.items() if GENERATE in roles or SCORE in roles]
+        # The ranks' meeting point, picked on rank 0's worker once the models are open; a future until train().
+        self.address = self.client.submit(rendezvous_address, *models, resources={train_role(0): 1}, pure=False)
+        ranks = [self._submit(open_rank_task, iteration, rank, world, self.address, role=train_role(rank))
+                 for rank in range(world)]
+        self.opening = models + ranks
 
     def _generate(self, iteration: int, eval_only: bool = False, eval_k: int | None = None) -> float:
         from orchestrator.roles import GENERATE, SCORE, sample_task, score_task
@@ -212,7 +215,7 @@ class ResidentStages:
 
         began = time.time()
         if self.opening:
-            self._wait("generate", iteration, self.opening)
+            self._wait("open", iteration, self.opening)
             self.opening = []
         checkpoint = shards.checkpoint_dir(self.run, iteration)
         plan = plan_generation(self.config, self.run, iteration, eval_only, eval_k, trusted=checkpoint in self.trusted)
@@ -294,6 +297,11 @@ class ResidentStages:
         """Wait for the last optimizer state and seal its iteration (quiet: after a failure elsewhere,
         as far as it goes; the next run redoes what is not sealed)."""
         try:
+            if self.opening:  # never needed (no iteration ran): still let them end before the workers close
+                from distributed import wait
+
+                wait(self.opening)
+                self.opening = []
             self.seal_saved(wait=True)
         except Exception:
             if not quiet:
@@ -349,11 +357,8 @@ def evaluate_checkpoint_now(run: Path, version: int | None, k: int | None) -> No
     if not shards.policy_ready(shards.checkpoint_dir(run, version)):
         raise ConfigError(f"checkpoint {shards.checkpoint_dir(run, version)} does not exist (pruned, or not trained)")
     SubprocessStages(run, config).evaluate(version, k)
-    tracker = Tracker(config, run)
-    try:
+    with Tracker(config, run) as tracker:
         log_iteration(tracker, run, version, {})
-    finally:
-        tracker.close()
 
 
 def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> None:
@@ -394,13 +399,10 @@ def _start(run: Path, config: Config, iterations: int, stages, opened=None) -> N
             fault_point("rendered")
             renderer.shutdown()  # its process holds transformers' memory: gone before the first iteration
 
-        tracker = Tracker(config, run)
-        try:
+        with Tracker(config, run) as tracker:
             print(f"run {run}: {start} iteration(s) done, running {iterations} more", flush=True)
             prompts_ready()
             _loop(run, config, iterations, tracker, start, time.time(), stages)
-        finally:
-            tracker.close()
     finally:
         renderer.shutdown(cancel_futures=True)
 

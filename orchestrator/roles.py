@@ -125,25 +125,28 @@ def sample_task(run: Path, iteration: int, job) -> SampledShard:
                    worker=get_worker().address)
 
 
-def open_models_task(run: Path, iteration: int, generate: bool, score: bool, rank: int | None, world: int,
-                     address: str | None) -> None:
-    """Open what this worker's roles need at v_i while the controller is still starting (MLflow, the
-    prompt sets), so the first iteration pays for none of it: the generation engine (gated), the
-    teachers and the verifier's workers, and rank `rank`'s trainer (all ranks open at once: they meet
-    at `address`)."""
+def open_models_task(run: Path, iteration: int, generate: bool, score: bool) -> None:
+    """Open what this worker's sampling and scoring need at v_i while the controller is still starting
+    (MLflow, the prompt sets), so the first iteration pays for none of it: the generation engine
+    (gated), the teachers and the verifier's workers (eval grades on generation workers too)."""
     from common.verifier import start as start_verifier
 
     config = _config(run)
     mine = roles()
-    checkpoint = shards.checkpoint_dir(run, iteration)
     if generate:
-        mine.generation_engine(config, checkpoint)
+        mine.generation_engine(config, shards.checkpoint_dir(run, iteration))
     if score:
         for model in dict.fromkeys(teacher_routes(config).values()):
             mine.teacher_scorers(config)(model)
-        start_verifier(config.score.verifier_workers)
-    if rank is not None:
-        mine.rank(config, rank, world, address).open_at(checkpoint)
+    start_verifier(config.score.verifier_workers)
+
+
+def open_rank_task(run: Path, iteration: int, rank: int, world: int, address: str) -> None:
+    """Rank `rank`'s trainer on v_i (verified), opened at start; every rank at once (they meet at `address`),
+    and only once every worker's other models are open, so no rank waits at the rendezvous for a load
+    that failed."""
+    config = _config(run)
+    roles().rank(config, rank, world, address).open_at(shards.checkpoint_dir(run, iteration))
 
 
 def score_task(run: Path, iteration: int, rollout: RolloutShard | SampledShard, versions: dict[str, str]
@@ -184,8 +187,9 @@ def optimizer_state_task(run: Path, iteration: int, rank: int, policy_files: dic
     return write_optimizer_state(config, run, iteration, roles().trainer, policy_files)
 
 
-def rendezvous_address() -> str:
-    """host:port for the trainers' process group, on the worker of rank 0."""
+def rendezvous_address(*after) -> str:
+    """host:port for the trainers' process group, on the worker of rank 0 (once the tasks `after` are done,
+    so the port is free when the ranks bind it, moments later)."""
     host = get_worker().address.split("://")[-1].rsplit(":", 1)[0]
     with socket.socket() as probe:
         probe.bind((host, 0))

@@ -4,12 +4,14 @@ One MLflow run per pipeline run; its id lives in the run folder so a resumed run
 it. Each stage's metrics are logged once per iteration: a `_LOGGED` marker beside the manifest
 records that they went out, and a crash before the marker is caught by looking the points up.
 The logging itself runs on a thread of its own, in order, so the next iteration never waits for
-sqlite; `close()` waits for it, and an error there comes back at the next call.
+sqlite; `close()` (the end of a `with Tracker(...)` block) waits for it, and an error there comes back
+at the next call or at close, never in place of an error already on its way.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -48,7 +50,8 @@ class Tracker:
 
         self.mlflow = mlflow
         self.run = Path(run)
-        mlflow.set_tracking_uri(tracking_uri(config, run))
+        self.uri = tracking_uri(config, run)
+        mlflow.set_tracking_uri(self.uri)
         if mlflow.get_experiment_by_name(config.mlflow.experiment) is None:
             # Artifacts beside the database, inside runs/, not in the current directory.
             artifacts = (self.run.resolve().parent / "mlartifacts").as_uri()
@@ -88,7 +91,7 @@ class Tracker:
         # A crash between logging and the marker must not log the points twice: the batch is one
         # sqlite transaction, so one of its metrics at this step tells whether it went out.
         probe = next(iter(numeric), None)
-        client, run_id = self.mlflow.MlflowClient(), self.active.info.run_id
+        client, run_id = self.mlflow.MlflowClient(self.uri), self.active.info.run_id
         history = client.get_metric_history(run_id, probe) if probe else []
         if not any(point.step == step for point in history):
             from mlflow.entities import Metric
@@ -99,9 +102,21 @@ class Tracker:
         fault_point("mlflow")
         marker.write_text("")
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
+        """Wait for the queued logging, then end the MLflow run. An error of the logging is raised, or with
+        `quiet` (another error is on its way) printed as a warning line, so it never hides that one."""
         try:
             self._raise_failures(wait=True)
+        except Exception as error:
+            if not quiet:
+                raise
+            print(f"warning: MLflow logging failed too ({type(error).__name__}: {error})", file=sys.stderr, flush=True)
         finally:
             self.logging.shutdown()
             self.mlflow.end_run()
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(quiet=error is not None)

@@ -16,11 +16,11 @@ from pipeline_helpers import orchestrate, rollout_digests
 
 from common import shards
 from common.config import load_config
-from common.devices import check_torch_sees_the_gpus, embedded_layout, gpu_memory_plan, parameters, worker_layout
+from common.devices import check_torch_sees_the_gpus, embedded_layout, worker_layout
 from common.errors import ConfigError
 from common.shards import policy_version
 from orchestrator.checks import check_run
-from orchestrator.cluster import open_cluster
+from orchestrator.cluster import gpu_memory_plan, open_cluster, parameters
 from orchestrator.loop import prepare_run
 
 

@@ -5,6 +5,7 @@ import mlflow
 import pytest
 
 from common.config import load_config
+from common.errors import StageFailed
 from orchestrator.tracking import LOGGED, RUN_ID_FILE, Tracker
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -39,3 +40,15 @@ def test_a_failure_on_the_logging_thread_is_raised_by_close(tmp_path):
     tracker.log_stage(run / "iter=0000" / "missing", {"train/loss": 1.0}, 0)
     with pytest.raises(FileNotFoundError):
         tracker.close()
+
+
+def test_a_logging_failure_never_hides_the_error_already_on_its_way(tmp_path, capsys):
+    """A stage failed, and the logging failed too: the stage's one-line error is what the user gets; the
+    logging's is a warning line beside it (control: the same logging failure alone is raised, above)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(StageFailed, match="stage train failed"):
+        with Tracker(load_config(CONFIG), run) as tracker:
+            tracker.log_stage(run / "iter=0000" / "missing", {"train/loss": 1.0}, 0)
+            raise StageFailed("stage train failed at iteration 0: a worker died")
+    assert "warning: MLflow logging failed too (FileNotFoundError" in capsys.readouterr().err

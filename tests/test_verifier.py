@@ -22,8 +22,9 @@ import common.verifier as verifier
 from common.config import config_from_dict
 from common.errors import ConfigError
 from common.verifier import STATUSES, grade, grade_batch, shutdown, start, worker_pids
-from common.verifier.equivalence import _exact_numbers, decide, guard, parse_answer, use_two_stage_parsing
+from common.verifier.equivalence import decide, guard
 from common.verifier.extract import extract_answer
+from common.verifier.symbolic import _exact_numbers, parse_answer, use_two_stage_parsing
 
 DATA = SHARED_DATA
 PUBLIC_CASES = DATA / "verifier-cases-public.jsonl"
@@ -60,15 +61,17 @@ def test_no_box_or_a_truncated_box_is_no_answer(response):
     assert (g.status, g.correct, g.reward) == ("no_answer", False, 0.0)
 
 
-def test_a_megabyte_of_nested_braces_is_fast_and_complete():
+def test_a_megabyte_of_nested_braces_is_graded_in_process_and_completely():
+    """Extraction alone decides them (its cost is `make bench-verifier`'s slowest adversarial response):
+    no worker is started for any of them."""
     adversarial = ["\\boxed{" + "{" * 500_000 + "}" * 500_000 + "}",
                    "{" * 1_000_000 + " so \\boxed{12}",
                    "\\boxed{" * 200_000]
-    started = time.perf_counter()
+    shutdown()
     grades = grade_batch([(text, "12") for text in adversarial], timeout_s=5)
-    assert time.perf_counter() - started < 2
     assert [g.status for g in grades] == ["no_answer", "ok", "no_answer"]  # the tail of the first is all "}"
     assert grades[1].correct
+    assert worker_pids() == []
 
 
 # --- equivalence --------------------------------------------------------------------------------
@@ -215,10 +218,10 @@ def test_two_stage_parsing_gives_the_same_sympy_objects_as_ll():
 def test_power_towers_and_huge_exponents_are_rejected_before_symbolic_work():
     for answer in ["2^{2^{2^{2^{2}}}}", "10^{10^{10}}", "2^2^2^2", "9^{99999999}", "100000!"]:
         assert guard(answer), answer
-    started = time.perf_counter()
+    shutdown()
     grades = grade_batch([(boxed("10^{10^{10^{10}}}"), "1"), (boxed("2^{2^{2^{2^{2^{2}}}}}"), "2")], timeout_s=5)
-    assert time.perf_counter() - started < 4 and all(not g.correct for g in grades)
-    assert {g.status for g in grades} == {"parse_error"}
+    assert all(not g.correct for g in grades) and {g.status for g in grades} == {"parse_error"}
+    assert worker_pids() == []  # rejected in the calling process: no worker (and no sympy) saw them
 
 
 def test_identical_power_tower_strings_are_still_equal():
@@ -274,12 +277,13 @@ SYMBOLIC = [(boxed("\\frac{2}{3} + x"), "x + \\dfrac{2}{3}"), (boxed("\\sin^2 x 
 
 def test_a_slow_response_times_out_its_worker_is_replaced_and_the_batch_completes():
     after = [(boxed("\\frac{1}{2}"), "0.5"), (boxed("\\sqrt{4}"), "2"), (boxed("7"), "7")]
-    started = time.perf_counter()
+    shutdown()  # one slot only: slots another test started would stay up beside it
+    assert all(g.correct for g in grade_batch(SYMBOLIC[:1], workers=1))
+    before = worker_pids()
     grades = grade_batch([(boxed(SLOW), SLOW_GOLD), (boxed(SLOW + " "), SLOW_GOLD)] + after, workers=1, timeout_s=0.1)
-    elapsed = time.perf_counter() - started
     assert [g.status for g in grades[:2]] == ["timeout", "timeout"]
     assert all(g.status == "ok" and g.correct for g in grades[2:])
-    assert elapsed < 10
+    assert len(before) == 1 and _eventually(lambda: len(worker_pids()) == 1 and worker_pids() != before)
 
 
 def test_grading_from_a_non_main_thread():
@@ -392,12 +396,12 @@ def test_a_worker_that_dies_while_grading_grades_that_answer_error_and_the_rest_
 def test_a_bug_in_our_parser_hooks_grades_error_although_math_verify_catches_it(tmp_path):
     """Our integer hook runs inside latex2sympy's parser, whose exceptions math-verify turns into "no parse"."""
     injected = """
-        import common.verifier.equivalence as equivalence
+        import common.verifier.symbolic as symbolic
 
         def _integer(digits):
             raise TypeError("injected bug in a parser hook")
 
-        equivalence._integer = _integer
+        symbolic._integer = _integer
     """
     pairs = [(boxed("x^2 + 2x + 1"), "(x+1)^2"), (boxed("\\sin x"), "\\cos x")]  # with an integer token, without
     script = f"""
@@ -506,19 +510,17 @@ def test_the_time_bound_holds_inside_c_code(tmp_path):
         from common.verifier import grade_batch, pool
         if __name__ == "__main__":
             assert all(g.correct for g in grade_batch({SYMBOLIC!r}))  # the pool is up and warm
-            started = time.perf_counter()
             grades = grade_batch([({boxed("x")!r}, "x_{{cbound}}")] + {SYMBOLIC!r}, timeout_s=0.5)
-            elapsed = time.perf_counter() - started
             # How the stopped worker died (our slots' record of their processes; worker_pids() would prune it).
             codes = [p.exitcode for slot in pool._slots for p in slot.context.processes if p.exitcode is not None]
-            print(json.dumps([elapsed, codes] + [g.status for g in grades]))
+            print(json.dumps([codes] + [g.status for g in grades]))
     """
     done = run_with_worker_code(tmp_path, injected, script)
     assert done.returncode == 0, done.stderr
-    elapsed, codes, *statuses = json.loads(done.stdout)
+    codes, *statuses = json.loads(done.stdout)
     assert statuses == ["timeout"] + ["ok"] * len(SYMBOLIC)
-    assert codes == [-signal.SIGTERM], codes  # killed by the SIGTERM itself: pebble's SIGKILL would be -9
-    assert elapsed < 3.0, elapsed  # and so well before pebble's SIGKILL, due 3 s after the bound
+    # Killed by the SIGTERM itself, at the bound: pebble's SIGKILL, due 3 s later, would read -9.
+    assert codes == [-signal.SIGTERM], codes
 
 
 def test_no_worker_outlives_shutdown_or_the_interpreter():

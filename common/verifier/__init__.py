@@ -5,7 +5,8 @@
 
 Extraction (extract.py) and the sympy-free tiers of equivalence.py (integers, decimals, simple
 fractions and surds, the number prose ends on) run in the calling process; everything else goes
-to a persistent pool of killable worker processes (pool.py) with a hard time bound.
+to a persistent pool of killable worker processes (pool.py) with a hard time bound, which run
+symbolic.py (relations.py, then math-verify).
 `start(workers)` starts the pool ahead of need; `shutdown()` stops it (it also runs at interpreter exit); the
 next call starts it again.
 `python -m common.verifier` is the batch CLI over JSON lines.

@@ -42,7 +42,7 @@ from pebble import ProcessExpired, ProcessPool
 from common.verifier.status import ERROR, TIMEOUT, Verdict, describe, error_verdict
 
 # The forkserver imports these before it forks any worker; `warm` runs warm_up() on import.
-_PRELOAD = ["common.verifier.equivalence", "math_verify", "sympy", "common.verifier.warm"]
+_PRELOAD = ["common.verifier.symbolic", "math_verify", "sympy", "common.verifier.warm"]
 MAX_CACHED_GOLDS = 512    # parsed golds a worker keeps within one batch
 STALL_S = 120.0           # no job finished for this long beyond the time bound: the busy slots are stuck, restart them
 SHUTDOWN_WAIT_S = 5.0
@@ -60,7 +60,7 @@ def _start_worker() -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pebble stops a worker with SIGTERM: die at once, even in C code
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: the pool is the timeout
-    from common.verifier.equivalence import warm_up
+    from common.verifier.symbolic import warm_up
 
     warm_up()  # a no-op in a fork of the warmed-up forkserver
 
@@ -69,7 +69,7 @@ def grade_in_worker(batch: int, pred: str, gold: str) -> Verdict:
     """One job: symbolic_equal, with the batch's parsed golds cached. Our exceptions come back as `error`
     verdicts (type and message), never as exceptions: pebble would have to unpickle them in the caller."""
     global _golds, _golds_batch
-    from common.verifier.equivalence import symbolic_equal
+    from common.verifier.symbolic import symbolic_equal
 
     if batch != _golds_batch or len(_golds) > MAX_CACHED_GOLDS:
         _golds, _golds_batch = {}, batch  # scoped to a batch: the next batch has other prompts

@@ -7,7 +7,7 @@
   box, a form `guard` rejects before sympy (power towers, huge exponents or factorials, over-long or
   deeply nested answers), or math-verify's parser returns no parse. math-verify catches what its parser
   (latex2sympy, ANTLR, sympy) raises on odd LaTeX and returns no parse (or keeps the text, which it then
-  compares as a string). Our two hooks inside that parser (equivalence.use_two_stage_parsing) record
+  compares as a string). Our two hooks inside that parser (symbolic.use_two_stage_parsing) record
   their own exceptions, which are re-raised as ours rather than lost in math-verify's "no parse".
 - `error`: an exception reached the verifier's own code: our tiers (extraction, the exact and simple
   forms, relations.py, the glue around math-verify, including sympy calls we make on its parses) or the

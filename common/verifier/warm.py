@@ -1,5 +1,5 @@
 """Imported by the verifier's forkserver (a preload module, see pool.py): warms the parser once there,
 so that every worker it forks, replacements after a timeout included, starts warm."""
-from common.verifier.equivalence import warm_up
+from common.verifier.symbolic import warm_up
 
 warm_up()
