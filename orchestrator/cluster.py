@@ -134,7 +134,7 @@ def gpu_memory_plan(config: Config, student: dict, teacher: dict, total_gib: flo
 
 
 def memory_plan_line(config: Config, total_gib: float) -> str:
-    """The GPU memory plan of a worker with every role (common/devices.py), with a warning when a phase
+    """The GPU memory plan of a worker with every role (gpu_memory_plan, above), with a warning when a phase
     would not fit."""
     from common.hub import local_model_dir
 
