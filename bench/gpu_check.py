@@ -415,7 +415,7 @@ def check_stages(out: Path, scale: Scale) -> dict:
 def run_one(name: str, out: Path, scale: Scale) -> None:
     """In the child process: one check, its result(s) as JSON lines on stdout."""
     sys.path.insert(0, str(ROOT))
-    from common.run import quiet_libraries
+    from common.libraries import quiet_libraries
 
     quiet_libraries()
     results = globals()[f"check_{name}"](out, scale)

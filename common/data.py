@@ -6,11 +6,12 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.errors import ConfigError
+from common.errors import ConfigError, ContractError
 from common.seeds import prompt_order_seed
 from common.shards import atomic_write_text
 
@@ -47,8 +48,6 @@ def load_prompts(path: str | Path, tokenizer, max_prompt_tokens: int, enable_thi
     Rows without a usable prompt or a string ground truth, repeated ids, repeated prompt texts and
     prompts over `max_prompt_tokens` are dropped and counted, never raised deep inside a stage.
     """
-    from common.modeling import render_prompt  # transformers: only where prompts are rendered
-
     if not Path(path).is_file():
         raise ConfigError(f"config key '{config_key}': {path} does not exist")
     try:
@@ -88,6 +87,13 @@ def load_prompts(path: str | Path, tokenizer, max_prompt_tokens: int, enable_thi
     return PromptSet(prompts, dropped)
 
 
+def render_prompt(tokenizer, messages: list[dict], enable_thinking: bool) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def iteration_prompts(prompts: list[Prompt], iteration: int, per_iteration: int, seed: int) -> list[Prompt]:
     """The prompts of one iteration: consecutive slices of a seeded shuffle, reshuffled each epoch."""
     orders: dict[int, list[int]] = {}  # one shuffle per epoch the slice touches (at most two)
@@ -104,10 +110,11 @@ def iteration_prompts(prompts: list[Prompt], iteration: int, per_iteration: int,
 _READ: dict[tuple, PromptSet] = {}
 
 
-def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer_dir: Path, max_prompt_tokens: int,
-                     enable_thinking: bool, config_key: str = "data.train") -> PromptSet:
-    """`load_prompts`, rendered once per run (with the tokenizer in `tokenizer_dir`) and kept as
-    `runs/<RUN>/prompts/<name>.parquet`.
+def prepared_prompts(run: Path, name: str, path: str | Path, max_prompt_tokens: int, enable_thinking: bool,
+                     config_key: str = "data.train", tokenizer: Callable[[], object] | None = None) -> PromptSet:
+    """`load_prompts`, rendered once per run (with `tokenizer()`) and kept as
+    `runs/<RUN>/prompts/<name>.parquet`; without `tokenizer` (a driver planning a stage, which loads
+    no model library), a set not rendered yet is a ContractError.
 
     Every iteration samples from the same rendered prompts, so the chat template and tokenizer run
     once instead of in every generate process, and a process that only reads them (the resident
@@ -131,9 +138,10 @@ def prepared_prompts(run: Path, name: str, path: str | Path, tokenizer_dir: Path
                 del _READ[next(iter(_READ))]
             _READ[memo] = PromptSet([Prompt(**row) for row in rows], meta["dropped"])
         return _READ[memo]  # shared: callers read it, never change it
-    from common.modeling import load_tokenizer
-
-    prompt_set = load_prompts(path, load_tokenizer(tokenizer_dir), max_prompt_tokens, enable_thinking, config_key)
+    if tokenizer is None:
+        raise ContractError(f"the prompt set {name} of {path} is not rendered in {folder} (fix: rerun the same "
+                            "command: the run's start renders it)")
+    prompt_set = load_prompts(path, tokenizer(), max_prompt_tokens, enable_thinking, config_key)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.parquet.tmp-{os.getpid()}"  # a renderer left over from a killed run may still write
     pq.write_table(pa.Table.from_pylist([vars(p) for p in prompt_set.prompts]), tmp, compression="zstd")

@@ -117,6 +117,23 @@ def threads_per_worker(workers: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(workers, 1))
 
 
+# Dense bf16 peaks (TFLOP/s per device, from the vendors' data sheets), found in torch's device name.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_flops(configured_tflops: float = 0.0) -> float | None:
+    """The device's peak in FLOP/s: `cluster.peak_tflops` when set, else from the GPU's name; None on
+    a CPU or an unknown GPU (then no mfu is logged: a made-up peak would make it meaningless)."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops * 1e12 for key, tflops in GPU_PEAK_TFLOPS.items() if key in name), None)
+
+
 def check_torch_sees_the_gpus(gpus: list[str] | None = None) -> None:
     """Stop with one line when this machine has NVIDIA GPUs visible (`gpus`, default visible_gpus())
     but torch cannot use them: a CPU build of torch on a GPU machine would run every stage on the CPU

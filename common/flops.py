@@ -16,9 +16,6 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-# Dense bf16 peaks (TFLOP/s per device, from the vendors' data sheets), found in torch's device name.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
 
 def matmul_parameters(model_dir: str | Path) -> int:
     """N of a saved model, from its safetensors headers (nothing loaded): every parameter but the input
@@ -55,19 +52,6 @@ def forward_flops(model_dir: str | Path, lengths: list[int]) -> float | None:
         return None
     n, layers, width = shape
     return float(sum(2 * n * s + 4 * layers * width * s * s for s in lengths))
-
-
-def peak_flops(configured_tflops: float = 0.0) -> float | None:
-    """The device's peak in FLOP/s: `cluster.peak_tflops` when set, else from the GPU's name; None on
-    a CPU or an unknown GPU (then no mfu is logged: a made-up peak would make it meaningless)."""
-    if configured_tflops > 0:
-        return configured_tflops * 1e12
-    import torch  # here, not above: the controller seals the score stage and imports no torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((tflops * 1e12 for key, tflops in GPU_PEAK_TFLOPS.items() if key in name), None)
 
 
 def mfu(flops: float | None, seconds: float, devices: int, peak: float | None) -> float | None:

@@ -57,14 +57,6 @@ def load_weights_in_place(model: torch.nn.Module, checkpoint: str | Path) -> Non
                          f"unexpected: {result.unexpected_keys[:3]})")
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], enable_thinking: bool) -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the assistant generation prompt."""
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 @dataclass
 class ResponseLogprobs:
     """Per-row log-probs over the response positions (one tensor per row, row order kept)."""

@@ -1,14 +1,14 @@
-"""What every stage process does first: parse `--run DIR --iter I`, load the frozen run config."""
+"""What every stage command and the controller do first: parse `--run DIR --iter I`, load the frozen run
+config; and the processes they start (a free port, a child that dies with its parent). Imports no
+model library: common/libraries.py quiets those, in the processes that load them."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 from common.config import Config, load_config
@@ -40,30 +40,6 @@ def quiet_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-def quiet_libraries() -> None:
-    """Library banners and progress bars off in stage output; warnings that matter and errors stay."""
-    import torch
-
-    quiet_environment()
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, so DeepSpeed need not warn that it guessed
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # DeepSpeed's ZeRO-3 calls torch collectives that torch 2.13 marks deprecated, on every gather.
-    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
-        warnings.filterwarnings("ignore", message=f".*{name}.* is deprecated", category=FutureWarning)
-
-
-def set_threads(config: Config) -> None:
-    import torch
-
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
 
 
 def fail(message: str, code: int = 2, fix: str | None = None) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common.config import load_config
 from common.errors import ConfigError, StageFailed, UserError
-from common.run import fail, quiet_environment, quiet_libraries
+from common.run import fail, quiet_environment
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,6 +74,7 @@ def main() -> None:
         if args.command == "iterate":
             run_iterate(args)
         elif args.command == "inspect":
+            from common.libraries import quiet_libraries
             from orchestrator.inspect import inspect
 
             quiet_libraries()
@@ -81,7 +82,7 @@ def main() -> None:
         elif args.command == "eval":
             from orchestrator.loop import evaluate_checkpoint_now
 
-            quiet_libraries()
+            quiet_environment()  # the eval runs in a process of its own, which quiets its libraries
             try:
                 evaluate_checkpoint_now(args.run, args.ckpt, args.k)
             except StageFailed as error:

@@ -4,11 +4,13 @@ Strictly on-policy: iteration i samples from checkpoint v_i and trains v_i into 
 checks it. Every stage output is sealed by a manifest, so a killed run resumes at the first stage
 without one, and finished stages are skipped.
 
-`orchestrator.mode: resident` keeps a Dask cluster for the whole `iterate` (orchestrator/cluster.py):
-this process is the one controller, sending the stages' shard jobs to workers that keep the
-generation engine, the teacher and the DeepSpeed trainer loaded (orchestrator/roles.py) and sealing
-every folder itself. `subprocess` runs each stage in its own process (for running or debugging one
-stage alone). Both write the same bytes.
+This process is the one controller, in both modes and with the same code: it plans every stage,
+hands its shard tasks to an executor (common/executors.py) and seals every folder itself. Only the
+executor differs: `orchestrator.mode: resident` keeps a Dask cluster for the whole `iterate`
+(orchestrator/cluster.py, orchestrator/dask_executor.py) whose workers keep the generation engine,
+the teachers and the DeepSpeed trainer loaded; `subprocess` runs each stage's tasks in fresh
+processes of their own (LocalExecutor), nothing held between stages. Both write the same bytes.
+The controller imports no model library (an import-linter contract in `make test`).
 """
 from __future__ import annotations
 
@@ -16,19 +18,23 @@ import json
 import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from common import metrics as m
 from common import shards
 from common.config import Config, save_config
-from common.errors import ConfigError, ContractError, NonFiniteError, StageFailed, StalePolicyError, WeightSyncError
+from common.errors import ConfigError, ContractError, StageFailed
+from common.executors import Executor, LocalExecutor
 from common.faults import fault_point
 from common.hub import local_model_dir
-from common.run import RUN_CONFIG, exit_with_parent, free_port, load_run_config
+from common.run import RUN_CONFIG, exit_with_parent, load_run_config
 from orchestrator.tracking import Tracker
+from stages.generate.plan import RENDER, collect_generation, submit_generation
+from stages.score.plan import collect_scoring, submit_scoring
+from stages.train.records import Saving, collect_training, seal_training, submit_training
 
 STAGE_OUTPUT = {"generate": "rollouts", "score": "scored", "train": "train"}
 
@@ -112,203 +118,68 @@ def epoch_limit(run: Path, config: Config) -> int | None:
     return max(1, config.data.epochs * rows // config.generate.prompts_per_iteration)
 
 
-def stage_command(stage: str, run: Path, iteration: int, processes: int = 1) -> list[str]:
-    """`python -m stages.<stage> ...`, or the DeepSpeed launcher with one process per rank."""
-    arguments = ["--run", str(run), "--iter", str(iteration)]
-    if processes > 1:
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--no_local_rank",
-                "--master_port", str(free_port()), "--module", f"stages.{stage}", *arguments]
-    return [sys.executable, "-m", f"stages.{stage}", *arguments]
+class Stages:
+    """The stages of one run, driven on an executor (common/executors.py): each is planned here, its
+    shard tasks run where the executor puts them, and every folder, the train stage's included, is
+    sealed here once its shards are in. Scoring shard k waits for rollout shard k alone, so with
+    resident workers it runs while sampling goes on; the train stage's folder is sealed once v_{i+1}'s
+    optimizer state, written while iteration i+1 samples, is whole."""
 
-
-def run_stage(stage: str, run: Path, iteration: int, extra: tuple[str, ...] = (), processes: int = 1) -> float:
-    started = time.time()
-    result = subprocess.run(stage_command(stage, run, iteration, processes) + list(extra))
-    if result.returncode != 0:
-        raise StageFailed(f"stage {stage} failed at iteration {iteration} with exit code {result.returncode} "
-                          "(fix: see the stage's error above, then rerun the same command to resume)")
-    return time.time() - started
-
-
-class SubprocessStages:
-    """`orchestrator.mode: subprocess`: every stage a fresh `python -m stages.<stage>` (train under the
-    DeepSpeed launcher with train.processes ranks); nothing is held between stages."""
-
-    def __init__(self, run: Path, config: Config):
-        self.run, self.config = run, config
-
-    def generate(self, iteration: int) -> float:
-        return run_stage("generate", self.run, iteration)
-
-    def score(self, iteration: int) -> float:
-        return run_stage("score", self.run, iteration)
-
-    def train(self, iteration: int) -> float:
-        return run_stage("train", self.run, iteration, processes=self.config.train.processes)
-
-    def evaluate(self, iteration: int, k: int | None = None) -> float:
-        return run_stage("generate", self.run, iteration, ("--eval-only", *(("--eval-k", str(k)) if k else ())))
-
-    def finish(self, quiet: bool = False) -> None:
-        """Nothing outlives a stage process."""
-
-
-class ResidentStages:
-    """`orchestrator.mode: resident`: the stages' shard jobs as Dask tasks on workers that keep their
-    models loaded (orchestrator/roles.py). Shards go to whichever `generate` / `score` worker is free;
-    a rollout shard is scored as soon as it is written; rank r trains on its `train-rank-r` worker.
-    Every folder is sealed here, by the controller, once all its shards are in; the train stage's
-    once v_{i+1}'s optimizer state, written while iteration i+1 samples, is sealed too."""
-
-    def __init__(self, client, run: Path, config: Config):
-        from stages.score.scoring import teacher_versions
-
-        self.client, self.run, self.config = client, Path(run).resolve(), config  # workers may start elsewhere
-        self.teacher_versions = teacher_versions(config)
-        self.scoring: list | None = None  # the score futures of the iteration in flight
-        self.address = None  # the trainers' rendezvous (host:port, a future until known), fixed for the cluster's life
-        self.opening: list = []  # open_models tasks, waited for before the first stage's
+    def __init__(self, executor: Executor, run: Path, config: Config):
+        self.executor, self.run, self.config = executor, Path(run).resolve(), config  # workers may start elsewhere
+        self.scoring: list | None = None  # the score tasks of the iteration in flight
+        self.saving: Saving | None = None  # v_{i+1}'s optimizer state being written
         self.trusted: set[Path] = set()  # checkpoints whose writer's hashes this controller holds
-        self.saving: tuple | None = None  # (PolicyWritten, futures) of the optimizer state being written
 
-    def _wait(self, stage: str, iteration: int, futures: list) -> list:
-        """The tasks' results; a failure a user can act on (a lost worker, bad data, a failed gate, a
-        NaN) stops the stage with one line. Anything else is a bug and keeps its traceback."""
-        from distributed import KilledWorker
-
-        try:
-            return self.client.gather(futures)
-        except (KilledWorker, ConfigError, ContractError, WeightSyncError, NonFiniteError,
-                StalePolicyError) as error:
-            self.client.cancel(futures)
-            what = "a worker died" if isinstance(error, KilledWorker) else str(error).splitlines()[0]
-            step = "opening the workers' models" if stage == "open" else f"stage {stage}"
-            raise StageFailed(f"{step} failed at iteration {iteration}: {what} "
-                              "(fix: rerun the same command to resume)") from error
-
-    def _submit(self, task, *args, role: str) -> object:
-        return self.client.submit(task, self.run, *args, resources={role: 1}, pure=False)
-
-    def open_models(self, iteration: int) -> None:
-        """Every worker opens what its roles need at v_i now, in its own process (orchestrator/roles.py):
-        first its generation engine, teachers and verifier workers, then, once all of those are open, the
-        training ranks, all at once."""
-        from common.devices import train_role
-        from orchestrator.roles import GENERATE, SCORE, open_models_task, open_rank_task, rendezvous_address
-
-        world = self.config.train.processes
-        workers = {address: info.get("resources", {})
-                   for address, info in self.client.scheduler_info(n_workers=-1)["workers"].items()}
-        models = [self.client.submit(open_models_task, self.run, iteration, GENERATE in roles, SCORE in roles,
-                                     workers=[address], pure=False)
-                  for address, roles in workers.items() if GENERATE in roles or SCORE in roles]
-        # The ranks' meeting point, picked on rank 0's worker once the models are open; a future until train().
-        self.address = self.client.submit(rendezvous_address, *models, resources={train_role(0): 1}, pure=False)
-        ranks = [self._submit(open_rank_task, iteration, rank, world, self.address, role=train_role(rank))
-                 for rank in range(world)]
-        self.opening = models + ranks
-
-    def _generate(self, iteration: int, eval_only: bool = False, eval_k: int | None = None) -> float:
-        from orchestrator.roles import GENERATE, SCORE, sample_task, score_task
-        from stages.generate.stage import plan_generation, seal_plan
-        from stages.score.scoring import sealed_rollouts, start_scoring
-
+    def generate(self, iteration: int, eval_only: bool = False, eval_k: int | None = None) -> float:
         began = time.time()
-        if self.opening:
-            self._wait("open", iteration, self.opening)
-            self.opening = []
-        checkpoint = shards.checkpoint_dir(self.run, iteration)
-        plan = plan_generation(self.config, self.run, iteration, eval_only, eval_k, trusted=checkpoint in self.trusted)
-        evals = [self._submit(sample_task, iteration, job, role=GENERATE) for job in (plan.eval_jobs if plan else [])]
-        rollouts = [self._submit(sample_task, iteration, job, role=GENERATE)
-                    for job in (plan.rollout_jobs if plan else [])]
-        if not eval_only and start_scoring(self.config, self.run, iteration):
+        trusted = shards.checkpoint_dir(self.run, iteration) in self.trusted
+        sampling = submit_generation(self.executor, self.config, self.run, iteration, eval_only, eval_k, trusted)
+        if not eval_only:
             # Scoring shard k waits for rollout shard k only (the whole iteration stays on v_i).
-            sources = rollouts if rollouts else sealed_rollouts(self.run, iteration)
-            self.scoring = [self._submit(score_task, iteration, source, self.teacher_versions, role=SCORE)
-                            for source in sources]
-        if plan is not None:
-            eval_done = self._wait("generate", iteration, evals)
-            rollouts_done = self._wait("generate", iteration, rollouts)
-            gate = max((d.gate for d in eval_done + rollouts_done),
-                       key=lambda g: g.get("generate/weight_sync_gap_mean", 0.0), default={})
-            seal_plan(self.config, self.run, iteration, plan, eval_done, began, rollouts_done,
-                      min((d.started for d in rollouts_done), default=began), gate)
+            self.scoring = submit_scoring(self.executor, self.config, self.run, iteration,
+                                          sampling.rollouts if sampling else None)
+        collect_generation(self.executor, self.config, self.run, iteration, sampling)
         self.seal_saved(wait=False)
         return time.time() - began
 
-    def generate(self, iteration: int) -> float:
-        return self._generate(iteration)
-
     def score(self, iteration: int) -> float:
-        from stages.score.scoring import seal_scored
-
-        if self.scoring is None:
-            return 0.0
         began = time.time()
-        futures = self.scoring
-        self.scoring = None
-        done = self._wait("score", iteration, futures)
-        # The stage's clock starts with its first shard, not when its tasks were queued behind sampling.
-        seal_scored(self.config, self.run, iteration, done, min(d.started for d in done), self.teacher_versions,
-                    len({d.worker for d in done}))
+        scoring, self.scoring = self.scoring, None
+        collect_scoring(self.executor, self.config, self.run, iteration, scoring)
         self.seal_saved(wait=False)
         return time.time() - began
 
     def train(self, iteration: int) -> float:
-        """Iteration i's steps and v_{i+1}'s policy on every rank; then their optimizer state is
-        written in the background (a seceded task per rank), sealed by seal_saved."""
-        from common.devices import train_role
-        from orchestrator.roles import optimizer_state_task, rendezvous_address, train_task
-        from stages.train.records import announce
-
+        """Iteration i's steps and v_{i+1}'s policy on every rank; then their optimizer state is written
+        (in the background on resident workers), sealed by seal_saved."""
         began = time.time()
         self.seal_saved(wait=True)  # v_i's state must be whole before its engine steps again
-        world = self.config.train.processes
-        if self.address is None:
-            self.address = self.client.submit(rendezvous_address, resources={train_role(0): 1}, pure=False)
-        if not isinstance(self.address, str):
-            self.address = self.address.result()
-        ranks = [self._submit(train_task, iteration, rank, world, self.address, role=train_role(rank))
-                 for rank in range(world)]
-        policy = self._wait("train", iteration, ranks)[0]
-        if policy is not None:
-            announce(policy)
-            self.trusted.add(Path(policy.checkpoint))
-            saves = [self._submit(optimizer_state_task, iteration, rank, policy.policy_files if rank == 0 else None,
-                                  role=train_role(rank)) for rank in range(world)]
-            self.saving = (policy, saves)
+        ranks = submit_training(self.executor, self.config, self.run, iteration)
+        saving = collect_training(self.executor, self.config, self.run, iteration, ranks)
+        if saving is not None:
+            self.trusted.add(Path(saving.policy.checkpoint))
+            self.saving = saving
         return time.time() - began
+
+    def evaluate(self, iteration: int, k: int | None = None) -> float:
+        return self.generate(iteration, eval_only=True, eval_k=k)
 
     def seal_saved(self, wait: bool) -> None:
         """Seal iter=i/train/ once v_{i+1}'s optimizer state is written and DONE (if it is, or `wait`)."""
-        from stages.train.records import seal_train
-
-        if self.saving is None:
+        if self.saving is None or not (wait or self.executor.done(self.saving.handles)):
             return
-        policy, futures = self.saving
-        if not wait and not all(future.done() for future in futures):
-            return
-        self.saving = None
-        state = self._wait("train", policy.iteration, futures)[0]
-        seal_train(self.config, self.run, policy, state)
+        saving, self.saving = self.saving, None
+        seal_training(self.executor, self.config, self.run, saving)
 
     def finish(self, quiet: bool = False) -> None:
         """Wait for the last optimizer state and seal its iteration (quiet: after a failure elsewhere,
         as far as it goes; the next run redoes what is not sealed)."""
         try:
-            if self.opening:  # never needed (no iteration ran): still let them end before the workers close
-                from distributed import wait
-
-                wait(self.opening)
-                self.opening = []
             self.seal_saved(wait=True)
         except Exception:
             if not quiet:
                 raise
-
-    def evaluate(self, iteration: int, k: int | None = None) -> float:
-        return self._generate(iteration, eval_only=True, eval_k=k)
 
 
 def check_length_health(config: Config, run: Path, iteration: int) -> None:
@@ -316,7 +187,7 @@ def check_length_health(config: Config, run: Path, iteration: int) -> None:
     rollouts were cut at the length limit."""
     manifest = shards.read_manifest(shards.stage_dir(run, iteration, "rollouts"))
     h = config.health
-    cut = manifest["metrics"].get("generate/truncated_fraction", 0.0) if manifest else 0.0
+    cut = manifest["metrics"].get(m.TRUNCATED_FRACTION, 0.0) if manifest else 0.0
     if cut <= h.max_truncated_fraction:
         return
     what = (f"iteration {iteration}: {cut:.0%} of the rollouts were cut at generate.max_response_tokens="
@@ -336,14 +207,14 @@ def log_iteration(tracker: Tracker, run: Path, iteration: int, wall: dict[str, f
         if manifest is None:
             continue
         metrics = dict(manifest["metrics"])
-        metrics[f"time/{stage}_stage_s"] = manifest["seconds"]
+        metrics[m.stage_seconds(stage)] = manifest["seconds"]
         for name, seconds in wall.items():
             if STAGE_OUTPUT.get(name) == stage:
-                metrics[f"time/{name}_wall_s"] = seconds  # as the controller waited for it, start-up included
+                metrics[m.wall_seconds(name)] = seconds  # as the controller waited for it, start-up included
         tracker.log_stage(out_dir, metrics, iteration)
 
 
-def evaluate_checkpoint(config: Config, run: Path, iteration: int, tracker: Tracker, stages) -> None:
+def evaluate_checkpoint(config: Config, run: Path, iteration: int, tracker: Tracker, stages: Stages) -> None:
     if config.eval.every > 0 and shards.read_manifest(shards.stage_dir(run, iteration, "eval")) is None:
         stages.evaluate(iteration)
     log_iteration(tracker, run, iteration, {})
@@ -356,7 +227,8 @@ def evaluate_checkpoint_now(run: Path, version: int | None, k: int | None) -> No
         version = completed_iterations(run)
     if not shards.policy_ready(shards.checkpoint_dir(run, version)):
         raise ConfigError(f"checkpoint {shards.checkpoint_dir(run, version)} does not exist (pruned, or not trained)")
-    SubprocessStages(run, config).evaluate(version, k)
+    with LocalExecutor() as executor:
+        Stages(executor, run, config).evaluate(version, k)
     with Tracker(config, run) as tracker:
         log_iteration(tracker, run, version, {})
 
@@ -365,32 +237,36 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
     """The start overlaps: the prompt sets render in a process of their own (the chat template over
     every prompt, after importing transformers: seconds here, minutes for DAPO-Math with Qwen3's
     template), the cluster's workers open their models in theirs, and MLflow opens here. So this
-    process, the one controller, never imports torch or transformers. In resident mode the cluster
-    opens first: the run's shard count follows its generation workers (resolve_shards)."""
+    process, the one controller, never imports torch or transformers. The same loop drives both
+    modes; only the executor differs. In resident mode the cluster opens first: the run's shard count
+    follows its generation workers (resolve_shards)."""
     if config.orchestrator.mode == "resident":
         from orchestrator.cluster import generation_workers, open_cluster
+        from orchestrator.dask_executor import DaskExecutor
 
         with open_cluster(config) as client:
             config = prepare_run(run, config, force, generation_workers(client))
-            stages = ResidentStages(client, run, config)
+            executor = DaskExecutor(client)
+            stages = Stages(executor, run, config)
             try:
-                _start(run, config, iterations, stages, opened=stages.open_models)
+                _start(run, config, iterations, stages,
+                       opened=lambda start: executor.open_models(stages.run, start, config.train.processes))
             finally:
                 stages.finish(quiet=True)  # a failure elsewhere: seal what the trainer finished writing
+                executor.close()
     else:
         config = prepare_run(run, config, force)
-        _start(run, config, iterations, SubprocessStages(run, config))
+        with LocalExecutor() as executor:
+            _start(run, config, iterations, Stages(executor, run, config))
 
 
-def _start(run: Path, config: Config, iterations: int, stages, opened=None) -> None:
-    from stages.generate.jobs import render_prompt_sets
-
+def _start(run: Path, config: Config, iterations: int, stages: Stages, opened=None) -> None:
     start = completed_iterations(run)
     # Its process exits with this one: a controller killed while it renders leaves nothing behind.
     renderer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent,
                                    initargs=(os.getpid(),))
     try:
-        rendered = renderer.submit(render_prompt_sets, config, run, shards.checkpoint_dir(run, start))
+        rendered = renderer.submit(RENDER, Path(run).resolve(), start)
         if opened is not None:
             opened(start)
 
@@ -408,7 +284,7 @@ def _start(run: Path, config: Config, iterations: int, stages, opened=None) -> N
 
 
 def _loop(run: Path, config: Config, iterations: int, tracker: Tracker, start: int, loop_started: float,
-          stages) -> None:
+          stages: Stages) -> None:
     for iteration in range(start):  # metrics a crash kept from MLflow (stages without _LOGGED)
         log_iteration(tracker, run, iteration, {})
     walls: dict[int, dict[str, float]] = {}
@@ -423,15 +299,15 @@ def _loop(run: Path, config: Config, iterations: int, tracker: Tracker, start: i
         check_length_health(config, run, iteration)
         wall.update(score=stages.score(iteration), train=stages.train(iteration))
         log_iteration(tracker, run, iteration, wall)
-        if iteration - 1 in walls:  # resident: its train folder was sealed during this iteration
+        if iteration - 1 in walls:  # its train folder was sealed during this iteration
             log_iteration(tracker, run, iteration - 1, walls[iteration - 1])
         # ETA from the mean iteration so far; eval iterations make it a little optimistic.
         eta = (time.time() - loop_started) / done * (iterations - done)
         print(f"iteration {iteration} ({done}/{iterations}) done in {time.time() - began:.1f}s "
               f"(generate {wall['generate']:.1f}s, score {wall['score']:.1f}s, train {wall['train']:.1f}s)"
               + (f", ETA {eta / 60:.1f} min" if done < iterations else ""), flush=True)
-    # The last checkpoint has not been sampled yet: evaluate it so every run ends with a figure (in
-    # resident mode while its optimizer state is written).
+    # The last checkpoint has not been sampled yet: evaluate it so every run ends with a figure (on
+    # resident workers while its optimizer state is written).
     evaluate_checkpoint(config, run, start + iterations, tracker, stages)
     stages.finish()
     last = start + iterations - 1

@@ -22,6 +22,7 @@ from pathlib import Path
 from common import shards
 from common.config import teacher_routes
 from common.errors import UserError
+from common.metrics import EVAL_ACCURACY, REVERSE_KL, ROLLOUT_ACCURACY
 from common.run import load_run_config
 from orchestrator.runs import mlflow_run, require_run
 
@@ -55,14 +56,17 @@ def teacher_eval(run: Path, k: int | None = None) -> dict:
     """
     from common.config import teacher_for
     from common.hub import local_model_dir
-    from common.run import quiet_libraries, set_threads
+    from common.libraries import quiet_libraries, set_threads
+    from common.modeling import load_tokenizer
     from common.shards import policy_version
     from stages.generate.engines import open_engine
-    from stages.generate.jobs import eval_jobs, evaluate_engine
+    from stages.generate.jobs import evaluate_engine
+    from stages.generate.plan import eval_jobs
 
     config = load_run_config(run)
     k = k or config.eval.k
-    key = {"teachers": {m: policy_version(local_model_dir(m)) for m in dict.fromkeys(teacher_routes(config).values())},
+    key = {"teachers": {model: policy_version(local_model_dir(model))
+                        for model in dict.fromkeys(teacher_routes(config).values())},
            "eval": dataclasses.asdict(config.eval), "k": k, "seed": config.seed,
            "rows_per_shard": config.generate.rows_per_shard, "shards": config.generate.shards,
            "engine": config.generate.engine, "routes": teacher_routes(config), "reward_mode": config.score.reward_mode}
@@ -75,7 +79,7 @@ def teacher_eval(run: Path, k: int | None = None) -> dict:
     set_threads(config)
     student = shards.checkpoint_dir(run, 0)  # renders the sets with the student's tokenizer, as the loop does
     routed: dict[str, set[str]] = {}
-    for job in eval_jobs(config, run, student, k):
+    for job in eval_jobs(config, run, k, lambda: load_tokenizer(student)):
         routed.setdefault(teacher_for(config, job.eval_set), set()).add(job.eval_set)
     metrics: dict[str, float] = {}
     for model, sets in routed.items():
@@ -86,8 +90,8 @@ def teacher_eval(run: Path, k: int | None = None) -> dict:
         finally:
             engine.close()
     accuracies = [value for name, value in metrics.items() if name.endswith("/accuracy")]
-    metrics["eval/accuracy"] = sum(accuracies) / len(accuracies)
-    result = {"key": key, "accuracy": metrics["eval/accuracy"], "metrics": metrics}
+    metrics[EVAL_ACCURACY] = sum(accuracies) / len(accuracies)
+    result = {"key": key, "accuracy": metrics[EVAL_ACCURACY], "metrics": metrics}
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -204,10 +208,10 @@ def learning_table(run: Path) -> str:
     config = load_run_config(run)
     rows = [
         ("iteration", [str(i) for i in evals]),
-        (f"eval accuracy, sampled ({config.eval.prompts or 'all'} prompts)", [metric(i, "eval", "eval/accuracy")
+        (f"eval accuracy, sampled ({config.eval.prompts or 'all'} prompts)", [metric(i, "eval", EVAL_ACCURACY)
                                                                              for i in evals]),
-        ("rollout accuracy (that iteration's samples)", [metric(i, "scored", "rollout/accuracy") for i in evals]),
-        ("mean reverse KL, lp - lq per token", [metric(i, "scored", "rollout/reverse_kl") for i in evals]),
+        ("rollout accuracy (that iteration's samples)", [metric(i, "scored", ROLLOUT_ACCURACY) for i in evals]),
+        ("mean reverse KL, lp - lq per token", [metric(i, "scored", REVERSE_KL) for i in evals]),
         ("wall time at the eval (min)", [elapsed(i) for i in evals]),
     ]
     lines = [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]

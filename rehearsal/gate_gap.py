@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from common import shards
+from common.libraries import quiet_libraries
 from common.modeling import load_model, load_tokenizer, response_logprobs
-from common.run import quiet_libraries
 from common.weights import checksums, model_tensors
 from stages.generate.gate import TOLERANCE
 

@@ -6,8 +6,9 @@ Two uninterrupted reference runs first (they must agree byte for byte: determini
 (a resident run writes the bytes stage processes write). Then, per mode, each trial starts a fresh
 two-iteration run and kills it with SIGKILL, either at a named fault point (common/faults.py: while
 writing a shard, a manifest, a checkpoint, inside a training step, between logging to MLflow and
-recording it; in resident mode the shard, train-step and checkpoint points are in a worker, the
-generation worker or the trainer rank, and the others in the controller) or at a random moment:
+recording it; the shard, train-step, checkpoint and state points are in a worker process (a
+generation worker or a trainer rank: resident, or a stage's local process), the others in the
+controller) or at a random moment:
 the whole process group; in resident mode also the controller alone (its workers must exit by
 themselves) or one worker alone. `make iterate` is then rerun until the run finishes, and the
 trial passes when `orchestrator check` finds no problem and the result equals the reference: same
@@ -35,13 +36,13 @@ from common.shards import policy_version  # noqa: E402
 from orchestrator.checks import check_run  # noqa: E402
 
 ITERATIONS = 2
-# How often one process reaches each point in this setting (the counter is per process). Subprocess:
-# generate writes 4 eval and 4 rollout shards and 2 manifests, a train process takes 2 steps and saves
-# once (policy, then optimizer state). Resident: one worker samples every shard of the run (12 eval,
-# 8 rollout) and trains both iterations, writing each optimizer state while the next one samples; the
-# controller writes the eval, rollouts, scored and train manifests.
-# `rendered` is the controller's, once per run in both modes.
-REACHED_PER_PROCESS = {"subprocess": {"shard": 8, "manifest": 2, "checkpoint": 1, "state": 1, "train_step": 2,
+# How often one process reaches each point in this setting (the counter is per process). Both modes:
+# the controller writes the eval, rollouts, scored and train manifests (9) and logs to MLflow.
+# Subprocess: a generate process writes 4 eval and 4 rollout shards, a train process takes 2 steps
+# and saves once (policy, then optimizer state). Resident: one worker samples every shard of the run
+# (12 eval, 8 rollout) and trains both iterations, writing each optimizer state while the next one
+# samples. `rendered` is the controller's, once per run in both modes.
+REACHED_PER_PROCESS = {"subprocess": {"shard": 8, "manifest": 9, "checkpoint": 1, "state": 1, "train_step": 2,
                                       "mlflow": 8, "rendered": 1},
                        "resident": {"shard": 20, "manifest": 9, "checkpoint": 2, "state": 2, "train_step": 4,
                                     "mlflow": 8, "rendered": 1}}

@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from common.modeling import render_prompt
+from common.data import render_prompt
 from rehearsal import tokenizer as qwen3
 from rehearsal.prompt_lengths import measure, percentile, summarize
 from tiny_world.tokenizer import CHAT_TEMPLATE as TINY_CHAT_TEMPLATE

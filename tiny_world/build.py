@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-from common.modeling import render_prompt
+from common.data import render_prompt
 from common.shards import file_sha256
 from common.verifier import grade_batch
 from stages.generate.hf_engine import sample

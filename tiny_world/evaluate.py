@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from common.config import load_config
-from common.run import quiet_libraries
+from common.libraries import quiet_libraries
 from stages.generate.hf_engine import HfEngine
 from stages.generate.jobs import evaluate_engine
 

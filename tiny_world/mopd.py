@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from common.modeling import render_prompt
+from common.data import render_prompt
 from common.shards import file_sha256
 from tiny_world.build import BuildConfig, accuracy, build_model, save_model, sft_batch
 from tiny_world.task import DAPO_SCHEMA, INSTRUCTION, make_pairs, question, worked_solution

@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from common.libraries import quiet_libraries
 from common.modeling import load_model, load_tokenizer
-from common.run import quiet_libraries
 from tiny_world.build import sft_batch, sft_examples
 from tiny_world.evaluate import accuracy
 from tiny_world.task import parse_question

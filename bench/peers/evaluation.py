@@ -44,7 +44,7 @@ def standard_error(accuracy: float, prompts: int) -> float:
 
 def evaluate_main(paths: list[str], out: Path, eval_path: Path = EVAL_SET) -> None:
     """Accuracy of each model folder, written to `out` as they come (a child process of `evaluate`)."""
-    from common.run import quiet_libraries
+    from common.libraries import quiet_libraries
     from tiny_world.evaluate import accuracy
 
     quiet_libraries()

@@ -5,14 +5,16 @@
 Loads checkpoint v_i, checks it against the trainer's weight-sync probe, samples n responses per
 prompt at temperature 1 and writes iter=i/rollouts/. When the iteration is due for evaluation
 (eval.every) it also samples the eval sets with the eval settings (avg@k), grades them and writes
-iter=i/eval/. Finished outputs are skipped (stages/generate/stage.py).
+iter=i/eval/. Finished outputs are skipped (stages/generate/plan.py). The sampling runs in a process
+of its own (common/executors.py: LocalExecutor), as in `orchestrator.mode: subprocess`.
 """
 from __future__ import annotations
 
-from common.errors import ConfigError, ContractError, WeightSyncError
-from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
-from stages.generate.engines import open_engine
-from stages.generate.stage import generate_stage
+from common import shards
+from common.errors import ConfigError, ContractError, StageFailed
+from common.executors import LocalExecutor
+from common.run import fail, load_run_config, quiet_environment, stage_arguments
+from stages.generate.plan import GENERATE, RENDER, collect_generation, submit_generation
 
 
 def main() -> None:
@@ -20,18 +22,18 @@ def main() -> None:
     parser.add_argument("--eval-only", action="store_true", help="only evaluate checkpoint v_i")
     parser.add_argument("--eval-k", type=int, default=None, help="samples per eval prompt (default: eval.k)")
     args = parser.parse_args()
-    quiet_libraries()
+    quiet_environment()
     try:
         config = load_run_config(args.run)
-        set_threads(config)
-        engine = generate_stage(config, args.run, args.iteration, lambda checkpoint: open_engine(config, checkpoint),
-                                args.eval_only, args.eval_k)
+        shards.verify_policy(shards.checkpoint_dir(args.run, args.iteration), trusted=True)  # sizes: the plan hashes
+        with LocalExecutor() as executor:
+            executor.gather(GENERATE, args.iteration, [executor.submit(RENDER, args.run, args.iteration, role=GENERATE)])
+            sampling = submit_generation(executor, config, args.run, args.iteration, args.eval_only, args.eval_k)
+            collect_generation(executor, config, args.run, args.iteration, sampling)
     except ContractError as error:
         fail(f"{error}: train iteration {args.iteration - 1} (again) first")
-    except (ConfigError, ImportError, WeightSyncError) as error:
+    except (ConfigError, StageFailed) as error:
         fail(str(error))
-    if engine is not None:
-        engine.close()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common import metrics as m
 from common import shards
 from common.errors import WeightSyncError
 
@@ -50,7 +51,7 @@ def check_weight_sync(engine, checkpoint: Path) -> dict[str, float]:
             f"its weight-sync probe by {mean:.2e} per token (max {worst:.2e}; tolerance {TOLERANCE[dtype]:.0e} in "
             f"{dtype}): it does not hold that policy, so nothing was sampled (fix: restart the run to reopen the "
             "engine from the checkpoint's files; if it persists, the engine's weight loading is broken)")
-    return {"generate/weight_sync_gap_mean": mean, "generate/weight_sync_gap_max": worst}
+    return {m.GATE_GAP_MEAN: mean, m.GATE_GAP_MAX: worst}
 
 
 def _weights_differ(engine, probe: shards.Probe) -> str:

@@ -4,38 +4,27 @@
 
 Reads iter=i/rollouts/ and scores its shards in order, each row by the teacher of its data_source
 (score.teachers; one teacher for all by default; stages/score/teacher.py), the verifier grading each
-shard while the teachers run; scored shard k is rollout shard k plus the
-teacher columns and rewards (stages/score/scoring.py). Then it seals iter=i/scored/.
+shard while the teachers run; scored shard k is rollout shard k plus the teacher columns and rewards
+(stages/score/scoring.py). Then it seals iter=i/scored/. The teachers run in a process of their own
+(common/executors.py: LocalExecutor), as in `orchestrator.mode: subprocess`.
 """
 from __future__ import annotations
 
-import time
-
-from common import shards
-from common.errors import ConfigError, ContractError
-from common.run import fail, load_run_config, quiet_libraries, set_threads, stage_arguments
-from stages.score.scoring import score_shard, seal_scored, sealed_rollouts, start_scoring, teacher_versions
-from stages.score.teacher import Teachers
+from common.errors import ConfigError, ContractError, StageFailed
+from common.executors import LocalExecutor
+from common.run import fail, load_run_config, quiet_environment, stage_arguments
+from stages.score.plan import collect_scoring, submit_scoring
 
 
 def main() -> None:
     args = stage_arguments(__doc__).parse_args()
-    quiet_libraries()
+    quiet_environment()
     try:
         config = load_run_config(args.run)
-        set_threads(config)
-        if not start_scoring(config, args.run, args.iteration):
-            return
-        rollouts_dir = shards.stage_dir(args.run, args.iteration, "rollouts")
-        files = [rollouts_dir / shard.file for shard in sealed_rollouts(args.run, args.iteration)]
-        started, versions = time.time(), teacher_versions(config)
-        teachers = Teachers(config)  # a teacher opens when its first row comes
-        try:
-            done = [score_shard(config, args.run, args.iteration, path, teachers, versions) for path in files]
-        finally:
-            teachers.close()
-        seal_scored(config, args.run, args.iteration, done, started, versions)
-    except (ConfigError, ContractError, ImportError) as error:
+        with LocalExecutor() as executor:
+            scoring = submit_scoring(executor, config, args.run, args.iteration)
+            collect_scoring(executor, config, args.run, args.iteration, scoring)
+    except (ConfigError, ContractError, StageFailed) as error:
         fail(str(error))
 
 

@@ -1,5 +1,10 @@
-"""What the train stage hands whoever seals its folder, and the sealing itself (torch-free: the resident
-controller seals iter=i/train/ without loading what the trainer runs on).
+"""The train stage, driven and sealed: what a driver (the controller, `python -m stages.train`) runs,
+without loading what the trainer runs on (no model library is imported here).
+
+`submit_training` sends one `train_task` per rank (stages/train/tasks.py) to an executor
+(common/executors.py); `collect_training` gathers rank 0's account of the steps and the new policy,
+then sends each rank its `optimizer_state_task`; `seal_training` waits for those and seals
+iter=i/train/.
 
 A train stage writes v_{i+1} in two parts. The policy part (weights, tokenizer, weight-sync probe,
 sealed by POLICY) is what the next iteration samples from, so it is on the critical path. The
@@ -17,10 +22,15 @@ from pathlib import Path
 
 from common import shards
 from common.config import Config
+from common.devices import train_role
 from common.errors import ContractError
+from common.executors import Executor, Task
 from common.progress import stage_summary
 
 OPTIMIZER_STATE = "optimizer_state"
+TRAIN = "train"
+TRAIN_RANK = Task("stages.train.tasks", "train_task")
+WRITE_STATE = Task("stages.train.tasks", "optimizer_state_task")
 
 
 @dataclass
@@ -75,3 +85,42 @@ def prune_checkpoints(run: Path, keep: tuple[Path, ...], keep_every: int) -> Non
             shutil.rmtree(checkpoint, ignore_errors=True)
         else:
             shutil.rmtree(checkpoint / OPTIMIZER_STATE, ignore_errors=True)
+
+
+# ---- the driver -----------------------------------------------------------------------------
+
+@dataclass
+class Saving:
+    """v_{i+1}'s optimizer state being written by every rank (after its policy)."""
+    policy: PolicyWritten
+    handles: list
+
+
+def submit_training(executor: Executor, config: Config, run: Path, iteration: int) -> list | None:
+    """One train task per rank (they meet at the executor's rendezvous); None when iteration i is trained."""
+    if shards.stage_finished(shards.stage_dir(run, iteration, "train")):
+        return None
+    world, address = config.train.processes, executor.rendezvous()
+    return [executor.submit(TRAIN_RANK, run, iteration, rank, world, address, role=train_role(rank))
+            for rank in range(world)]
+
+
+def collect_training(executor: Executor, config: Config, run: Path, iteration: int, ranks: list | None
+                     ) -> Saving | None:
+    """Wait for the steps and v_{i+1}'s policy (announced at once), then send every rank its optimizer
+    state write: a resident worker writes it while the next iteration samples."""
+    if ranks is None:
+        return None
+    policy = executor.gather(TRAIN, iteration, ranks)[0]
+    if policy is None:  # sealed meanwhile by another process
+        return None
+    announce(policy)
+    handles = [executor.submit(WRITE_STATE, run, iteration, rank, policy.policy_files if rank == 0 else None,
+                               role=train_role(rank)) for rank in range(config.train.processes)]
+    return Saving(policy, handles)
+
+
+def seal_training(executor: Executor, config: Config, run: Path, saving: Saving) -> dict:
+    """Wait for v_{i+1}'s optimizer state (sealed DONE by rank 0), then seal iter=i/train/."""
+    state = executor.gather(TRAIN, saving.policy.iteration, saving.handles)[0]
+    return seal_train(config, run, saving.policy, state)

@@ -1,15 +1,16 @@
 """The train stage: scored shards of iteration i + checkpoint v_i -> checkpoint v_{i+1}.
 
-`Trainer` is one rank's DeepSpeed engine. A stage process (`python -m stages.train`) makes one for
-one iteration; a resident trainer (orchestrator.mode: resident) keeps it across iterations, so the
-model, the optimizer state and DeepSpeed's set-up are not rebuilt each time. Both write the same
-checkpoint: in memory the engine holds exactly what v_{i+1} holds on disk (weights, Adam moments,
-step count, lr schedule), so continuing from memory and reloading from disk give the same bytes.
+`Trainer` is one rank's DeepSpeed engine. A local rank process (common/executors.py: LocalExecutor)
+makes one for one iteration; a resident trainer (orchestrator.mode: resident) keeps it across
+iterations, so the model, the optimizer state and DeepSpeed's set-up are not rebuilt each time. Both
+write the same checkpoint: in memory the engine holds exactly what v_{i+1} holds on disk (weights,
+Adam moments, step count, lr schedule), so continuing from memory and reloading from disk give the
+same bytes.
 
 The stage has two parts (stages/train/records.py): `train_policy` takes the optimizer steps and
 writes v_{i+1}'s policy (what the next iteration samples from); `write_optimizer_state` writes the
-optimizer state, which a resident trainer does while the next iteration samples. `train_stage`
-runs both and seals the folder: what a stage process does.
+optimizer state, which a resident trainer does while the next iteration samples. The driver seals
+the folder (stages/train/records.py: seal_train).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ import torch.distributed as dist
 
 from common import shards
 from common.config import Config
+from common.devices import peak_flops
 from common.errors import ContractError, StalePolicyError
 from common.faults import fault_point
-from common.flops import forward_flops, mfu, peak_flops
+from common.flops import forward_flops, mfu
 from common.memory import peak_gpu_gib, peak_rss_gib, reset_peaks, rss_gib
 from common.modeling import load_tokenizer
 from common.seeds import minibatch_seed, train_seed
@@ -35,7 +37,7 @@ from common.shards import policy_version
 from common.weights import bit_sum, checksums, file_tensors
 from stages.train.engine import export_policy, init_distributed, open_engine, save_optimizer_state
 from stages.train.iteration import iteration_data, scored_columns, train_iteration
-from stages.train.records import PolicyWritten, StateWritten, announce, seal_train
+from stages.train.records import PolicyWritten, StateWritten
 
 
 def check_on_policy(table, version: str) -> None:
@@ -203,6 +205,7 @@ def _train_policy(config: Config, run: Path, iteration: int, trainer: Trainer) -
                       peak_flops(config.cluster.peak_tflops))
     if utilisation is not None:
         metrics["train/mfu"] = utilisation
+    metrics["train/ranks"] = trainer.world  # data-parallel ranks that took the steps
     metrics["train/setup_seconds"] = setup_seconds
     metrics["train/verify_seconds"] = verify_seconds
     metrics["train/resident_engine"] = float(resident)
@@ -235,15 +238,3 @@ def write_optimizer_state(config: Config, run: Path, iteration: int, trainer: Tr
         fault_point("state")  # v_{i+1} samples already; training it further needs this state
         shards.seal_checkpoint(target, {**(policy_files or {}), **state_files})
         return StateWritten(timings, time.time())
-
-
-def train_stage(config: Config, run: Path, iteration: int, trainer: Trainer) -> dict | None:
-    """Train iteration i on this rank and write all of v_{i+1}; rank 0 seals iter=i/train/ and returns
-    its manifest (a stage process). None when iteration i was trained already, and on other ranks."""
-    if shards.stage_finished(shards.stage_dir(run, iteration, "train")):
-        return None
-    policy = train_policy(config, run, iteration, trainer)
-    if policy is not None:
-        announce(policy)
-    state = write_optimizer_state(config, run, iteration, trainer, None if policy is None else policy.policy_files)
-    return None if policy is None or state is None else seal_train(config, run, policy, state)
