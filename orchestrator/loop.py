@@ -32,7 +32,7 @@ from common.faults import fault_point
 from common.hub import local_model_dir
 from common.run import RUN_CONFIG, exit_with_parent, load_run_config
 from orchestrator.tracking import Tracker
-from stages.generate.plan import RENDER, collect_generation, submit_generation
+from stages.generate.plan import RENDER, collect_generation, render_prompts, submit_generation
 from stages.score.plan import collect_scoring, submit_scoring
 from stages.train.records import Saving, collect_training, seal_training, submit_training
 
@@ -228,6 +228,7 @@ def evaluate_checkpoint_now(run: Path, version: int | None, k: int | None) -> No
     if not shards.policy_ready(shards.checkpoint_dir(run, version)):
         raise ConfigError(f"checkpoint {shards.checkpoint_dir(run, version)} does not exist (pruned, or not trained)")
     with LocalExecutor() as executor:
+        render_prompts(executor, run, version)
         Stages(executor, run, config).evaluate(version, k)
     with Tracker(config, run) as tracker:
         log_iteration(tracker, run, version, {})

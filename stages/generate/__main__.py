@@ -14,7 +14,7 @@ from common import shards
 from common.errors import ConfigError, ContractError, StageFailed
 from common.executors import LocalExecutor
 from common.run import fail, load_run_config, quiet_environment, stage_arguments
-from stages.generate.plan import GENERATE, RENDER, collect_generation, submit_generation
+from stages.generate.plan import collect_generation, render_prompts, submit_generation
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
         config = load_run_config(args.run)
         shards.verify_policy(shards.checkpoint_dir(args.run, args.iteration), trusted=True)  # sizes: the plan hashes
         with LocalExecutor() as executor:
-            executor.gather(GENERATE, args.iteration, [executor.submit(RENDER, args.run, args.iteration, role=GENERATE)])
+            render_prompts(executor, args.run, args.iteration)
             sampling = submit_generation(executor, config, args.run, args.iteration, args.eval_only, args.eval_k)
             collect_generation(executor, config, args.run, args.iteration, sampling)
     except ContractError as error:

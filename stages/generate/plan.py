@@ -288,6 +288,12 @@ class Sampling:
     rollouts: list
 
 
+def render_prompts(executor: Executor, run: Path, iteration: int) -> None:
+    """Render the run's prompt sets with v_i's tokenizer on a generation worker, if not done yet (the
+    loop renders them at the run's start; a stage or eval command run alone needs it first)."""
+    executor.gather(GENERATE, iteration, [executor.submit(RENDER, run, iteration, role=GENERATE)])
+
+
 def submit_generation(executor: Executor, config: Config, run: Path, iteration: int, eval_only: bool = False,
                       eval_k: int | None = None, trusted: bool = False) -> Sampling | None:
     """Plan iteration i's generate stage and submit its jobs (None when nothing is left to do)."""
