@@ -21,6 +21,7 @@ import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import sys
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from common.run import exit_with_parent, free_port
 # The failures a user can act on (bad data, a failed gate, a NaN, a stale or altered input): one line.
 ACTIONABLE = (ConfigError, ContractError, WeightSyncError, NonFiniteError, StalePolicyError)
 GRACE_S = 30.0  # after a task failed, how long its stage's other processes may take to finish and close
+STOP_WAIT_S = 120.0  # how long a stage's process may take to close its models and exit
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,12 @@ class LocalWorker:
                 self.connection.send(None)
             except (BrokenPipeError, ConnectionError):
                 pass
-            self.process.join()
+            self.process.join(STOP_WAIT_S)
+            if self.process.is_alive():  # something it started outlives it: never hang the run on it
+                print(f"warning: the {self.role} process did not end within {STOP_WAIT_S:.0f} s of its stage; killed",
+                      file=sys.stderr, flush=True)
+                self.process.kill()
+                self.process.join()
         self.connection.close()
 
     def end(self, grace: float) -> None:

@@ -62,3 +62,14 @@ def test_a_killed_rank_stops_the_stage_and_its_waiting_peer():
     with pytest.raises(StageFailed, match="the train-rank-0 process died \\(exit code -9\\)"):
         executor.gather("train", 0, ranks)
     assert executor.workers == {}
+
+
+def test_a_stage_process_that_started_the_verifiers_workers_ends_by_itself():
+    """A multiprocessing child joins its live children before any atexit handler runs: the verifier's
+    workers must be stopped with the process's models, or the stage would wait for it forever (the
+    executor kills it after a while: exit code -9)."""
+    with LocalExecutor() as executor:
+        executor.gather("score", 0, [executor.submit(task("start_verifier"), role="score")])
+        score = executor.workers["score"]
+        executor.gather("generate", 0, [executor.submit(task("pid"), role="generate")])
+    assert score.process.exitcode == 0

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from pebble import ProcessExpired, ProcessPool
 
+from common import worker
 from common.verifier.status import ERROR, TIMEOUT, Verdict, describe, error_verdict
 
 # The forkserver imports these before it forks any worker; `warm` runs warm_up() on import.
@@ -264,4 +265,7 @@ def _forget_after_fork() -> None:
 
 
 atexit.register(shutdown)
+# A worker process (common/worker.py) stops them when it ends: a multiprocessing child joins its live
+# children before any atexit handler runs, and would wait for these forever.
+worker.keep("verifier workers", shutdown)
 os.register_at_fork(after_in_child=_forget_after_fork)
