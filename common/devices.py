@@ -23,6 +23,8 @@ from common.errors import ConfigError
 
 Role = Literal["generate", "score", "train"]
 ROLES: tuple[Role, ...] = ("generate", "score", "train")
+GENERATE: Role = "generate"  # the workers that sample (generation engine)
+SCORE: Role = "score"  # the workers that hold the teachers
 
 
 def train_role(rank: int) -> str:

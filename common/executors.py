@@ -52,9 +52,6 @@ class Task:
     def __call__(self, *args: Any) -> Any:
         return getattr(importlib.import_module(self.module), self.function)(*args)
 
-    def __str__(self) -> str:
-        return f"{self.module}.{self.function}"
-
 
 class Executor(Protocol):
     def submit(self, task: Task, *args: Any, role: str) -> Any:
@@ -170,28 +167,22 @@ class LocalWorker:
         """Let the tasks sent finish, then end the process (it closes its models first)."""
         while self.waiting:
             self.receive()
+        self.end(STOP_WAIT_S, warn=True)
+
+    def end(self, grace: float, warn: bool = False) -> None:
+        """Ask the process to end (after the task it runs); kill it if it has not within `grace` seconds."""
         if self.process.is_alive():
             try:
                 self.connection.send(None)
             except (BrokenPipeError, ConnectionError):
                 pass
-            self.process.join(STOP_WAIT_S)
-            if self.process.is_alive():  # something it started outlives it: never hang the run on it
-                print(f"warning: the {self.role} process did not end within {STOP_WAIT_S:.0f} s of its stage; killed",
-                      file=sys.stderr, flush=True)
+            self.process.join(grace)
+            if self.process.is_alive():  # stuck, or something it started outlives it: never hang on it
+                if warn:
+                    print(f"warning: the {self.role} process did not end within {grace:.0f} s of its stage; "
+                          "killed", file=sys.stderr, flush=True)
                 self.process.kill()
                 self.process.join()
-        self.connection.close()
-
-    def end(self, grace: float) -> None:
-        try:
-            self.connection.send(None)
-        except (BrokenPipeError, ConnectionError):
-            pass
-        self.process.join(grace)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
         self.connection.close()
 
 

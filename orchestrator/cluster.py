@@ -35,9 +35,9 @@ from typing import Iterator
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from common.config import Config
-from common.devices import WorkerSpec, embedded_layout, threads_per_worker, train_role
+from common.devices import GENERATE, SCORE, WorkerSpec, embedded_layout, threads_per_worker, train_role
 from common.errors import ConfigError
-from orchestrator.roles import GENERATE, SCORE, Roles, close_roles
+from orchestrator.roles import Roles, close_roles
 
 # Dask's settings for every worker of a resident run (read where the worker processes are started).
 WORKER_SETTINGS = {

@@ -13,9 +13,9 @@ from typing import Any
 
 from distributed import Client, KilledWorker, wait
 
-from common.devices import train_role
+from common.devices import GENERATE, SCORE, train_role
 from common.executors import ACTIONABLE, Task, stage_failed
-from orchestrator.roles import GENERATE, SCORE, rendezvous_address
+from orchestrator.roles import rendezvous_address
 
 OPEN_ENGINE = Task("stages.generate.tasks", "open_task")
 OPEN_TEACHERS = Task("stages.score.tasks", "open_task")

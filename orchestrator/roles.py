@@ -16,7 +16,6 @@ from common import worker as this_worker
 from common.run import exit_with_parent
 
 NAME = "opd-roles"
-GENERATE, SCORE = "generate", "score"
 
 
 class Roles(WorkerPlugin):

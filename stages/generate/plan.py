@@ -21,6 +21,7 @@ from common import metrics as m
 from common import shards
 from common.config import Config
 from common.data import Prompt, PromptSet, iteration_prompts, prepared_prompts
+from common.devices import GENERATE
 from common.errors import ConfigError
 from common.executors import Executor, Task
 from common.passk import ks_up_to, pass_at_k
@@ -29,7 +30,6 @@ from common.seeds import eval_seed, rollout_seed
 from common.shards import policy_version
 from stages.generate.sampling import SamplingParams
 
-GENERATE = "generate"  # the role of the workers that sample
 SAMPLE = Task("stages.generate.tasks", "sample_task")
 RENDER = Task("stages.generate.tasks", "render_task")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from common import metrics as m
 from common import shards
 from common.config import Config, teacher_name, teacher_routes
+from common.devices import SCORE
 from common.executors import Executor, Task
 from common.flops import mfu
 from common.hub import local_model_dir
@@ -23,7 +24,6 @@ from common.shards import policy_version
 from common.verifier.status import ERROR, NO_ANSWER
 from stages.score import mechanism
 
-SCORE = "score"  # the role of the workers that hold the teachers
 SCORE_SHARD = Task("stages.score.tasks", "score_task")
 
 
