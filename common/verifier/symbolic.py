@@ -1,18 +1,18 @@
-"""The symbolic tier, run only in the verifier's worker processes (pool.py), because sympy can still run
-long on legal input: relations.py first, then math-verify's LaTeX parser (ANTLR -> sympy objects) and
-its comparison, with exact comparison of rational numbers first.
+"""The symbolic tier, run only in the verifier's worker processes (pool.py), because sympy can run long on
+legal input: math-verify's LaTeX parser (ANTLR -> sympy objects), then relations.py on its parses, exact
+rational numbers, and math-verify's comparison.
 
-Safety: math-verify's ExprExtractionConfig runs sympy `parse_expr` (which evaluates Python) on the
-text, so it is never used; only LatexExtractionConfig is, whose parser builds sympy objects from an
-ANTLR parse tree. math-verify's own signal-based timeouts are switched off (they fail off the main
-thread); the pool kills a worker that runs past the time bound instead.
+Safety: only math-verify's LatexExtractionConfig is used, whose parser builds sympy objects from an ANTLR
+parse tree, never ExprExtractionConfig, which runs sympy `parse_expr` (it evaluates Python). math-verify's
+own signal-based timeouts are off (they fail off the main thread): the pool kills a worker instead.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-from common.verifier.equivalence import decide, is_prose, normalize
-from common.verifier.relations import relational_equal
+from common.verifier.equivalence import is_prose, normalize
+from common.verifier.relations import relation_equal
+from common.verifier.status import describe
 
 
 class _SLLSyntaxError(Exception):
@@ -39,16 +39,10 @@ def _bail(*_args) -> None:
 
 
 def use_two_stage_parsing() -> None:
-    """Make latex2sympy's ANTLR parser predict in SLL mode first and fall back to LL on a syntax error
-    (and build integer tokens without sympify, `_integer_number`).
-
-    The generated LaTeX grammar is ambiguous enough that ANTLR's default LL prediction keeps
-    falling back to full-context prediction, which its DFA cache does not remember, so every
-    answer pays for it again (about half of all symbolic time on the public cases, by cProfile). ANTLR documents
-    that SLL prediction returns either the same parse tree as LL or a syntax error, so
-    "SLL, then LL on a syntax error" (the two-stage strategy of the ANTLR book) gives the same
-    sympy objects with 3-5x less parsing time; tests check it against plain LL. The hook wraps two methods of
-    latex2sympy2_extended==1.11.0 (pinned); without them parsing stays plain LL.
+    """Make latex2sympy's ANTLR parser predict in SLL mode first and reparse in LL mode only on a syntax error,
+    and build integer tokens without sympify (`_integer_number`): 3-5x less parsing time, the same sympy
+    objects (ANTLR documents that SLL gives LL's tree or a syntax error; tests check it). Why and what it
+    saves: docs/verifier.md, "Hooks into latex2sympy". Without the wrapped methods parsing stays plain LL.
     """
     from antlr4.atn.PredictionMode import PredictionMode
     from antlr4.error.ErrorListener import ErrorListener
@@ -149,22 +143,13 @@ def _exact_numbers(gold: list, pred: list) -> bool | None:
 
 
 def symbolic_equal(pred: str, gold: str, golds: dict[str, list] | None = None) -> tuple[bool, str]:
-    """(equal, status) via math-verify; status is ok or parse_error. Run it in a killable worker.
+    """(equal, status) for what the calling process left undecided; status is ok or parse_error (math-verify
+    returns no parse for a side). Run it in a killable worker; an exception out of here is a bug of ours.
 
-    parse_error when math-verify returns no parse for either side (it catches what its parser raises on
-    odd LaTeX). Any exception that gets out of here is a bug of ours, which the pool grades `error`.
-
-    `golds` caches parsed golds by their text (the same gold is graded once per sampled response);
-    the parse of a gold depends on nothing but its text, so a cached parse is the same parse.
+    `golds` caches parsed golds by their text (a gold is graded once per sampled response).
     """
     from math_verify import verify
 
-    pred, decided = decide(pred, gold)
-    if decided is not None:
-        return decided
-    relational = relational_equal(pred, gold)
-    if relational is not None:
-        return relational, "ok"
     if golds is None:
         gold_parsed = parse_answer(gold)
     elif (gold_parsed := golds.get(gold)) is None:
@@ -172,10 +157,12 @@ def symbolic_equal(pred: str, gold: str, golds: dict[str, list] | None = None) -
     pred_parsed = parse_answer(pred)
     if not pred_parsed or not gold_parsed:
         return False, "parse_error"
-    exact = _exact_numbers(gold_parsed, pred_parsed)
-    if exact is not None:
-        return exact, "ok"
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)), "ok"
+    decided = relation_equal(gold_parsed[0], pred_parsed[0])
+    if decided is None:
+        decided = _exact_numbers(gold_parsed, pred_parsed)
+    if decided is None:
+        decided = verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)
+    return bool(decided), "ok"
 
 
 # Answer shapes common in math data (written for this purpose, not taken from any test set), graded
@@ -207,14 +194,9 @@ def warm_up() -> None:
     _warm = True
     import logging
 
-    from math_verify import verify
-
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings: the pool is the timeout
-    for pred, gold in WARM_UP_PAIRS:  # straight to the parser and math-verify: the cheap tiers would decide most
+    for pred, gold in WARM_UP_PAIRS:
         try:
-            gold_parsed, pred_parsed = parse_answer(gold), parse_answer(pred)
-            if gold_parsed and pred_parsed:
-                verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)
+            symbolic_equal(pred, gold)
         except Exception as error:
-            logging.getLogger(__name__).warning("verifier warm-up: %s: %s on %r against %r", type(error).__name__,
-                                                error, pred, gold)
+            logging.getLogger(__name__).warning("verifier warm-up: %s on %r against %r", describe(error), pred, gold)
