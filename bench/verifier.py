@@ -1,6 +1,7 @@
 """Throughput of the math verifier on this machine (`make bench-verifier`), in wall-clock responses/s.
 
-    python bench/verifier.py [--n 20000] [--workers 2] [--passes 8] [--repeats 5] [--baseline ../main]
+    python bench/verifier.py [--n 20000] [--workers 2] [--passes 8] [--repeats 5] [--baseline ../main ...]
+    python bench/verifier.py --steady-only [--rounds 4] --baseline DIR ...
 
 What is timed, and through what:
 - 4 kB responses with integer answers (DAPO's case), and the same with 1% adversarial responses
@@ -21,8 +22,9 @@ What is timed, and through what:
   the goal is none. Every figure is printed with the 1-minute load average while it was measured.
 - The adversarial slow-down again with grade_batch alone, in-process (without the CLI's JSON reading),
   and the slowest single adversarial response (bound: the 5 s timeout).
-With --baseline DIR (another checkout, e.g. ../main), the CLI and steady figures are measured for
-it too, interleaved with ours, with the same protocol (printed only).
+With --baseline DIR ... (other checkouts, e.g. ../main), the CLI and steady figures are measured for
+them too, interleaved with ours, with the same protocol (printed only). With --steady-only, only the
+steady figures, in --rounds rounds alternated over the checkouts (printed only).
 
 Writes bench/results/verifier.json: {"benchmark", "command", "date", "machine", "rows": [{"metric",
 "value", "unit", "goal", "met"}]}.
@@ -170,6 +172,23 @@ def run_steady(checkout: Path, pairs: list[tuple[str, str]], passes: int, worker
     return json.loads(done.stdout)
 
 
+def steady_only(checkouts: dict[str, Path], rounds: int, passes: int, workers: int) -> None:
+    """The steady protocol alone, checkouts alternated round by round so that the machine's drift hits all alike."""
+    cases = [json.loads(line) for line in PUBLIC.read_text().splitlines()]
+    pairs = [(f"The final answer is \\boxed{{{c['pred']}}}.", c["gold"]) for c in cases]
+    runs: dict[str, list[dict]] = {name: [] for name in checkouts}
+    for _ in range(rounds):
+        for name, checkout in checkouts.items():
+            runs[name].append(run_steady(checkout, pairs, passes, workers))
+    for name, done in runs.items():
+        cpu_ms = [1000 * cpu / len(pairs) for run in done for cpu in run["cpu_s"]]
+        loads = [load for run in done for load in run["loads"]]
+        print(f"{name}: median {statistics.median([r for run in done for r in run['rates']]):,.0f} responses/s, "
+              f"{statistics.median(cpu_ms):.2f} ms CPU per response ({rounds} x {passes} passes; load "
+              f"{min(loads):.1f}-{max(loads):.1f}; timeouts {sum(sum(run['timeouts']) for run in done)}, "
+              f"error statuses {sum(sum(run['errors']) for run in done)})")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -194,17 +213,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--passes", type=int, default=8, help="steady-state passes over the public mix")
     parser.add_argument("--repeats", type=int, default=5, help="CLI calls per CLI figure (the median is reported)")
-    parser.add_argument("--baseline", type=Path, help="another checkout to measure alongside (e.g. ../main)")
+    parser.add_argument("--baseline", type=Path, nargs="+", default=[],
+                        help="other checkouts to measure alongside (e.g. ../main)")
+    parser.add_argument("--steady-only", action="store_true",
+                        help="only the steady public-mix figures, in --rounds rounds alternated over the checkouts "
+                             "(printed only; how docs/verifier.md measured what each removal cost)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of --passes steady passes, with --steady-only")
     args = parser.parse_args()
     if not PUBLIC.exists():
         sys.exit(f"error: {PUBLIC} not found (the shared data folder sits next to the repository: ../shared)")
-    checkouts = {"this checkout": ROOT}
-    if args.baseline:
-        checkouts["baseline " + str(args.baseline)] = args.baseline.resolve()
+    checkouts = {"this checkout": ROOT} | {f"baseline {path}": path.resolve() for path in args.baseline}
     rng = random.Random(0)
     loads = [os.getloadavg()[0]]
     print(f"{os.cpu_count()} CPUs ({cpu_model()}), load average {loads[0]:.2f} before the runs (other jobs on this machine)")
     tree_cpu = become_subreaper()
+    if args.steady_only:
+        return steady_only(checkouts, args.rounds, args.passes, args.workers)
 
     integers = integer_rows(args.n, rng)
     mixed = list(integers)

@@ -1,19 +1,11 @@
-"""The math verifier: the rule reward of a response against a ground truth.
+"""The math verifier: the rule reward of a response against a ground truth (docs/verifier.md).
 
     grade(response, gold, mode="correct") -> Grade
     grade_batch(pairs, mode, workers, timeout_s) -> list[Grade]   # always completes
 
-Extraction (extract.py) and the sympy-free tiers of equivalence.py (integers, decimals, simple
-fractions and surds, the number prose ends on) run in the calling process; everything else goes
-to a persistent pool of killable worker processes (pool.py) with a hard time bound, which run
-symbolic.py (relations.py, then math-verify).
-`start(workers)` starts the pool ahead of need; `shutdown()` stops it (it also runs at interpreter exit); the
-next call starts it again.
-`python -m common.verifier` is the batch CLI over JSON lines.
-
-A grade's status is ok | no_answer | timeout | parse_error | error; status.py says which is which. `error`
-is a bug of ours (an exception in our tiers or pool), never a verdict on the answer: the grade carries the
-exception's type and message and `grade_batch` logs one warning line per distinct error.
+Extraction (extract.py) and the sympy-free tiers (equivalence.py) run in the calling process; the rest goes
+to a pool of killable worker processes with a hard time bound (pool.py), which run symbolic.py. `start`
+starts the pool ahead of need, `shutdown` stops it. `python -m common.verifier` is the batch CLI.
 """
 from __future__ import annotations
 
@@ -22,10 +14,10 @@ import typing
 from dataclasses import dataclass
 
 from common.config import RewardMode
-from common.verifier.equivalence import decide, fast_equal, guard
+from common.verifier.equivalence import decide
 from common.verifier.extract import extract_answer, has_think_answer_format
 from common.verifier.pool import run_symbolic, shutdown, start, worker_pids
-from common.verifier.status import ERROR, OK, PARSE_ERROR, STATUSES, Verdict, error_verdict
+from common.verifier.status import ERROR, STATUSES, Verdict, error_verdict
 
 MODES: tuple[str, ...] = typing.get_args(RewardMode)  # the config's choices (score.reward_mode)
 DEFAULT_WORKERS = 2
@@ -51,17 +43,6 @@ def _reward(mode: str, correct: bool, from_box: bool, response: str) -> float:
     if has_think_answer_format(response):
         reward += DEEPSCALER_FORMAT
     return round(reward, 4)
-
-
-def _in_process(answer: str, gold: str) -> Verdict | str:
-    """The sympy-free tiers: a verdict, or the pred a worker must grade symbolically."""
-    equal = fast_equal(answer, gold)
-    if equal is not None:
-        return Verdict(equal, OK)
-    if guard(answer) or guard(gold):  # power towers and the like never reach a worker
-        return Verdict(False, PARSE_ERROR)
-    pred, decision = decide(answer, gold)
-    return pred if decision is None else Verdict(*decision)
 
 
 def _warn_about_errors(pairs: list[tuple[str, str]], grades: list[Grade]) -> None:
@@ -92,7 +73,7 @@ def grade_batch(pairs: list[tuple[str, str]], mode: str = "correct", workers: in
         answer, from_box = None, False
         try:
             answer, status, from_box = extract_answer(response)
-            outcome = Verdict(False, status) if answer is None else _in_process(answer, gold.strip())
+            outcome = Verdict(False, status) if answer is None else decide(answer, gold.strip())
         except Exception as error:  # a bug of ours: visible as `error`, never a silent parse_error
             outcome = error_verdict(error)
         extracted.append((answer, from_box))

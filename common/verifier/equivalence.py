@@ -1,23 +1,17 @@
 """Is an extracted answer equal to the gold? The tiers that need no sympy, run in the calling process.
 
-Tiers, cheapest first:
-1. `normalize` strips LaTeX noise; identical strings are equal.
-2. `fast_equal`: integers and plain decimals compare exactly as Fractions (50 != 0.5, 1000.0 == 1000),
-   with no sympy; this decides almost every DAPO response in the calling process.
-3. `decide`: also without sympy, in the calling process: the number prose ends on, the
-   \frac{2}{4} rule, and `simple_equal` for a few regex-recognised exact forms (\frac{a}{b}, a/b,
-   a\\sqrt{n}, \frac{a\\pi}{b}, and bracketed lists of them with the same brackets).
-4. `guard` rejects power towers, huge exponents and over-long answers before anything reaches sympy.
-What none of these decides goes to a worker process (pool.py), which runs symbolic.py: relations.py,
-then math-verify.
+`normalize` strips LaTeX noise; `fast_equal` compares integers, plain decimals and bare lists of them
+exactly as Fractions (this decides almost every DAPO response); `guard` keeps power towers, huge exponents
+and over-long answers from sympy; `decide` also grades the number prose ends on and the \\frac{2}{4} rule.
+What none of these decides goes to a worker (pool.py), which runs symbolic.py.
 """
 from __future__ import annotations
 
-import math
 import re
 from fractions import Fraction
 from math import gcd
-from typing import NamedTuple
+
+from common.verifier.status import OK, PARSE_ERROR, Verdict
 
 MAX_SYMBOLIC_CHARS = 600   # longer answers are not parsed (string equality still applies)
 MAX_EXPONENT = 10_000      # |n| in x^n; larger powers are rejected before any symbolic work
@@ -117,151 +111,6 @@ def fast_equal(pred: str, gold: str) -> bool | None:
     return None
 
 
-# --- simple exact forms (tier 3) ---------------------------------------------------------------
-# A value is (coefficient, kind, decimal): coefficient * 1, * pi or * sqrt(kind) with `kind` a
-# square-free integer > 1. Distinct kinds are never equal (pi is transcendental, square roots of
-# distinct square-free integers are linearly independent over Q), so equality is exact.
-# `decimal` marks a value written with a decimal point: math-verify compares those after
-# rounding (0.333333 == 1/3), so a decimal is only ever decided equal here, never unequal,
-# unless both sides are plain numbers (the fast_equal policy: 50 != 0.5).
-MAX_RADICAND = 10**6
-_MONOMIAL = re.compile(r"([+-]?)\s*(\d+(?:\.\d+)?|\.\d+)?\s*(?:\\sqrt\s*(?:\{\s*(\d+)\s*\}|(\d))|(\\pi))?")
-_FRAC = re.compile(r"([+-]?)\s*\\frac\s*(?:\{((?:[^{}]|\{[^{}]*\})*)\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))\s*(\\pi|\\sqrt\s*(?:\{\s*\d+\s*\}|\d))?")
-_SLASH = re.compile(r"([+-]?)\s*(\d+)\s*/\s*(\d+)")
-_BRACKETS = {"(": ")", "[": "]", "\\{": "\\}"}
-
-class Value(NamedTuple):
-    coefficient: Fraction
-    kind: str        # "1", "pi" or a square-free radicand
-    decimal: bool    # written with a decimal point
-    plain: bool      # a bare number (no \\frac, \\sqrt, \\pi, /)
-
-
-def _monomial(s: str) -> Value | None:
-    """`-3`, `2.5`, `\\sqrt{8}`, `2\\sqrt 3`, `\\pi`, `3\\pi` as a Value; else None."""
-    match = _MONOMIAL.fullmatch(s.strip())
-    if not match or not (match.group(2) or match.group(3) or match.group(4) or match.group(5)):
-        return None
-    sign, number, radicand = match.group(1), match.group(2), match.group(3) or match.group(4)
-    coefficient = Fraction(number) if number else Fraction(1)
-    if sign == "-":
-        coefficient = -coefficient
-    decimal = bool(number) and "." in number
-    if match.group(5):
-        return Value(coefficient, "pi", decimal, False)
-    if radicand is None:
-        return Value(coefficient, "1", decimal, True)
-    n = int(radicand)
-    if n > MAX_RADICAND:
-        return None
-    root = 2
-    while root * root <= n:  # pull square factors out: sqrt(8) = 2 sqrt(2)
-        while n % (root * root) == 0:
-            n //= root * root
-            coefficient *= root
-        root += 1
-    if n == 0:
-        return Value(Fraction(0), "1", decimal, False)
-    return Value(coefficient, ("1" if n == 1 else str(n)), decimal, False)
-
-
-def simple_value(s: str) -> Value | None:
-    """An exact value for a monomial, `\\frac{monomial}{n}` (optionally times pi or a square root) or `a/b`."""
-    if match := _FRAC.fullmatch(s):
-        numerator = _monomial(match.group(2) if match.group(2) is not None else match.group(3))
-        denominator = int(match.group(4) or match.group(5))
-        factor = _monomial(match.group(6)) if match.group(6) else Value(Fraction(1), "1", False, True)
-        if numerator is None or factor is None or denominator == 0:
-            return None
-        if numerator.kind != "1" and factor.kind != "1":
-            return None  # a product of two surds is not worth a rule here
-        coefficient = numerator.coefficient * factor.coefficient / denominator
-        if match.group(1) == "-":
-            coefficient = -coefficient
-        kind = "1" if coefficient == 0 else numerator.kind if numerator.kind != "1" else factor.kind
-        return Value(coefficient, kind, numerator.decimal, False)
-    if match := _SLASH.fullmatch(s):
-        if int(match.group(3)) == 0:
-            return None
-        value = Fraction(int(match.group(2)), int(match.group(3)))
-        return Value(-value if match.group(1) == "-" else value, "1", False, False)
-    value = _monomial(s)
-    if value is not None and value.coefficient == 0:
-        return value._replace(kind="1")  # 0 pi == 0
-    return value
-
-
-def _values_equal(a: Value, b: Value) -> bool | None:
-    same = (a.coefficient, a.kind) == (b.coefficient, b.kind)
-    if same or not (a.decimal or b.decimal) or (a.plain and b.plain):
-        return same
-    return None  # a decimal against a fraction or a surd: math-verify's rounding decides (1/3 == 0.333333)
-
-
-def _approximate(value: Value) -> float:
-    factor = 1.0 if value.kind == "1" else math.pi if value.kind == "pi" else math.sqrt(int(value.kind))
-    return float(value.coefficient) * factor
-
-
-def _split_top(s: str) -> list[str] | None:
-    """Split on commas outside braces; None when there are brackets inside (nested lists)."""
-    items, depth, start = [], 0, 0
-    for position, char in enumerate(s):
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-        elif char in "()[]" and depth == 0:
-            return None
-        elif char == "," and depth == 0:
-            items.append(s[start:position])
-            start = position + 1
-    items.append(s[start:])
-    return items
-
-
-def _bracketed(s: str) -> tuple[str, str, list[Value]] | None:
-    """`(a, b)`, `[a, b)`, `\\{a, b\\}` of simple values -> (open, close, values); else None."""
-    opener = next((o for o in _BRACKETS if s.startswith(o)), None)
-    closer = next((c for c in (")", "]", "\\}") if s.endswith(c)), None)
-    if opener is None or closer is None or len(s) < len(opener) + len(closer):
-        return None
-    items = _split_top(s[len(opener) : len(s) - len(closer)])
-    if not items:
-        return None
-    values = [simple_value(item.strip()) for item in items]
-    return (opener, closer, values) if all(v is not None for v in values) else None  # type: ignore[return-value]
-
-
-def simple_equal(pred: str, gold: str) -> bool | None:
-    """Exact comparison of the simple forms above; None when either side is anything else.
-
-    Bracketed lists follow math-verify's readings, and are left to it where those are ambiguous:
-    (1,2) and [1,2] are different intervals, but (1,2,3) and [1,2,3] the same list and (1,2) the
-    set {1,2}; (2,1) may be a tuple or an empty interval (and all empty intervals are equal).
-    Braces \\{\\} are sets (order and repeats do not matter); other brackets compare in order.
-    """
-    pred, gold = normalize(pred), normalize(gold)
-    a, b = simple_value(pred), simple_value(gold)
-    if a is not None and b is not None:
-        return _values_equal(a, b)
-    p, g = _bracketed(pred), _bracketed(gold)
-    if p is None or g is None:
-        return None
-    if "\\{" in (p[0], g[0]):
-        if p[0] != g[0] or any(v.decimal for v in p[2] + g[2]):
-            return None
-        return {v[:2] for v in p[2]} == {v[:2] for v in g[2]}
-    results = [_values_equal(x, y) for x, y in zip(p[2], g[2])] if len(p[2]) == len(g[2]) else [False]
-    if p[:2] == g[:2] and all(r is True for r in results):
-        return True  # the same brackets around the same values: equal under every reading
-    if any(len(values) == 2 and _approximate(values[0]) >= _approximate(values[1]) for values in (p[2], g[2])):
-        return None
-    if p[:2] != g[:2]:
-        return False if len(p[2]) == len(g[2]) == 2 else None  # two proper intervals with other ends
-    return None if None in results else all(results)
-
-
 def _exponent_groups(s: str):
     """Yield the text of every exponent: `^{...}` (balanced) or the single token after `^`."""
     position = s.find("^")
@@ -340,23 +189,19 @@ def _unreduced_fraction(pred: str, gold: str) -> bool:
     return False
 
 
-def decide(pred: str, gold: str) -> tuple[str, tuple[bool, str] | None]:
-    """Everything before sympy: (the pred to parse, (equal, status) or None when symbolic work is needed).
+def decide(answer: str, gold: str) -> Verdict | str:
+    """A verdict without sympy, or the pred a worker must grade symbolically (prose gives the number it ends on).
 
-    Cheap and bounded (regexes and Fractions), so the calling process runs it and only undecided
-    answers travel to a worker; prose is replaced by the number it ends on.
+    Cheap and bounded (regexes and Fractions), so the calling process runs it on every answer.
     """
-    fast = fast_equal(pred, gold)
-    if fast is None and (pred_number := final_number(pred)) is not None:
-        pred = _fraction_text(pred_number)  # grade the number the prose ends on, not the prose
-        fast = fast_equal(pred, gold)
-    if fast is not None:
-        return pred, (fast, "ok")
-    if guard(pred) or guard(gold):
-        return pred, (False, "parse_error")
-    if _unreduced_fraction(pred, gold):
-        return pred, (False, "ok")
-    simple = simple_equal(pred, gold)
-    return pred, (None if simple is None else (simple, "ok"))
-
-
+    equal = fast_equal(answer, gold)
+    if equal is None and (number := final_number(answer)) is not None:
+        answer = _fraction_text(number)  # grade the number the prose ends on, not the prose
+        equal = fast_equal(answer, gold)
+    if equal is not None:
+        return Verdict(equal, OK)
+    if guard(answer) or guard(gold):  # power towers and the like never reach a worker
+        return Verdict(False, PARSE_ERROR)
+    if _unreduced_fraction(answer, gold):
+        return Verdict(False, OK)
+    return answer

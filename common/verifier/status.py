@@ -1,20 +1,8 @@
-"""The status of a grade, and where the line between `parse_error` and `error` runs.
+"""The status of a grade: ok | no_answer | timeout | parse_error | error (docs/verifier.md, "Statuses").
 
-- `ok`: the answer was graded (correct or not).
-- `no_answer`: the response has no final answer (no box and no `Answer:` line, or its last box is cut off).
-- `timeout`: the symbolic tier ran past the time bound; its worker was killed.
-- `parse_error`: the answer (or the gold) cannot be read, a property of the text: an empty or over-long
-  box, a form `guard` rejects before sympy (power towers, huge exponents or factorials, over-long or
-  deeply nested answers), or math-verify's parser returns no parse. math-verify catches what its parser
-  (latex2sympy, ANTLR, sympy) raises on odd LaTeX and returns no parse (or keeps the text, which it then
-  compares as a string). Our two hooks inside that parser (symbolic.use_two_stage_parsing) record
-  their own exceptions, which are re-raised as ours rather than lost in math-verify's "no parse".
-- `error`: an exception reached the verifier's own code: our tiers (extraction, the exact and simple
-  forms, relations.py, the glue around math-verify, including sympy calls we make on its parses) or the
-  pool (a worker that died, a pool that broke). It says nothing about the answer, so it is never folded
-  into `parse_error`: the grade carries the exception's type and message (`Grade.error`), `grade_batch`
-  logs one warning line per distinct error, and the pipeline counts it. It grades the answer incorrect,
-  as every status but `ok` does (deepscaler's format reward still counts).
+`parse_error` is a property of the text (it cannot be read: an empty or over-long box, a `guard` rejection,
+no parse from math-verify); `error` is an exception that reached our own code (a bug of ours, or a worker
+that died), never a verdict on the answer. Every status but `ok` grades the answer incorrect.
 """
 from __future__ import annotations
 
