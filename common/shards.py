@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -252,26 +252,58 @@ def write_shard(table: pa.Table, out_dir: Path, index: int) -> Path:
     return path
 
 
-def write_manifest(out_dir: Path, stage: str, iteration: int, started: float,
-                   metrics: dict | None = None, extra: dict | None = None, finished: float | None = None) -> dict:
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard a manifest seals."""
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A sealed stage folder's `_MANIFEST.json`: its shards, when the stage ran, what it measured, and
+    which models it came from. `seconds` runs from its first shard's start to its last shard's end."""
+    stage: str
+    iteration: int
+    files: tuple[ShardFile, ...]
+    rows: int
+    started_at: float
+    finished_at: float
+    seconds: float
+    metrics: dict[str, float]
+    policy_version: str | None = None             # rollouts, eval, train: the policy that sampled or was trained
+    k: int | None = None                          # eval: samples per prompt
+    teacher_version: dict[str, str] | None = None  # scored: each teacher's version, by name
+    produced_checkpoint: str | None = None        # train: the checkpoint of v_{i+1}
+    produced_version: str | None = None           # train: its policy version
+
+    def to_json(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: dict, path: Path) -> Manifest:
+        unknown = set(data) - {field.name for field in fields(cls)}
+        if unknown:
+            raise ContractError(f"{path} has keys a manifest does not have: {', '.join(sorted(unknown))} "
+                                f"(fix: it was written by another version of this pipeline; start a new run)")
+        return cls(**{**data, "files": tuple(ShardFile(**entry) for entry in data["files"])})
+
+
+def write_manifest(out_dir: Path, stage: str, iteration: int, started: float, metrics: dict | None = None,
+                   finished: float | None = None, **models: object) -> Manifest:
     """Seal a stage's output folder: list its shards with rows and sha256, then write the manifest.
-    `finished`: when the stage's output was whole, if earlier than now (default: now)."""
+    `finished`: when the stage's output was whole, if earlier than now (default: now); `models`: the
+    Manifest's version fields."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [{"name": p.name, "rows": pq.ParquetFile(p).metadata.num_rows, "bytes": p.stat().st_size,
-              "sha256": file_sha256(p)} for p in sorted(out_dir.glob("part-*.parquet"))]
-    manifest = {
-        "stage": stage,
-        "iteration": iteration,
-        "files": files,
-        "rows": sum(f["rows"] for f in files),
-        "started_at": started,
-        "finished_at": finished or time.time(),
-        "seconds": round((finished or time.time()) - started, 3),
-        "metrics": metrics or {},
-        **(extra or {}),
-    }
+    files = tuple(ShardFile(p.name, pq.ParquetFile(p).metadata.num_rows, p.stat().st_size, file_sha256(p))
+                  for p in sorted(out_dir.glob("part-*.parquet")))
+    finished = finished or time.time()
+    manifest = Manifest(stage, iteration, files, sum(f.rows for f in files), started, finished,
+                        round(finished - started, 3), metrics or {}, **models)
     fault_point("manifest")
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest.to_json(), indent=1) + "\n")
     return manifest
 
 
@@ -283,9 +315,9 @@ def reset_stage(out_dir: Path) -> None:
 
 # ---- reading ------------------------------------------------------------------------------
 
-def read_manifest(out_dir: Path) -> dict | None:
+def read_manifest(out_dir: Path) -> Manifest | None:
     path = Path(out_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    return Manifest.from_json(json.loads(path.read_text()), path) if path.exists() else None
 
 
 def trained_iterations(run: Path) -> int:
@@ -296,16 +328,16 @@ def trained_iterations(run: Path) -> int:
     return k
 
 
-def verify_stage(out_dir: Path) -> dict:
+def verify_stage(out_dir: Path) -> Manifest:
     """The manifest of a complete stage output whose files all exist and match their sha256."""
     manifest = read_manifest(out_dir)
     if manifest is None:
         raise ContractError(f"{out_dir} has no {MANIFEST}: the stage did not finish")
-    for entry in manifest["files"]:
-        path = Path(out_dir) / entry["name"]
+    for entry in manifest.files:
+        path = Path(out_dir) / entry.name
         if not path.exists():
             raise ContractError(f"{path} is named in the manifest but missing")
-        if file_sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry.sha256:
             raise ContractError(f"{path} does not match its manifest sha256 (altered or truncated)")
     return manifest
 
@@ -335,7 +367,7 @@ def read_stage(out_dir: Path, stage: str, columns: list[str] | None = None) -> p
     """All rows of a verified stage output, checked against the stage's schema; with `columns`, only
     those of them the shards have (every file is still verified whole)."""
     manifest = verify_stage(out_dir)
-    paths = [Path(out_dir) / entry["name"] for entry in manifest["files"]]
+    paths = [Path(out_dir) / entry.name for entry in manifest.files]
     for path in paths:
         present = pq.read_schema(path).names
         missing = [f.name for f in SCHEMAS[stage] if f.name not in present]

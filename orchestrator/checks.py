@@ -38,13 +38,14 @@ def _check_iteration(run: Path, iteration: int, expected_rows: int) -> list[str]
         if duplicated:
             problems.append(f"iteration {iteration} {stage}: duplicate (prompt_id, sample_idx) {duplicated[:3]}")
         versions = pc.unique(table.column("policy_version")).to_pylist()
-        if versions != [train["policy_version"]]:
+        if versions != [train.policy_version]:
             problems.append(f"iteration {iteration} {stage}: rows sampled by {versions}, trained from "
-                            f"{train['policy_version']}")
-    for version, key in ((iteration, "policy_version"), (iteration + 1, "produced_version")):
+                            f"{train.policy_version}")
+    for version, (key, expected) in ((iteration, ("policy_version", train.policy_version)),
+                                     (iteration + 1, ("produced_version", train.produced_version))):
         checkpoint = shards.checkpoint_dir(run, version)
-        if shards.checkpoint_ready(checkpoint) and policy_version(checkpoint) != train[key]:
-            problems.append(f"iteration {iteration}: train manifest says {key} {train[key]}, "
+        if shards.checkpoint_ready(checkpoint) and policy_version(checkpoint) != expected:
+            problems.append(f"iteration {iteration}: train manifest says {key} {expected}, "
                             f"{checkpoint.name} is {policy_version(checkpoint)}")
     return problems
 

@@ -84,7 +84,7 @@ def show_row(run: Path, iteration: int, row: int, console: Console) -> None:
 def inspect(run: Path, iteration: int | None, row: int | None) -> None:
     run = require_run(run)
     iteration = require_iteration(run, iteration)
-    rows = shards.read_manifest(shards.stage_dir(run, iteration, "scored"))["rows"]
+    rows = shards.read_manifest(shards.stage_dir(run, iteration, "scored")).rows
     if row is not None and not 0 <= row < rows:
         raise UserError(f"row {row} is not in iteration {iteration}", f"ROW must be in 0..{rows - 1}")
     # Colour only in a terminal; piped or captured output stays plain text.
@@ -97,12 +97,12 @@ def inspect(run: Path, iteration: int | None, row: int | None) -> None:
             manifest = shards.read_manifest(path)
             if manifest is None:
                 continue
-            print(f"\n{path} ({manifest['rows']} rows, {manifest['seconds']:.1f}s)")
+            print(f"\n{path} ({manifest.rows} rows, {manifest.seconds:.1f}s)")
             print(summary(path))
         train = shards.read_manifest(shards.stage_dir(run, iteration, "train"))
         if train is not None:
-            print(f"\ntrain: {train['policy_version']} -> {train['produced_version']}")
-            for key, value in train["metrics"].items():
+            print(f"\ntrain: {train.policy_version} -> {train.produced_version}")
+            for key, value in train.metrics.items():
                 print(f"  {key:<28} {value:.6g}")
     if row is not None:
         show_row(run, iteration, row, console)

@@ -187,7 +187,7 @@ def check_length_health(config: Config, run: Path, iteration: int) -> None:
     rollouts were cut at the length limit."""
     manifest = shards.read_manifest(shards.stage_dir(run, iteration, "rollouts"))
     h = config.health
-    cut = manifest["metrics"].get(m.TRUNCATED_FRACTION, 0.0) if manifest else 0.0
+    cut = manifest.metrics.get(m.TRUNCATED_FRACTION, 0.0) if manifest else 0.0
     if cut <= h.max_truncated_fraction:
         return
     what = (f"iteration {iteration}: {cut:.0%} of the rollouts were cut at generate.max_response_tokens="
@@ -206,8 +206,8 @@ def log_iteration(tracker: Tracker, run: Path, iteration: int, wall: dict[str, f
         manifest = shards.read_manifest(out_dir)
         if manifest is None:
             continue
-        metrics = dict(manifest["metrics"])
-        metrics[m.stage_seconds(stage)] = manifest["seconds"]
+        metrics = dict(manifest.metrics)
+        metrics[m.stage_seconds(stage)] = manifest.seconds
         for name, seconds in wall.items():
             if STAGE_OUTPUT.get(name) == stage:
                 metrics[m.wall_seconds(name)] = seconds  # as the controller waited for it, start-up included

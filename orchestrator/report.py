@@ -101,7 +101,7 @@ def pass_at_k_curves(run: Path, teacher: bool = True) -> dict[str, tuple[list[in
     teacher(s): from the eval folders `make eval K=...` wrote (the largest k that v0 has)."""
     found: dict[tuple[int, int], dict] = {}
     for path in Path(run).glob(f"iter=*/eval*/{shards.MANIFEST}"):
-        metrics = shards.read_manifest(path.parent)["metrics"]
+        metrics = shards.read_manifest(path.parent).metrics
         ks = {int(name.rsplit("@", 1)[1]) for name in metrics if "/pass@" in name}
         if ks:
             found[(int(path.parent.parent.name.split("=")[1]), max(ks))] = metrics
@@ -190,19 +190,19 @@ def learning_table(run: Path) -> str:
     time since the run's first stage started (meaningful for a run made by one uninterrupted command)."""
     run = require_run(run)
     # Keyed by folder name, not the manifest's stage: `make eval` writes eval-k<K> folders beside eval.
-    manifests = {(m["iteration"], path.parent.name): m for path in run.glob(f"iter=*/*/{shards.MANIFEST}")
+    manifests = {(m.iteration, path.parent.name): m for path in run.glob(f"iter=*/*/{shards.MANIFEST}")
                  if (m := shards.read_manifest(path.parent))}
     if not manifests:
         raise UserError(f"{run} has no finished stage yet", f"run `make iterate RUN={run.name}` first")
-    started = min(m["started_at"] for m in manifests.values())
+    started = min(m.started_at for m in manifests.values())
     evals = sorted(i for i, stage in manifests if stage == "eval")
 
     def metric(iteration: int, stage: str, name: str) -> str:
         manifest = manifests.get((iteration, stage))
-        return f"{manifest['metrics'][name]:.3f}" if manifest else ""
+        return f"{manifest.metrics[name]:.3f}" if manifest else ""
 
     def elapsed(iteration: int) -> str:
-        return f"{(manifests[(iteration, 'eval')]['finished_at'] - started) / 60:.1f}"
+        return f"{(manifests[(iteration, 'eval')].finished_at - started) / 60:.1f}"
 
     trained = sorted(i for i, stage in manifests if stage == "train")
     config = load_run_config(run)
@@ -218,7 +218,7 @@ def learning_table(run: Path) -> str:
     lines.insert(1, "|---|" + "---|" * len(evals))
     if trained:
         last = manifests[(trained[-1], "train")]
-        lines.append(f"\n{len(trained)} iterations; final weights `{last['produced_version']}`.")
+        lines.append(f"\n{len(trained)} iterations; final weights `{last.produced_version}`.")
     cache = run / TEACHER_CACHE
     if cache.exists():
         lines.append(f"Teacher eval accuracy, same settings: {json.loads(cache.read_text())['accuracy']:.3f}.")

@@ -47,7 +47,7 @@ def synthetic_rollouts(run: Path, rows: int, response_tokens: int) -> int:
     out = shards.stage_dir(run, 0, "rollouts")
     shards.reset_stage(out)
     shards.write_shard(table, out, 0)
-    shards.write_manifest(out, "rollouts", 0, time.time(), {}, {"policy_version": version})
+    shards.write_manifest(out, "rollouts", 0, time.time(), {}, policy_version=version)
     return rows * (120 + response_tokens)
 
 
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode != 0:
             return 1
         manifest = shards.read_manifest(shards.stage_dir(args.run, 0, folder))
-        m = manifest["metrics"]
+        m = manifest.metrics
         key = "score/teacher_tokens_per_s" if stage == "score" else "train/tokens_per_s"
         extra = (f", {m['train/micro_batches_per_step']:.0f} micro-batches, {m['train/baseline_rss_gib']:.1f} GiB "
                  "before the first step" if stage == "train" else "")
-        print(f"long rows {stage}: {manifest['seconds']:.0f} s, {m[key]:,.0f} tok/s, peak RSS "
+        print(f"long rows {stage}: {manifest.seconds:.0f} s, {m[key]:,.0f} tok/s, peak RSS "
               f"{m[f'{stage}/peak_rss_gib']:.1f} GiB{extra}", flush=True)
     return 0
 

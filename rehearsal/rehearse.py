@@ -75,7 +75,7 @@ def summary_lines(run: Path) -> list[str]:
     lines = []
     finished = sorted(int(p.parent.parent.name.split("=")[1]) for p in run.glob("iter=*/train/_MANIFEST.json"))
     for i in finished:
-        g, s, t = (shards.read_manifest(shards.stage_dir(run, i, stage))["metrics"]
+        g, s, t = (shards.read_manifest(shards.stage_dir(run, i, stage)).metrics
                    for stage in ("rollouts", "scored", "train"))
         lines.append(
             f"rehearse iter {i}: generate {g['generate/engine_tokens_per_s']:,.0f} tok/s "

@@ -50,8 +50,8 @@ RANDOM_TARGETS = {"subprocess": ("group",), "resident": ("group", "controller", 
 
 
 def fingerprint(run: Path) -> dict:
-    return {stage: [f["sha256"] for i in range(ITERATIONS) for f in shards.read_manifest(shards.stage_dir(run, i, stage))
-                    ["files"]] for stage in ("rollouts", "scored", "eval")} | {
+    return {stage: [f.sha256 for i in range(ITERATIONS) for f in shards.read_manifest(shards.stage_dir(run, i, stage))
+                    .files] for stage in ("rollouts", "scored", "eval")} | {
         "checkpoints": [policy_version(shards.checkpoint_dir(run, v)) for v in range(ITERATIONS + 1)]}
 
 

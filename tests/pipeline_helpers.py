@@ -47,8 +47,8 @@ def orchestrate(run: Path, iterations: int, *extra: str, fault: str | None = Non
 
 
 def rollout_digests(run: Path, stages: tuple[str, ...] = ("rollouts",)) -> list[str]:
-    return [f["sha256"] for i in range(2) for stage in stages
-            for f in shards.read_manifest(shards.stage_dir(run, i, stage))["files"]]
+    return [f.sha256 for i in range(2) for stage in stages
+            for f in shards.read_manifest(shards.stage_dir(run, i, stage)).files]
 
 
 def assert_same_as_reference(run: Path, reference: Path) -> None:

@@ -114,8 +114,8 @@ def test_the_default_cut_gives_every_generation_worker_a_shard_and_freezes_it(tm
     run = tmp_path / "spread"
     result = orchestrate(run, 1, "-o", "cluster.workers=2", "-o", "eval.every=0", "-o", "generate.rows_per_shard=1024")
     assert result.returncode == 0, result.stderr[-3000:]
-    rollouts = shards.read_manifest(shards.stage_dir(run, 0, "rollouts"))["metrics"]
-    scored = shards.read_manifest(shards.stage_dir(run, 0, "scored"))["metrics"]
+    rollouts = shards.read_manifest(shards.stage_dir(run, 0, "rollouts")).metrics
+    scored = shards.read_manifest(shards.stage_dir(run, 0, "scored")).metrics
     assert (rollouts["generate/shards"], rollouts["generate/workers"], scored["score/workers"]) == (2, 2, 2)
     assert yaml.safe_load((run / "run.yaml").read_text())["generate"]["shards"] == 2
     resumed = prepare_run(run, load_config("configs/tiny.yaml"), force=True, generation_workers=1)

@@ -1,7 +1,6 @@
 """The card's lengths on this CPU: generation within a KV budget, varlen attention for packed rows
 (no dense mask), teacher batches by tokens, the sampling distribution's entropy, and the guard on
 truncated responses."""
-import json
 
 import pytest
 import torch
@@ -172,9 +171,8 @@ def test_the_recorded_entropy_is_that_of_the_distributions_the_tokens_were_sampl
 
 def truncated_run(tmp_path, fraction: float):
     run = tmp_path / "run"
-    out = shards.stage_dir(run, 3, "rollouts")
-    out.mkdir(parents=True)
-    (out / shards.MANIFEST).write_text(json.dumps({"metrics": {"generate/truncated_fraction": fraction}}))
+    shards.write_manifest(shards.stage_dir(run, 3, "rollouts"), "rollouts", 3, 0.0,
+                          {"generate/truncated_fraction": fraction})
     return run
 
 

@@ -67,10 +67,10 @@ def test_reverse_kl_on_the_students_topk_end_to_end(tmp_path):
         assert (scored[column].list.len() == lengths).all(), column
     first = scored.row(0, named=True)
     assert all(len(ids) == 4 for ids in first["student_topk_ids"])
-    metrics = shards.read_manifest(shards.stage_dir(run, 0, "scored"))["metrics"]
+    metrics = shards.read_manifest(shards.stage_dir(run, 0, "scored")).metrics
     for name, value in recomputed_mechanism(scored).items():
         assert metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
-    train = shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"]
+    train = shards.read_manifest(shards.stage_dir(run, 0, "train")).metrics
     assert train["train/loss"] > 0 and math.isfinite(train["train/grad_norm"])
     shown = subprocess.run([sys.executable, "-m", "orchestrator", "inspect", "--run", str(run), "--iter", "0",
                             "--row", "0"], capture_output=True, text=True)

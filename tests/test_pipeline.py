@@ -27,8 +27,8 @@ def test_shards_rows_and_versions(run):
         assert (scored["response_ids"].list.len() == scored["teacher_logprobs"].list.len()).all()
         assert (scored["response_ids"].list.len() == scored["rollout_logprobs"].list.len()).all()
         train = shards.read_manifest(shards.stage_dir(run, iteration, "train"))
-        assert train["policy_version"] == version
-        assert train["produced_version"] == policy_version(shards.checkpoint_dir(run, iteration + 1))
+        assert train.policy_version == version
+        assert train.produced_version == policy_version(shards.checkpoint_dir(run, iteration + 1))
     assert shards.checkpoint_ready(shards.checkpoint_dir(run, 2))
     assert policy_version(shards.checkpoint_dir(run, 2)) != policy_version(shards.checkpoint_dir(run, 1))
 
@@ -79,12 +79,12 @@ def test_interrupted_iteration_resumes_at_the_missing_stage(run, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     before = policy_version(shards.checkpoint_dir(run, 2))
-    rollouts_sha = shards.read_manifest(shards.stage_dir(run, 1, "rollouts"))["files"][0]["sha256"]
+    rollouts_sha = shards.read_manifest(shards.stage_dir(run, 1, "rollouts")).files[0].sha256
     shutil.rmtree(shards.checkpoint_dir(resumed, 2))
     (shards.stage_dir(resumed, 1, "train") / shards.MANIFEST).unlink()
     result = orchestrate(resumed, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 iteration(s) done" in result.stdout
     assert "generate iter 1" not in result.stdout and "train iter 1" in result.stdout
-    assert shards.read_manifest(shards.stage_dir(resumed, 1, "rollouts"))["files"][0]["sha256"] == rollouts_sha
+    assert shards.read_manifest(shards.stage_dir(resumed, 1, "rollouts")).files[0].sha256 == rollouts_sha
     assert policy_version(shards.checkpoint_dir(resumed, 2)) == before

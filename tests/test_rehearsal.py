@@ -39,7 +39,7 @@ def assert_rehearsed(run, result, micro_batches: int, iterations: int = 1) -> No
     for i in range(iterations):
         assert any(line.startswith(f"rehearse iter {i}: generate ") and "peak RSS" in line for line in lines), lines
         assert any(line.startswith(f"checkpoint v{i + 1:04d}: export ") for line in lines), lines
-        train = shards.read_manifest(shards.stage_dir(run, i, "train"))["metrics"]
+        train = shards.read_manifest(shards.stage_dir(run, i, "train")).metrics
         assert train["train/micro_batches_per_step"] >= micro_batches
         assert train["train/logprob_gap_mean"] < 1e-3  # the sampler's log-probs are the trainer's, at vocab 151,936
 

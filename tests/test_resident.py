@@ -31,11 +31,11 @@ def test_resident_run_on_two_workers_equals_the_subprocess_run(reference_run, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-1] == "imported: []"
     assert_same_as_reference(run, reference_run)
-    assert manifest(run, 0, "rollouts")["metrics"]["generate/workers"] == 2
-    assert manifest(run, 0, "scored")["metrics"]["score/workers"] == 2
-    assert [manifest(run, i, "train")["metrics"]["train/resident_engine"] for i in (0, 1)] == [1.0, 1.0]
-    assert [manifest(reference_run, i, "train")["metrics"]["train/resident_engine"] for i in (0, 1)] == [0.0, 0.0]
-    assert manifest(run, 1, "rollouts")["metrics"]["generate/weight_sync_gap_mean"] < 1e-5
+    assert manifest(run, 0, "rollouts").metrics["generate/workers"] == 2
+    assert manifest(run, 0, "scored").metrics["score/workers"] == 2
+    assert [manifest(run, i, "train").metrics["train/resident_engine"] for i in (0, 1)] == [1.0, 1.0]
+    assert [manifest(reference_run, i, "train").metrics["train/resident_engine"] for i in (0, 1)] == [0.0, 0.0]
+    assert manifest(run, 1, "rollouts").metrics["generate/weight_sync_gap_mean"] < 1e-5
 
 
 def test_the_controllers_modules_import_no_model_library():

@@ -23,7 +23,7 @@ def test_round_trip_and_manifest(tmp_path):
     shards.write_shard(pa.Table.from_pylist(rows[:6], schema=shards.ROLLOUT_SCHEMA), out, 0)
     shards.write_shard(pa.Table.from_pylist(rows[6:], schema=shards.ROLLOUT_SCHEMA), out, 1)
     manifest = shards.write_manifest(out, "rollouts", 3, started=0.0, metrics={"m": 1.0})
-    assert manifest["rows"] == 10 and [f["rows"] for f in manifest["files"]] == [6, 4]
+    assert manifest.rows == 10 and [f.rows for f in manifest.files] == [6, 4]
     assert json.loads((out / shards.MANIFEST).read_text())["metrics"] == {"m": 1.0}
     table = shards.read_stage(out, "rollouts")
     assert table.schema == shards.ROLLOUT_SCHEMA
@@ -32,6 +32,28 @@ def test_round_trip_and_manifest(tmp_path):
     frame = pl.scan_parquet(out / "*.parquet").collect()
     assert frame.height == 10 and frame["response_ids"].list.len().sum() == 30
     assert not list(out.glob(".*tmp*")), "temporary files must be renamed away"
+
+
+def test_a_manifest_reads_back_as_the_record_that_wrote_it(tmp_path):
+    out = shards.stage_dir(tmp_path, 1, "train")
+    written = shards.write_manifest(out, "train", 1, 10.0, {"train/loss": 0.5}, 12.5, policy_version="v0001-a",
+                                    produced_checkpoint="checkpoints/v0002", produced_version="v0002-b")
+    assert shards.read_manifest(out) == written
+    on_disk = json.loads((out / shards.MANIFEST).read_text())
+    assert list(on_disk) == ["stage", "iteration", "files", "rows", "started_at", "finished_at", "seconds", "metrics",
+                             "policy_version", "produced_checkpoint", "produced_version"]  # unset fields are left out
+    assert (on_disk["seconds"], on_disk["files"], written.k, written.teacher_version) == (2.5, [], None, None)
+
+
+def test_a_manifest_with_a_key_the_record_lacks_is_refused_naming_it(tmp_path):
+    out = shards.stage_dir(tmp_path, 0, "rollouts")
+    shards.write_manifest(out, "rollouts", 0, 0.0)
+    data = json.loads((out / shards.MANIFEST).read_text())
+    (out / shards.MANIFEST).write_text(json.dumps({**data, "sampler": "old"}))
+    with pytest.raises(ContractError, match="keys a manifest does not have: sampler"):
+        shards.read_manifest(out)
+    (out / shards.MANIFEST).write_text(json.dumps(data))  # the control: the same manifest without it
+    assert shards.read_manifest(out).stage == "rollouts"
 
 
 def test_unfinished_stage_is_rejected(tmp_path):

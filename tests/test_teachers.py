@@ -75,7 +75,7 @@ def test_a_two_domain_run_records_the_teacher_of_every_row_and_its_metrics(tmp_p
     scored = pl.read_parquet(shards.stage_dir(run, 0, "scored") / "*.parquet")
     expected = {"tiny_arith": "teacher-add", "tiny_sub": "teacher-sub"}
     assert set(zip(scored["data_source"], scored["teacher"])) == set(expected.items())
-    metrics = shards.read_manifest(shards.stage_dir(run, 0, "scored"))["metrics"]
+    metrics = shards.read_manifest(shards.stage_dir(run, 0, "scored")).metrics
     for name in expected.values():
         assert {f"score/{name}/reverse_kl", f"rollout/{name}/accuracy"} <= set(metrics)
     assert sum(metrics[f"rollout/{name}/rows"] for name in expected.values()) == scored.height
@@ -90,7 +90,7 @@ def test_a_two_domain_run_records_the_teacher_of_every_row_and_its_metrics(tmp_p
             s = len(prompt) + len(response)
             flops += 2 * n * s + 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * s * s
     assert metrics["score/mfu"] == pytest.approx(flops / (metrics["score/teacher_forward_s"] * 0.5e12), rel=1e-9)
-    assert "train/mfu" in shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"]
+    assert "train/mfu" in shards.read_manifest(shards.stage_dir(run, 0, "train")).metrics
 
 
 def test_make_eval_k_gives_the_unbiased_pass_at_k_of_its_shards(reference_run, tmp_path):
@@ -102,7 +102,7 @@ def test_make_eval_k_gives_the_unbiased_pass_at_k_of_its_shards(reference_run, t
     result = subprocess.run([sys.executable, "-m", "orchestrator", "eval", "--run", str(run), "--ckpt", "2", "--k", "4"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = shards.read_manifest(shards.stage_dir(run, 2, "eval-k4"))["metrics"]
+    metrics = shards.read_manifest(shards.stage_dir(run, 2, "eval-k4")).metrics
     samples = pl.read_parquet(shards.stage_dir(run, 2, "eval-k4") / "*.parquet")
     for source, group in samples.group_by("data_source"):
         outcomes = [list(g["correct"]) for _, g in group.group_by("prompt_id")]

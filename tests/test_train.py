@@ -395,7 +395,7 @@ def test_train_mfu_is_three_forwards_of_every_row_over_the_steps_time_and_the_pe
     run = new_run(tmp_path, "mfu", "cluster.peak_tflops=0.5")
     write_scored(run, 0, seed=3)
     assert train(run, 0).returncode == 0
-    metrics = shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"]
+    metrics = shards.read_manifest(shards.stage_dir(run, 0, "train")).metrics
     model = load_model(STUDENT)
     n = sum(p.numel() for p in model.parameters())  # tied: the embedding matrix is also the output projection
     assert model.config.tie_word_embeddings
@@ -407,7 +407,7 @@ def test_train_mfu_is_three_forwards_of_every_row_over_the_steps_time_and_the_pe
     plain = new_run(tmp_path, "no-peak")
     write_scored(plain, 0, seed=3)
     assert train(plain, 0).returncode == 0
-    assert "train/mfu" not in shards.read_manifest(shards.stage_dir(plain, 0, "train"))["metrics"]
+    assert "train/mfu" not in shards.read_manifest(shards.stage_dir(plain, 0, "train")).metrics
 
 
 def test_the_profiler_window_traces_the_chosen_iteration_only_and_stays_out_of_the_sealed_folders(tmp_path):
@@ -435,7 +435,7 @@ def test_two_ranks_reach_the_loss_gradient_norm_and_weights_of_one_rank(tmp_path
     assert train(one, 0).returncode == 0
     result = train(two, 0)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = [shards.read_manifest(shards.stage_dir(run, 0, "train"))["metrics"] for run in (one, two)]
+    metrics = [shards.read_manifest(shards.stage_dir(run, 0, "train")).metrics for run in (one, two)]
     assert [m["train/ranks"] for m in metrics] == [1, 2]
     for name in ("train/loss", "train/grad_norm", "train/reverse_kl", "train/clip_fraction"):
         assert metrics[1][name] == pytest.approx(metrics[0][name], rel=1e-5), name

@@ -58,12 +58,12 @@ def test_report_table_is_the_learning_curve_of_the_manifests(reference_run):
 
     table = learning_table(reference_run).splitlines()
     assert table[0] == "| iteration | 0 | 1 | 2 |"
-    evals = [shards.read_manifest(shards.stage_dir(reference_run, i, "eval"))["metrics"]["eval/accuracy"]
+    evals = [shards.read_manifest(shards.stage_dir(reference_run, i, "eval")).metrics["eval/accuracy"]
              for i in range(3)]
     assert table[2] == "| eval accuracy, sampled (16 prompts) | " + " | ".join(f"{a:.3f}" for a in evals) + " |"
-    scored = [shards.read_manifest(shards.stage_dir(reference_run, i, "scored"))["metrics"] for i in range(2)]
+    scored = [shards.read_manifest(shards.stage_dir(reference_run, i, "scored")).metrics for i in range(2)]
     assert table[4].endswith(" | ".join(f"{m['rollout/reverse_kl']:.3f}" for m in scored) + " |  |")  # v2: no rollouts
-    final = shards.read_manifest(shards.stage_dir(reference_run, 1, "train"))["produced_version"]
+    final = shards.read_manifest(shards.stage_dir(reference_run, 1, "train")).produced_version
     assert f"2 iterations; final weights `{final}`." in table
 
 
@@ -89,7 +89,7 @@ def test_report_writes_a_png_and_logs_it_to_mlflow(runs):
     for metric, (steps, values) in drawn.items():
         prefix = metric.split(".")[0]
         from_manifests = [shards.read_manifest(shards.stage_dir(root / "reference", step, stage_of[prefix]))
-                          ["metrics"][metric.replace(".", "/")] for step in steps]
+                          .metrics[metric.replace(".", "/")] for step in steps]
         assert values == pytest.approx(from_manifests, rel=1e-12), metric
         assert steps == list(range(len(steps))), metric  # every iteration, none missing
     teacher = client.get_run(run_id).data.metrics["eval.teacher_accuracy"]

@@ -107,9 +107,9 @@ def test_two_iterations_with_vllm_engines(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert check_run(run) == (2, [])
     for iteration in (0, 1):
-        train = shards.read_manifest(shards.stage_dir(run, iteration, "train"))["metrics"]
+        train = shards.read_manifest(shards.stage_dir(run, iteration, "train")).metrics
         assert train["train/logprob_gap_mean"] < 1e-4 and train["train/logprob_gap_max"] < 1e-2
-    rollouts = shards.read_manifest(shards.stage_dir(run, 1, "rollouts"))["metrics"]
+    rollouts = shards.read_manifest(shards.stage_dir(run, 1, "rollouts")).metrics
     assert rollouts["generate/weight_sync_gap_mean"] < 1e-4
 
 

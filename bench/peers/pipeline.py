@@ -24,14 +24,14 @@ def iteration_figures(run: Path, iteration: int) -> dict:
     """Per phase: its own work (seconds, tokens) and its stage's wall time, from the manifests."""
     rollouts, scored, train = (shards.read_manifest(shards.stage_dir(run, iteration, stage))
                                for stage in ("rollouts", "scored", "train"))
-    g, s, t = rollouts["metrics"], scored["metrics"], train["metrics"]
+    g, s, t = rollouts.metrics, scored.metrics, train.metrics
     return {
         "generate": {"seconds": g["generate/sample_seconds"], "tokens": g["generate/response_tokens"],
-                     "stage_s": rollouts["seconds"]},
+                     "stage_s": rollouts.seconds},
         "teacher": {"seconds": s["score/teacher_forward_s"], "tokens": s["score/forward_tokens"],
-                    "stage_s": scored["seconds"]},
+                    "stage_s": scored.seconds},
         "train": {"seconds": t["train/step_seconds"], "tokens": t["train/response_tokens"],
-                  "stage_s": train["seconds"], "setup_s": t["train/setup_seconds"]},
+                  "stage_s": train.seconds, "setup_s": t["train/setup_seconds"]},
     }
 
 
@@ -48,9 +48,9 @@ def pipeline_run(name: str, run: Path, iterations: int, time_cap_s: float, overr
         if train is None:
             break  # stopped by the time cap
         per_iteration.append(iteration_figures(run, iteration))
-        samples += shards.read_manifest(shards.stage_dir(run, iteration, "rollouts"))["rows"]
+        samples += shards.read_manifest(shards.stage_dir(run, iteration, "rollouts")).rows
         checkpoints.append({"version": iteration + 1, "samples": samples,
-                            "seconds": train["finished_at"] - measured["launch"],
+                            "seconds": train.finished_at - measured["launch"],
                             "path": str(shards.checkpoint_dir(run, iteration + 1))})
     return {"system": name, "command": " ".join(command), **measured, "checkpoints": checkpoints,
             "per_iteration": per_iteration}

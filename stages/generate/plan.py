@@ -150,8 +150,8 @@ def discard_stale(run: Path, iteration: int, version: str, folders: tuple[str, .
     scored shards made from stale rollouts."""
     for folder in folders:
         manifest = shards.read_manifest(shards.stage_dir(run, iteration, folder))
-        if manifest is not None and manifest.get("policy_version", version) != version:
-            print(f"warning: iter={iteration:04d}/{folder} was sampled by {manifest['policy_version']}, not "
+        if manifest is not None and manifest.policy_version not in (None, version):
+            print(f"warning: iter={iteration:04d}/{folder} was sampled by {manifest.policy_version}, not "
                   f"{version}; sampling it again", flush=True)
             shards.reset_stage(shards.stage_dir(run, iteration, folder))
             if folder == "rollouts":
@@ -209,7 +209,7 @@ def _throughput(done: list[SampledShard]) -> dict:
 
 
 def seal_rollouts(config: Config, run: Path, iteration: int, done: list[SampledShard], version: str,
-                  dropped: dict[str, int], gate: dict[str, float]) -> dict:
+                  dropped: dict[str, int], gate: dict[str, float]) -> shards.Manifest:
     """The rollouts' manifest; `done` holds each shard's summary (run_job's, with the worker that ran it)."""
     rows = sum(d.rows for d in done)
     figures = _throughput(done)
@@ -233,9 +233,9 @@ def seal_rollouts(config: Config, run: Path, iteration: int, done: list[SampledS
     }
     out_dir = shards.stage_dir(run, iteration, "rollouts")
     manifest = shards.write_manifest(out_dir, "rollouts", iteration, figures["started"], metrics,
-                                     {"policy_version": version}, finished=figures["finished"])
-    stage_summary("generate", iteration, manifest["rows"], figures["tokens"], metrics["generate/tokens_per_s"],
-                  manifest["seconds"], f"mean length {metrics['generate/mean_response_length']:.1f}")
+                                     figures["finished"], policy_version=version)
+    stage_summary("generate", iteration, manifest.rows, figures["tokens"], metrics["generate/tokens_per_s"],
+                  manifest.seconds, f"mean length {metrics['generate/mean_response_length']:.1f}")
     return manifest
 
 
@@ -262,19 +262,19 @@ def eval_metrics(done: list[SampledShard], folder: str) -> dict[str, float]:
 
 
 def seal_eval(config: Config, run: Path, iteration: int, folder: str, done: list[SampledShard], version: str,
-              k: int) -> dict:
+              k: int) -> shards.Manifest:
     metrics = eval_metrics(done, folder)
     figures = _throughput(done)
     out_dir = shards.stage_dir(run, iteration, folder)
     manifest = shards.write_manifest(out_dir, "eval", iteration, figures["started"], metrics,
-                                     {"policy_version": version, "k": k}, finished=figures["finished"])
+                                     figures["finished"], policy_version=version, k=k)
     per_set = ", ".join(f"{key.split('/')[1]} {value:.3f}" for key, value in metrics.items()
                         if key.endswith("/accuracy") and key.count("/") == 2)
     if k >= 2:
         per_set += " | " + ", ".join(f"{key.split('/')[1]} pass@{k} {value:.3f}" for key, value in metrics.items()
                                      if key.endswith(f"/pass@{k}"))
-    stage_summary("eval", iteration, manifest["rows"], figures["tokens"], figures["stage_tokens_per_s"],
-                  manifest["seconds"], f"avg@{k} {per_set}")
+    stage_summary("eval", iteration, manifest.rows, figures["tokens"], figures["stage_tokens_per_s"],
+                  manifest.seconds, f"avg@{k} {per_set}")
     return manifest
 
 

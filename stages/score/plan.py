@@ -60,12 +60,12 @@ def start_scoring(config: Config, run: Path, iteration: int) -> bool:
 
 def sealed_rollouts(run: Path, iteration: int) -> list[RolloutShard]:
     """The rollout shards of a sealed iter=i/rollouts/ (name and sha256), checked against the manifest."""
-    return [RolloutShard(entry["name"], entry["sha256"])
-            for entry in shards.verify_stage(shards.stage_dir(run, iteration, "rollouts"))["files"]]
+    return [RolloutShard(entry.name, entry.sha256)
+            for entry in shards.verify_stage(shards.stage_dir(run, iteration, "rollouts")).files]
 
 
 def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShard], versions: dict[str, str],
-                workers: int = 1) -> dict:
+                workers: int = 1) -> shards.Manifest:
     """The scored folder's manifest. Its clock runs from the first shard's start to the last one's end
     (in resident mode scoring starts while sampling goes on)."""
     started, finished = min(d.started for d in done), max(d.finished for d in done)
@@ -101,11 +101,10 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShar
         **mechanism.mechanism_metrics(columns),
         **per_teacher_metrics(columns),
     }
-    manifest = shards.write_manifest(out_dir, "scored", iteration, started, metrics,
-                                     {"teacher_version": {teacher_name(t): v for t, v in versions.items()}},
-                                     finished=finished)
-    stage_summary("score", iteration, manifest["rows"], forward_tokens, metrics["score/tokens_per_s"],
-                  manifest["seconds"],
+    manifest = shards.write_manifest(out_dir, "scored", iteration, started, metrics, finished,
+                                     teacher_version={teacher_name(t): v for t, v in versions.items()})
+    stage_summary("score", iteration, manifest.rows, forward_tokens, metrics["score/tokens_per_s"],
+                  manifest.seconds,
                   f"accuracy {metrics[m.ROLLOUT_ACCURACY]:.3f}, reverse KL {metrics[m.REVERSE_KL]:.4f}")
     return manifest
 

@@ -61,16 +61,16 @@ def announce(policy: PolicyWritten) -> None:
                   f"grad norm {m['train/grad_norm']:.3f} -> {policy.produced_version}")
 
 
-def seal_train(config: Config, run: Path, policy: PolicyWritten, state: StateWritten) -> dict:
+def seal_train(config: Config, run: Path, policy: PolicyWritten, state: StateWritten) -> shards.Manifest:
     """Write iter=i/train/_MANIFEST.json once v_{i+1} is whole (DONE), then prune older optimizer states."""
     iteration = policy.iteration
     target = Path(policy.checkpoint)
     if not shards.checkpoint_ready(target):
         raise ContractError(f"{target} has no DONE: its optimizer state was not sealed")
     manifest = shards.write_manifest(shards.stage_dir(run, iteration, "train"), "train", iteration, policy.started,
-                                     {**policy.metrics, **state.metrics},
-                                     {"policy_version": policy.policy_version, "produced_checkpoint": str(target),
-                                      "produced_version": policy.produced_version}, finished=state.finished)
+                                     {**policy.metrics, **state.metrics}, state.finished,
+                                     policy_version=policy.policy_version, produced_checkpoint=str(target),
+                                     produced_version=policy.produced_version)
     prune_checkpoints(run, (shards.checkpoint_dir(run, iteration), target), config.train.keep_checkpoint_every)
     return manifest
 
@@ -120,7 +120,7 @@ def collect_training(executor: Executor, config: Config, run: Path, iteration: i
     return Saving(policy, handles)
 
 
-def seal_training(executor: Executor, config: Config, run: Path, saving: Saving) -> dict:
+def seal_training(executor: Executor, config: Config, run: Path, saving: Saving) -> shards.Manifest:
     """Wait for v_{i+1}'s optimizer state (sealed DONE by rank 0), then seal iter=i/train/."""
     state = executor.gather(TRAIN, saving.policy.iteration, saving.handles)[0]
     return seal_train(config, run, saving.policy, state)
