@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, TypeVar
 
 from common.config import Config
+from common.errors import ContractError
 from common.run import RUN_CONFIG, load_run_config
 
 NAME = ""  # the worker's address (Dask) or "local-<role>" (LocalExecutor): generate/workers, score/workers count them
@@ -20,6 +21,14 @@ ON_DASK = False  # set by the resident plugin (orchestrator/roles.py)
 _closers: dict[str, Callable[[], None]] = {}
 _sleepers: dict[str, Callable[[], None]] = {}
 _configs: dict[tuple, Config] = {}
+_kept: dict[str, Closable] = {}
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+Kept = TypeVar("Kept", bound=Closable)
 
 
 def keep(name: str, close: Callable[[], None], sleep: Callable[[], None] | None = None) -> None:
@@ -28,6 +37,24 @@ def keep(name: str, close: Callable[[], None], sleep: Callable[[], None] | None 
     _closers[name] = close
     if sleep is not None:
         _sleepers[name] = sleep
+
+
+def kept(name: str, open_it: Callable[[], Kept] | None = None) -> Kept:
+    """What this worker keeps under `name` (a trainer rank, the teachers): opened by `open_it()` on first
+    use, then kept for the next task; its `close()` runs when the process ends. Without `open_it`, the one
+    an earlier task opened."""
+    if name not in _kept:
+        if open_it is None:
+            raise ContractError(f"this worker holds no {name}: the task that opens it did not run here")
+        _kept[name] = open_it()
+        keep(name, lambda: _close_kept(name))
+    return _kept[name]  # type: ignore[return-value]
+
+
+def _close_kept(name: str) -> None:
+    held = _kept.pop(name, None)  # closed once, however often the process's closers run
+    if held is not None:
+        held.close()
 
 
 def sleep_all() -> None:

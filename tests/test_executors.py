@@ -2,7 +2,8 @@
 their tasks on. Real processes (spawned), tasks named by module and function."""
 import pytest
 
-from common.errors import StageFailed
+from common import worker
+from common.errors import ContractError, StageFailed
 from common.executors import LocalExecutor, Task
 
 TASKS = "executor_tasks"  # tests/executor_tasks.py, imported in the workers
@@ -73,3 +74,29 @@ def test_a_stage_process_that_started_the_verifiers_workers_ends_by_itself():
         score = executor.workers["score"]
         executor.gather("generate", 0, [executor.submit(task("pid"), role="generate")])
     assert score.process.exitcode == 0
+
+
+class Model:
+    def __init__(self):
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_what_a_worker_keeps_opens_once_and_closes_when_the_worker_ends():
+    opened = []
+
+    def open_model():
+        opened.append(Model())
+        return opened[-1]
+
+    first = worker.kept("a test model", open_model)
+    assert worker.kept("a test model", open_model) is first and worker.kept("a test model") is first
+    assert len(opened) == 1 and not first.closed
+    worker.close_all()
+    worker.close_all()  # a Dask plugin's teardown and the process's exit may both run the closers
+    assert first.closed
+    assert worker.kept("a test model", open_model) is not first and len(opened) == 2  # the next task opens anew
+    with pytest.raises(ContractError, match="holds no trainer: the task that opens it did not run here"):
+        worker.kept("trainer")

@@ -16,23 +16,10 @@ from stages.score.plan import RolloutShard, ScoredShard
 from stages.score.scoring import score_shard
 from stages.score.teacher import Teachers
 
-_teachers: Teachers | None = None
-
 
 def teachers(config: Config) -> Teachers:
     """This worker's teachers: each opened when its first row comes, then kept."""
-    global _teachers
-    if _teachers is None:
-        _teachers = Teachers(config)
-        worker.keep("teachers", close)
-    return _teachers
-
-
-def close() -> None:
-    global _teachers
-    if _teachers is not None:
-        _teachers.close()
-    _teachers = None
+    return worker.kept("teachers", lambda: Teachers(config))
 
 
 def score_task(run: Path, iteration: int, rollout: RolloutShard, versions: dict[str, str]) -> ScoredShard:

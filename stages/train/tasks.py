@@ -12,23 +12,10 @@ from common.libraries import task_config
 from stages.train.records import PolicyWritten, StateWritten
 from stages.train.stage import Trainer, train_policy, write_optimizer_state
 
-_trainer: Trainer | None = None
-
 
 def trainer(config: Config, rank: int, world: int, address: str) -> Trainer:
     """This worker's rank (it joins the ranks' process group once, at `address`), opened on first use and kept."""
-    global _trainer
-    if _trainer is None:
-        _trainer = Trainer(config, rank, world, address)
-        worker.keep("trainer", close)
-    return _trainer
-
-
-def close() -> None:
-    global _trainer
-    if _trainer is not None:
-        _trainer.close()
-    _trainer = None
+    return worker.kept("trainer", lambda: Trainer(config, rank, world, address))
 
 
 def train_task(run: Path, iteration: int, rank: int, world: int, address: str) -> PolicyWritten | None:
@@ -44,7 +31,7 @@ def optimizer_state_task(run: Path, iteration: int, rank: int, policy_files: dic
     worker samples and scores iteration i+1 meanwhile: the write is off the critical path. The
     trainer's lock keeps the engine from stepping or closing until it is done."""
     worker.leave_task_slot()
-    return write_optimizer_state(task_config(run), run, iteration, _trainer, policy_files)
+    return write_optimizer_state(task_config(run), run, iteration, worker.kept("trainer"), policy_files)
 
 
 def open_rank_task(run: Path, iteration: int, rank: int, world: int, address: str) -> None:
