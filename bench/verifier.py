@@ -172,10 +172,15 @@ def run_steady(checkout: Path, pairs: list[tuple[str, str]], passes: int, worker
     return json.loads(done.stdout)
 
 
+def public_mix() -> tuple[list[dict], list[tuple[str, str]]]:
+    """The public cases, and each pred boxed in a short response (what every public-mix figure grades)."""
+    cases = [json.loads(line) for line in PUBLIC.read_text().splitlines()]
+    return cases, [(f"The final answer is \\boxed{{{c['pred']}}}.", c["gold"]) for c in cases]
+
+
 def steady_only(checkouts: dict[str, Path], rounds: int, passes: int, workers: int) -> None:
     """The steady protocol alone, checkouts alternated round by round so that the machine's drift hits all alike."""
-    cases = [json.loads(line) for line in PUBLIC.read_text().splitlines()]
-    pairs = [(f"The final answer is \\boxed{{{c['pred']}}}.", c["gold"]) for c in cases]
+    _, pairs = public_mix()
     runs: dict[str, list[dict]] = {name: [] for name in checkouts}
     for _ in range(rounds):
         for name, checkout in checkouts.items():
@@ -234,8 +239,7 @@ def main() -> None:
     mixed = list(integers)
     for k in range(len(integers) // 100):  # 1% adversarial
         mixed[rng.randrange(len(mixed))] = {"gold": "3", "response": ADVERSARIAL[k % len(ADVERSARIAL)]}
-    cases = [json.loads(line) for line in PUBLIC.read_text().splitlines()]
-    pairs = [(f"The final answer is \\boxed{{{c['pred']}}}.", c["gold"]) for c in cases]
+    cases, pairs = public_mix()
     stdins = {name: "".join(json.dumps({"gold": r["gold"], "response": r["response"]}) + "\n" for r in rows)
               for name, rows in [("integer", integers), ("mixed", mixed),
                                  ("public", [{"gold": g, "response": r} for r, g in pairs])]}
