@@ -1,6 +1,6 @@
 """The symbolic tier, run only in the verifier's worker processes (pool.py), because sympy can run long on
-legal input: math-verify's LaTeX parser (ANTLR -> sympy objects), then relations.py on its parses, exact
-rational numbers, and math-verify's comparison.
+legal input: math-verify's LaTeX parser (ANTLR -> sympy objects), exact rational numbers, and math-verify's
+comparison.
 
 Safety: only math-verify's LatexExtractionConfig is used, whose parser builds sympy objects from an ANTLR
 parse tree, never ExprExtractionConfig, which runs sympy `parse_expr` (it evaluates Python). math-verify's
@@ -11,7 +11,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from common.verifier.equivalence import is_prose, normalize
-from common.verifier.relations import relation_equal
 from common.verifier.status import describe
 
 
@@ -157,9 +156,7 @@ def symbolic_equal(pred: str, gold: str, golds: dict[str, list] | None = None) -
     pred_parsed = parse_answer(pred)
     if not pred_parsed or not gold_parsed:
         return False, "parse_error"
-    decided = relation_equal(gold_parsed[0], pred_parsed[0])
-    if decided is None:
-        decided = _exact_numbers(gold_parsed, pred_parsed)
+    decided = _exact_numbers(gold_parsed, pred_parsed)
     if decided is None:
         decided = verify(gold_parsed, pred_parsed, timeout_seconds=None, strict=True)
     return bool(decided), "ok"
