@@ -1,12 +1,6 @@
-"""The worker processes of the symbolic tier: one pebble ProcessPool, started on first use and kept for the
-life of the process (how and why: docs/verifier.md, "The pool and the time bound").
-
-pebble times each job from when a worker takes it and past `timeout_s` stops that worker (SIGTERM, whose
-default action our workers restore, so they die at once, even inside C code) and starts a replacement; it
-also replaces a worker that died. Workers fork from multiprocessing's forkserver, which has imported sympy
-and math-verify and graded the warm-up set (its preload), so each starts warm and inherits nothing of the
-caller. A worker caches the parses of a call's golds for that call only. One call uses the pool at a time
-(a lock); a process forked from the caller drops its handles on the parent's workers and spawns its own.
+"""The worker processes of the symbolic tier: one pebble ProcessPool, started on first use and kept for the life
+of the process, with a hard time bound per job. How it bounds time (SIGTERM inside C code), starts warm workers
+(a preloaded forkserver) and survives timeouts, deaths and forks: docs/verifier.md, "The pool and the time bound".
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ class _SLLSyntaxError(Exception):
     """Stage one of two-stage parsing met a syntax error: parse again with full LL prediction."""
 
 
-# Exceptions raised by our own code inside latex2sympy's parser (the hooks below). math-verify's parse
+# Exceptions raised by our own code inside latex2sympy's parser (the hook below). math-verify's parse
 # catches everything its parser raises and reports no parse, which would turn a bug of ours into a
 # parse_error; _parse re-raises what is recorded here instead, so that the pool grades it `error`.
 _hook_errors: list[Exception] = []
@@ -37,30 +37,35 @@ def _bail(*_args) -> None:
     raise _SLLSyntaxError
 
 
-def use_two_stage_parsing() -> None:
-    """Make latex2sympy's ANTLR parser predict in SLL mode first and reparse in LL mode only on a syntax error,
-    and build integer tokens without sympify (`_integer_number`): 3-5x less parsing time, the same sympy
-    objects (ANTLR documents that SLL gives LL's tree or a syntax error; tests check it). Why and what it
-    saves: docs/verifier.md, "Hooks into latex2sympy". Without the wrapped methods parsing stays plain LL.
-    """
+def _predict_sll(parser) -> None:
+    """SLL prediction; a syntax error raises _SLLSyntaxError (the lexer keeps latex2sympy's own listener)."""
     from antlr4.atn.PredictionMode import PredictionMode
     from antlr4.error.ErrorListener import ErrorListener
+
+    bail = ErrorListener()
+    bail.syntaxError = _bail
+    parser._interp.predictionMode = PredictionMode.SLL
+    parser.removeErrorListeners()
+    parser.addErrorListener(bail)
+
+
+def use_two_stage_parsing() -> None:
+    """Make latex2sympy's ANTLR parser predict in SLL mode first and reparse in LL mode only on a syntax error:
+    3-5x less parsing time, the same sympy objects (ANTLR documents that SLL gives LL's tree or a syntax
+    error; a test checks it). Without the wrapped methods parsing stays plain LL (docs/verifier.md, "Hooks").
+    """
     from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
 
     if getattr(_Latex2Sympy, "two_stage", False) or not all(
             hasattr(_Latex2Sympy, name) for name in ("create_parser", "parse")):
         return
     create_parser, parse = _Latex2Sympy.create_parser, _Latex2Sympy.parse
-    bail = ErrorListener()
-    bail.syntaxError = _bail  # the lexer keeps latex2sympy's own listener: SLL does not change lexing
 
     def create_sll_parser(self, latex_str):
         parser = create_parser(self, latex_str)  # latex2sympy's: what it raises is a parse failure
         if self.__dict__.get("sll", False):
             with _ours():
-                parser._interp.predictionMode = PredictionMode.SLL
-                parser.removeErrorListeners()
-                parser.addErrorListener(bail)
+                _predict_sll(parser)
         return parser
 
     def parse_two_stage(self, latex_str):
@@ -73,29 +78,6 @@ def use_two_stage_parsing() -> None:
 
     _Latex2Sympy.create_parser, _Latex2Sympy.parse = create_sll_parser, parse_two_stage
     _Latex2Sympy.parse_ll, _Latex2Sympy.two_stage = parse, True  # parse_ll: for the tests
-    if hasattr(_Latex2Sympy, "parse_number"):
-        _Latex2Sympy.parse_number = _integer_number(_Latex2Sympy.parse_number)
-
-
-def _integer_number(parse_number):
-    """latex2sympy builds every number with sympy.Number(text), which goes through sympify and
-    parse_expr (~10% of all symbolic time on the public cases). For a token of digits only,
-    sympy.Integer(int(text)) is the same object without either; anything else keeps the original."""
-
-    def parse_integer(self, text):
-        if not (text.isascii() and text.isdigit()):
-            return parse_number(self, text)
-        with _ours():
-            return _integer(text)
-
-    parse_integer.original = parse_number
-    return parse_integer
-
-
-def _integer(digits: str):
-    import sympy
-
-    return sympy.Integer(int(digits))
 
 
 def _parse(latex: str) -> list:
