@@ -5,12 +5,14 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from pipeline_helpers import orchestrate
 
 from common import shards
-from stages.score.mechanism import mechanism_metrics, position_bucket
+from stages.score.mechanism import mechanism_metrics, position_third
 
 
 def test_mechanism_metrics_on_a_hand_made_example():
@@ -20,8 +22,8 @@ def test_mechanism_metrics_on_a_hand_made_example():
         "student_topk_ids": [[[1, 2]] * 6], "student_topk_logprobs": [[[math.log(0.6), math.log(0.3)]] * 6],
         "teacher_topk_ids": [[[2, 3]] * 6], "teacher_topk_logprobs": [[[math.log(0.5), math.log(0.4)]] * 6],
     }
-    metrics = mechanism_metrics(columns)
-    assert [position_bucket(p, 6) for p in range(6)] == ["start", "start", "middle", "middle", "end", "end"]
+    metrics = mechanism_metrics(pa.table(columns))
+    assert [position_third(p, 6) for p in range(6)] == [0, 0, 1, 1, 2, 2]  # start, start, middle, ...
     assert metrics["mechanism/reverse_kl_start"] == pytest.approx(0.5)
     assert metrics["mechanism/reverse_kl_middle"] == pytest.approx(-0.5)
     assert metrics["mechanism/reverse_kl_end"] == pytest.approx(1.0)
@@ -30,6 +32,25 @@ def test_mechanism_metrics_on_a_hand_made_example():
     assert metrics["mechanism/teacher_mass_on_shared"] == pytest.approx(0.5)  # the teacher's p(2)
     # The end-to-end test's polars recomputation, checked here on the same example.
     assert recomputed_mechanism(pl.DataFrame(columns | {"response_ids": [[0] * 6]})) == pytest.approx(metrics)
+
+
+def test_mechanism_metrics_equal_a_polars_recomputation_on_random_rows():
+    """Rows of every length from 1 to 11, top-k sets of 3 (student) and 4 (teacher) ids drawn from 8, so
+    that overlaps of 0 to 3 ids occur: the same metrics as the token-row joins below."""
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 12, size=40)
+    columns = {"rollout_logprobs": [], "teacher_logprobs": [], "student_topk_ids": [], "student_topk_logprobs": [],
+               "teacher_topk_ids": [], "teacher_topk_logprobs": [], "response_ids": []}
+    for n in lengths:
+        columns["rollout_logprobs"].append((-rng.random(n) * 3).tolist())
+        columns["teacher_logprobs"].append((-rng.random(n) * 3).tolist())
+        for who, k in (("student", 3), ("teacher", 4)):
+            columns[f"{who}_topk_ids"].append([rng.choice(8, k, replace=False).tolist() for _ in range(n)])
+            columns[f"{who}_topk_logprobs"].append([np.log(rng.dirichlet(np.ones(k + 1))[:k]).tolist() for _ in range(n)])
+        columns["response_ids"].append([0] * int(n))
+    ours = mechanism_metrics(pa.table({k: v for k, v in columns.items() if k != "response_ids"}))
+    assert ours == pytest.approx(recomputed_mechanism(pl.DataFrame(columns)), rel=1e-12)
+    assert 0.1 < ours["mechanism/topk_overlap"] < 0.9  # some ids shared, not all
 
 
 def recomputed_mechanism(scored: pl.DataFrame) -> dict[str, float]:

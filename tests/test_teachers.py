@@ -76,8 +76,11 @@ def test_a_two_domain_run_records_the_teacher_of_every_row_and_its_metrics(tmp_p
     expected = {"tiny_arith": "teacher-add", "tiny_sub": "teacher-sub"}
     assert set(zip(scored["data_source"], scored["teacher"])) == set(expected.items())
     metrics = shards.read_manifest(shards.stage_dir(run, 0, "scored")).metrics
-    for name in expected.values():
-        assert {f"score/{name}/reverse_kl", f"rollout/{name}/accuracy"} <= set(metrics)
+    for name in expected.values():  # recomputed from the shard: its rows' lp - lq per token, and accuracy
+        rows = scored.filter(pl.col("teacher") == name)
+        gaps = rows.select(pl.col("rollout_logprobs").explode() - pl.col("teacher_logprobs").explode())
+        assert metrics[f"score/{name}/reverse_kl"] == pytest.approx(gaps.to_series().mean(), rel=1e-9)
+        assert metrics[f"rollout/{name}/accuracy"] == pytest.approx(rows["correct"].mean(), rel=1e-12)
     assert sum(metrics[f"rollout/{name}/rows"] for name in expected.values()) == scored.height
     # score/mfu: every row's forward by its own teacher (2 N per token + 4 L d S^2; N counted here from the
     # loaded model), over the two workers' summed teacher seconds and the configured peak.

@@ -12,6 +12,8 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from common import metrics as m
 from common import shards
 from common.config import Config, teacher_name, teacher_routes
@@ -73,11 +75,14 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShar
     wanted = [*mechanism.COLUMNS, "reward", "correct", "verifier_status", "teacher"]
     if config.generate.student_topk and config.score.teacher_topk:
         wanted += mechanism.TOPK_COLUMNS
-    columns = shards.read_files(out_dir, "scored", wanted).to_pydict()
-    scores = columns["teacher_logprobs"]
+    table = shards.read_files(out_dir, "scored", wanted)
+    columns = table.select(["reward", "correct", "verifier_status", "teacher"]).to_pydict()
+    lp, lengths = mechanism.flat(table, "rollout_logprobs")
+    lq, _ = mechanism.flat(table, "teacher_logprobs")
+    rows, tokens = table.num_rows, len(lq)
+    # lp - lq summed per row: the sampled tokens' reverse KL estimate, overall and per teacher.
+    row_gaps = np.bincount(np.repeat(np.arange(rows), lengths), weights=lp - lq, minlength=rows)
     forward_tokens = sum(d.forward_tokens for d in done)  # prompt + response: what the teacher ran over
-    reverse_kl, tokens = lp_minus_lq(columns, range(len(scores)))
-    rows = len(scores)
     # Each shard's teacher forward ran on one device: the summed seconds are device-seconds.
     flops, peaks = [d.forward_flops for d in done], [d.peak_flops for d in done]
     utilisation = mfu(None if None in flops else sum(flops), sum(d.forward_seconds for d in done), 1,
@@ -88,18 +93,18 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShar
         "score/teacher_forward_s": sum(d.forward_seconds for d in done),
         "score/forward_tokens": forward_tokens,
         **({"score/mfu": utilisation} if utilisation is not None else {}),
-        m.REVERSE_KL: reverse_kl / max(tokens, 1),
+        m.REVERSE_KL: float(row_gaps.sum()) / max(tokens, 1),
         "rollout/reward_mean": sum(columns["reward"]) / rows,
         m.ROLLOUT_ACCURACY: sum(columns["correct"]) / rows,
         "rollout/boxed_fraction": sum(s != NO_ANSWER for s in columns["verifier_status"]) / rows,
         # A bug of the verifier's own (status 'error'), never a verdict on the answer: should stay 0.
         "rollout/verifier_errors": sum(s == ERROR for s in columns["verifier_status"]),
-        "rollout/teacher_logprob_mean": sum(map(sum, scores)) / max(tokens, 1),
+        "rollout/teacher_logprob_mean": float(lq.sum()) / max(tokens, 1),
         "score/peak_gpu_gib": max(d.peak_gpu_gib for d in done),
         "score/peak_rss_gib": max(d.peak_rss_gib for d in done),
         "score/workers": workers,
-        **mechanism.mechanism_metrics(columns),
-        **per_teacher_metrics(columns),
+        **mechanism.mechanism_metrics(table),
+        **per_teacher_metrics(columns, row_gaps, lengths),
     }
     manifest = shards.write_manifest(out_dir, "scored", iteration, started, metrics, finished,
                                      teacher_version={teacher_name(t): v for t, v in versions.items()})
@@ -109,24 +114,18 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShar
     return manifest
 
 
-def lp_minus_lq(columns: dict, rows) -> tuple[float, int]:
-    """(sum over the rows' tokens of lp - lq, those tokens): the sampled tokens' reverse KL estimate."""
-    gap = sum(r - t for k in rows for r, t in zip(columns["rollout_logprobs"][k], columns["teacher_logprobs"][k]))
-    return gap, sum(len(columns["teacher_logprobs"][k]) for k in rows)
-
-
-def per_teacher_metrics(columns: dict) -> dict[str, float]:
+def per_teacher_metrics(columns: dict, row_gaps: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
     """With several teachers: each one's rows' reverse KL (lp - lq per token) and accuracy."""
     names = sorted(set(columns["teacher"]))
     if len(names) < 2:
         return {}
     metrics = {}
+    teachers, correct = np.array(columns["teacher"]), np.array(columns["correct"])
     for name in names:
-        rows = [k for k, t in enumerate(columns["teacher"]) if t == name]
-        gap, tokens = lp_minus_lq(columns, rows)
-        metrics[f"score/{name}/reverse_kl"] = gap / max(tokens, 1)
-        metrics[f"rollout/{name}/accuracy"] = sum(columns["correct"][k] for k in rows) / len(rows)
-        metrics[f"rollout/{name}/rows"] = len(rows)
+        rows = teachers == name
+        metrics[f"score/{name}/reverse_kl"] = float(row_gaps[rows].sum()) / max(int(lengths[rows].sum()), 1)
+        metrics[f"rollout/{name}/accuracy"] = float(correct[rows].mean())
+        metrics[f"rollout/{name}/rows"] = int(rows.sum())
     return metrics
 
 
