@@ -7,15 +7,24 @@ from pathlib import Path
 
 from bench.peers.measure import ROOT, run_measured
 from common import shards
+from common.config import load_config
 
 CONFIG = ROOT / "configs" / "tiny.yaml"
 STUDENT = ROOT / "assets" / "tiny" / "student"
 
 
+def step_batch_overrides() -> list[str]:
+    """Sampling and the teacher forward in batches of one optimizer step's sequences, as TRL's trainer runs
+    them (it generates and scores per step): 64 here, where configs/tiny.yaml says 256 and 128."""
+    config = load_config(CONFIG)
+    batch = config.train.mini_batch_prompts * config.generate.n
+    return [f"generate.batch_size={batch}", f"score.batch_size={batch}"]
+
+
 def pipeline_command(run: Path, iterations: int, overrides: list[str]) -> list[str]:
     command = [sys.executable, "-m", "orchestrator", "iterate", "--run", str(run), "--config",
                str(CONFIG.relative_to(ROOT)), "-n", str(iterations)]
-    for override in ["eval.every=0", *overrides]:
+    for override in ["eval.every=0", *step_batch_overrides(), *overrides]:
         command += ["-o", override]
     return command
 
