@@ -41,9 +41,8 @@ def _check_iteration(run: Path, iteration: int, expected_rows: int) -> list[str]
         if versions != [train.policy_version]:
             problems.append(f"iteration {iteration} {stage}: rows sampled by {versions}, trained from "
                             f"{train.policy_version}")
-    for version, (key, expected) in ((iteration, ("policy_version", train.policy_version)),
-                                     (iteration + 1, ("produced_version", train.produced_version))):
-        checkpoint = shards.checkpoint_dir(run, version)
+    for version, key in ((iteration, "policy_version"), (iteration + 1, "produced_version")):
+        checkpoint, expected = shards.checkpoint_dir(run, version), getattr(train, key)
         if shards.checkpoint_ready(checkpoint) and policy_version(checkpoint) != expected:
             problems.append(f"iteration {iteration}: train manifest says {key} {expected}, "
                             f"{checkpoint.name} is {policy_version(checkpoint)}")

@@ -30,11 +30,12 @@ def token_overlap(student_ids: list[int], teacher_ids: list[int]) -> float:
     return len(set(student_ids) & set(teacher_ids)) / max(len(teacher_ids), 1)
 
 
-def flat(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(the values of a list column, flattened in row order; each row's length)."""
-    values = table[column].combine_chunks()
-    return (pc.list_flatten(values).to_numpy(zero_copy_only=False),
-            pc.list_value_length(values).to_numpy(zero_copy_only=False))
+def sampled_logprobs(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lp, lq, each row's length): every response token's rollout and teacher log-prob, in row order."""
+    rollout, teacher = (table[column].combine_chunks() for column in COLUMNS)
+    return (pc.list_flatten(rollout).to_numpy(zero_copy_only=False),
+            pc.list_flatten(teacher).to_numpy(zero_copy_only=False),
+            pc.list_value_length(rollout).to_numpy(zero_copy_only=False))
 
 
 def _pairs(table: pa.Table, ids: str, logprobs: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -45,10 +46,11 @@ def _pairs(table: pa.Table, ids: str, logprobs: str) -> tuple[np.ndarray, np.nda
             pc.list_flatten(pc.list_flatten(table[logprobs].combine_chunks())).to_numpy(zero_copy_only=False))
 
 
-def mechanism_metrics(table: pa.Table) -> dict[str, float]:
-    """Iteration-level means over every response token (metric names: `mechanism/...`)."""
-    lp, lengths = flat(table, "rollout_logprobs")
-    lq, _ = flat(table, "teacher_logprobs")
+def mechanism_metrics(table: pa.Table, sampled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                      ) -> dict[str, float]:
+    """Iteration-level means over every response token (metric names: `mechanism/...`); `sampled`:
+    sampled_logprobs(table), when the caller has it already."""
+    lp, lq, lengths = sampled if sampled is not None else sampled_logprobs(table)
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     third = position_third(np.arange(len(lp)) - starts, np.repeat(lengths, lengths))
     sums, counts = np.bincount(third, weights=lp - lq, minlength=3), np.bincount(third, minlength=3)

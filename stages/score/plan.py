@@ -77,8 +77,7 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShar
         wanted += mechanism.TOPK_COLUMNS
     table = shards.read_files(out_dir, "scored", wanted)
     columns = table.select(["reward", "correct", "verifier_status", "teacher"]).to_pydict()
-    lp, lengths = mechanism.flat(table, "rollout_logprobs")
-    lq, _ = mechanism.flat(table, "teacher_logprobs")
+    lp, lq, lengths = sampled = mechanism.sampled_logprobs(table)
     rows, tokens = table.num_rows, len(lq)
     # lp - lq summed per row: the sampled tokens' reverse KL estimate, overall and per teacher.
     row_gaps = np.bincount(np.repeat(np.arange(rows), lengths), weights=lp - lq, minlength=rows)
@@ -103,7 +102,7 @@ def seal_scored(config: Config, run: Path, iteration: int, done: list[ScoredShar
         "score/peak_gpu_gib": max(d.peak_gpu_gib for d in done),
         "score/peak_rss_gib": max(d.peak_rss_gib for d in done),
         "score/workers": workers,
-        **mechanism.mechanism_metrics(table),
+        **mechanism.mechanism_metrics(table, sampled),
         **per_teacher_metrics(columns, row_gaps, lengths),
     }
     manifest = shards.write_manifest(out_dir, "scored", iteration, started, metrics, finished,
