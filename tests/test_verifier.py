@@ -15,11 +15,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 from pipeline_helpers import ROOT, SHARED_DATA, needs_shared
+from verifier_processes import worker_pids
 
 import common.verifier as verifier
 from common.config import config_from_dict
 from common.errors import ConfigError
-from common.verifier import STATUSES, grade, grade_batch, shutdown, start, worker_pids
+from common.verifier import STATUSES, grade, grade_batch, shutdown, start
 from common.verifier.equivalence import guard
 from common.verifier.extract import extract_answer
 from common.verifier.symbolic import _exact_numbers, parse_answer, use_two_stage_parsing
@@ -450,13 +451,20 @@ def test_the_time_bound_holds_inside_c_code(tmp_path):
         symbolic._exact_numbers = _exact_numbers
     """
     script = f"""
-        import json, time
-        from common.verifier import grade_batch, pool
+        import json, multiprocessing.context
+        from common.verifier import grade_batch
+
+        started, start = [], multiprocessing.context.ForkServerProcess.start
+
+        def recorded_start(process):  # every worker the pool starts, to read how the stopped one died
+            started.append(process)
+            start(process)
+
+        multiprocessing.context.ForkServerProcess.start = recorded_start
         if __name__ == "__main__":
             assert all(g.correct for g in grade_batch({SYMBOLIC!r}))  # the pool is up and warm
             grades = grade_batch([({boxed("x")!r}, "x_{{cbound}}")] + {SYMBOLIC!r}, timeout_s=0.5)
-            # How the stopped worker died (the pool's record of its processes; worker_pids() would prune it).
-            codes = [p.exitcode for p in pool._context.processes if p.exitcode is not None]
+            codes = [p.exitcode for p in started if p.exitcode is not None]
             print(json.dumps([codes] + [g.status for g in grades]))
     """
     done = run_with_worker_code(tmp_path, injected, script)
@@ -477,7 +485,10 @@ def test_no_worker_outlives_shutdown_or_the_interpreter():
     assert set(worker_pids()).isdisjoint(pids)
     # A process that exits without calling shutdown(): its workers go with it (atexit).
     script = textwrap.dedent(f"""
-        from common.verifier import grade_batch, worker_pids
+        import sys
+        sys.path.insert(0, "tests")
+        from common.verifier import grade_batch
+        from verifier_processes import worker_pids
         grade_batch({SYMBOLIC!r}, workers=2)
         print(*worker_pids())
     """)
@@ -490,7 +501,9 @@ def test_no_worker_outlives_shutdown_or_the_interpreter():
 def test_a_forked_process_starts_its_own_pool_and_leaves_the_parents_alone():
     script = textwrap.dedent(f"""
         import os, sys
-        from common.verifier import grade_batch, worker_pids
+        sys.path.insert(0, "tests")
+        from common.verifier import grade_batch
+        from verifier_processes import worker_pids
         pairs = {SYMBOLIC!r}
         assert all(g.correct for g in grade_batch(pairs))
         parent = worker_pids()

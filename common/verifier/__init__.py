@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from common.config import RewardMode
 from common.verifier.equivalence import decide
 from common.verifier.extract import extract_answer, has_think_answer_format
-from common.verifier.pool import run_symbolic, shutdown, start, worker_pids
+from common.verifier.pool import run_symbolic, shutdown, start
 from common.verifier.status import ERROR, STATUSES, Verdict, error_verdict
 
 MODES: tuple[str, ...] = typing.get_args(RewardMode)  # the config's choices (score.reward_mode)
@@ -99,4 +99,4 @@ def grade(response: str, gold: str, mode: str = "correct", timeout_s: float = DE
     return grade_batch([(response, gold)], mode, workers=1, timeout_s=timeout_s)[0]
 
 
-__all__ = ["ERROR", "Grade", "MODES", "STATUSES", "grade", "grade_batch", "shutdown", "start", "worker_pids"]
+__all__ = ["ERROR", "Grade", "MODES", "STATUSES", "grade", "grade_batch", "shutdown", "start"]

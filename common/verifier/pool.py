@@ -59,28 +59,9 @@ def grade_in_worker(batch: int, pred: str, gold: str) -> Verdict:
 
 # --- in the caller --------------------------------------------------------------------------------
 
-class _Context:
-    """The multiprocessing context pebble starts workers with; it remembers them, for worker_pids()."""
-
-    def __init__(self, method: str):
-        self._context = mp.get_context(method)
-        if method == "forkserver":
-            self._context.set_forkserver_preload(_PRELOAD)
-        self.processes: list = []
-
-    def Process(self, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
-        process = self._context.Process(*args, **kwargs)
-        self.processes.append(process)
-        return process
-
-    def __getattr__(self, name: str):
-        return getattr(self._context, name)
-
-
 _lock = threading.Lock()
 _pool: ProcessPool | None = None
 _size = 0  # the pool's workers
-_context: _Context | None = None
 _start_method = "forkserver"
 _batches = itertools.count()
 
@@ -88,12 +69,15 @@ _batches = itertools.count()
 def _started(workers: int) -> ProcessPool:
     """The pool, with at least `workers` workers: started on first use, again after it broke (a worker killed
     while idle breaks a pebble pool) or to grow."""
-    global _pool, _size, _context
+    global _pool, _size
     if _pool is not None and (not _pool.active or _size < workers):
         _stop()
     if _pool is None:
-        _context, _size = _Context(_start_method), workers
-        _pool = ProcessPool(max_workers=workers, initializer=_start_worker, context=_context)
+        context = mp.get_context(_start_method)
+        if _start_method == "forkserver":
+            context.set_forkserver_preload(_PRELOAD)
+        _size = workers
+        _pool = ProcessPool(max_workers=workers, initializer=_start_worker, context=context)
     return _pool
 
 
@@ -175,17 +159,6 @@ def start(workers: int) -> None:
         future.result()
 
 
-def worker_pids() -> list[int]:
-    """Process ids of the live workers, oldest first (for tests and the benchmark's CPU accounting)."""
-    with _lock:
-        if _context is None:
-            return []
-        # Only exited ones go, and in place: pebble's thread may be appending (and starting) a replacement.
-        for process in [p for p in _context.processes if p.exitcode is not None]:
-            _context.processes.remove(process)
-        return [p.pid for p in _context.processes if p.is_alive()]
-
-
 def shutdown() -> None:
     """Stop every worker; the pool starts again on the next call."""
     got = _lock.acquire(timeout=SHUTDOWN_WAIT_S)  # at exit a daemon thread may still hold it mid-batch
@@ -198,9 +171,9 @@ def shutdown() -> None:
 
 def _forget_after_fork() -> None:
     """In a child forked from the caller: the workers are the parent's, so drop the handles on them (never stop them)."""
-    global _lock, _pool, _context, _start_method
+    global _lock, _pool, _start_method
     _lock = threading.Lock()  # another thread may have held it at the fork
-    _pool, _context = None, None
+    _pool = None
     _start_method = "spawn"  # multiprocessing's record of the forkserver is the parent's too: unusable here
 
 
