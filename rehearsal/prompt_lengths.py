@@ -52,10 +52,13 @@ def measure(path: Path, tokenizer, enable_thinking: bool = False) -> dict:
     """One template's figures: rows in the file, rows kept, rows dropped by reason, token statistics."""
     import pyarrow.parquet as pq
 
+    started = time.perf_counter()
     prompt_set = load_prompts(path, tokenizer, max_prompt_tokens=NO_CAP, enable_thinking=enable_thinking)
+    render_seconds = time.perf_counter() - started  # what a run's start pays for this set, once
     lengths = [len(p.prompt_ids) for p in prompt_set.prompts]
     return {"file": Path(path).name, "sha256": file_sha256(path), "rows": pq.read_metadata(path).num_rows,
-            "kept": len(lengths), "dropped": prompt_set.dropped, "prompt_tokens": summarize(lengths)}
+            "kept": len(lengths), "dropped": prompt_set.dropped, "prompt_tokens": summarize(lengths),
+            "render_seconds": round(render_seconds, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         t = r["prompt_tokens"]
         print(f"{name}: {r['rows']:,} rows, {r['kept']:,} kept, dropped {r['dropped']} | prompt tokens "
               f"min {t['min']} p10 {t['p10']} p50 {t['p50']} p90 {t['p90']} p99 {t['p99']} max {t['max']} "
-              f"| over {CARD_MAX_PROMPT_TOKENS}: {t[f'over_{CARD_MAX_PROMPT_TOKENS}']}")
+              f"| over {CARD_MAX_PROMPT_TOKENS}: {t[f'over_{CARD_MAX_PROMPT_TOKENS}']} | rendered in {r['render_seconds']} s")
     print(f"wrote {args.out} ({time.perf_counter() - start:.0f}s)")
     return 0
 

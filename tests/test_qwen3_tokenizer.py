@@ -10,11 +10,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+from pipeline_helpers import SHARED_DATA, needs_shared
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from common.data import render_prompt
+from common.data import clean_message_text, load_prompts, render_prompt
 from rehearsal import tokenizer as qwen3
 from rehearsal.prompt_lengths import measure, percentile, summarize
 from tiny_world.tokenizer import CHAT_TEMPLATE as TINY_CHAT_TEMPLATE
@@ -264,3 +266,27 @@ def test_prompt_lengths_count_what_the_pipeline_renders(tokenizer):
         f"What is {a} + {b}? Please reason step by step, and put your final answer within \\boxed{{}}.")}], False))
     assert (figures["prompt_tokens"]["min"], figures["prompt_tokens"]["max"]) == (rendered(1, 2), rendered(123, 456))
     assert figures["prompt_tokens"]["over_1024"] == 0
+
+
+@needs_shared
+def test_batched_rendering_gives_each_prompt_the_ids_it_has_alone(tokenizer, backend, tmp_path):
+    """load_prompts tokenizes every rendered prompt in one call; the reference tokenizes each text alone,
+    with `tokenizers` itself. A cap inside the lengths' range checks that the drops follow the right ids."""
+    rows = pq.read_table(SHARED_DATA / "dapo-math-17k-boxed-template.parquet").slice(0, 300)
+    pq.write_table(rows, tmp_path / "dapo.parquet")
+    cap = 110  # about DAPO's median prompt in Qwen3 tokens
+    prompt_set = load_prompts(tmp_path / "dapo.parquet", tokenizer, cap, enable_thinking=False)
+    alone, seen = {}, set()
+    for row in rows.to_pylist():
+        messages = [{**m, "content": clean_message_text(m["content"])} for m in row["prompt"]]
+        if (key := "\n".join(m["content"] for m in messages)) in seen:
+            continue  # a repeated prompt text: dropped before rendering
+        seen.add(key)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+        alone[str(row["extra_info"]["index"])] = backend.encode(text, add_special_tokens=False).ids
+    kept = {p.prompt_id: p.prompt_ids for p in prompt_set.prompts}
+    assert kept and all(ids == alone[prompt_id] and len(ids) <= cap for prompt_id, ids in kept.items())
+    too_long = [prompt_id for prompt_id, ids in alone.items() if len(ids) > cap]
+    assert prompt_set.dropped["too_long"] == len(too_long) > 0 and not set(too_long) & set(kept)
+    assert len(kept) + prompt_set.dropped["too_long"] == len(alone)
