@@ -152,11 +152,19 @@ def check_workers(client: Client, config: Config) -> str:
     Returns the description of the cluster printed at start: one line, and on GPUs the memory plan."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     fix = "start them with `python -m orchestrator workers --scheduler ...` (docs/recipe.md)"
-    needed = [GENERATE, SCORE, *(train_role(rank) for rank in range(config.train.processes))]
+    ranks = [train_role(rank) for rank in range(config.train.processes)]
+    needed = [GENERATE, SCORE, *ranks]
     missing = [role for role in needed if not any(role in info.get("resources", {}) for info in workers.values())]
     if missing:
         raise ConfigError(f"config key 'cluster.address': no worker of {config.cluster.address} has the resource(s) "
                           f"{', '.join(missing)} (fix: {fix})")
+    holders = {role: sorted(str(info.get("name", address)) for address, info in workers.items()
+                            if role in info.get("resources", {})) for role in ranks}
+    shared = {role: names for role, names in holders.items() if len(names) > 1}
+    if shared:  # Dask would send each iteration's rank task to either: a trainer opened twice, its state split
+        raise ConfigError("config key 'cluster.address': each training rank must live on one worker; "
+                          + "; ".join(f"{role} is on {', '.join(names)}" for role, names in shared.items())
+                          + " (fix: start each node's workers with its own --first-rank, docs/recipe.md)")
     limited = sorted(info.get("name", address) for address, info in workers.items() if info.get("memory_limit"))
     if limited:
         raise ConfigError(f"Dask worker(s) {', '.join(map(str, limited))} have a memory limit: Dask would pause them "
@@ -168,9 +176,9 @@ def check_workers(client: Client, config: Config) -> str:
         raise ConfigError(f"Dask worker(s) {', '.join(daemonic)} are daemonic processes: vLLM's engine and the "
                           f"verifier's pool cannot start there (fix: {fix})")
     gpus = sorted({info["gpu"] for info in processes.values() if info["gpu"]})
-    ranks = sum(1 for info in workers.values() for role in info.get("resources", {}) if role.startswith("train-rank-"))
+    held = sum(1 for info in workers.values() for role in info.get("resources", {}) if role.startswith("train-rank-"))
     where = f"GPU(s) {','.join(gpus)}" if gpus else "CPU"
-    line = (f"cluster: {len(workers)} worker(s) on {where}, {ranks} training rank(s) of {config.train.processes} "
+    line = (f"cluster: {len(workers)} worker(s) on {where}, {held} training rank(s) of {config.train.processes} "
             f"used; Dask memory management off (no pausing, spilling or terminating)")
     totals = [info["gpu_total_gib"] for info in processes.values() if info["gpu_total_gib"]]
     return line + (f"\n{memory_plan_line(config, min(totals))}" if totals else "")

@@ -108,6 +108,23 @@ def test_workers_with_a_dask_memory_limit_are_refused_before_anything_runs():
     assert "\n" not in str(refused.value)
 
 
+def test_a_training_rank_on_two_workers_is_refused_before_anything_runs():
+    """Two nodes started with the same --first-rank both offer train-rank-0: Dask would send each iteration's
+    rank task to either worker, each with a trainer of its own. Refused in one line; one worker is taken."""
+    resources = {"generate": 1, "score": 1, "train-rank-0": 1}
+    for workers in (2, 1):
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, memory_limit=0,
+                          resources=resources, dashboard_address=None) as cluster:
+            config = load_config("configs/tiny.yaml", [f"cluster.address={cluster.scheduler_address}"])
+            if workers == 2:
+                with pytest.raises(ConfigError, match="train-rank-0 is on") as refused, open_cluster(config):
+                    pass
+                assert "\n" not in str(refused.value)
+            else:
+                with open_cluster(config) as client:
+                    assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1
+
+
 def test_the_default_cut_gives_every_generation_worker_a_shard_and_freezes_it(tmp_path):
     """generate.shards = 0: one shard per generation worker, so with 2 workers both sample and both
     score within one iteration; the count is frozen, so the run resumed on 1 worker keeps it."""
