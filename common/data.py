@@ -94,7 +94,7 @@ def load_prompts(path: str | Path, tokenizer, max_prompt_tokens: int, enable_thi
 def render_prompts(tokenizer, conversations: list[list[dict]], enable_thinking: bool) -> list[list[int]]:
     """Token ids of each chat-formatted prompt, ending with the assistant generation prompt. The texts
     are tokenized in one call: a fast tokenizer encodes them in parallel, in Rust (DAPO-Math-17k with
-    Qwen3's tokenizer: measured in docs/data.md)."""
+    Qwen3's tokenizer: docs/recipe.md, "Data")."""
     if not conversations:
         return []
     texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True,
