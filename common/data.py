@@ -82,8 +82,7 @@ def load_prompts(path: str | Path, tokenizer, max_prompt_tokens: int, enable_thi
         seen_texts.add(text)
         kept.append((Prompt(str(prompt_id), row["data_source"] or "", gold.strip(), []), messages))
     prompts = []
-    for prompt, ids in zip((prompt for prompt, _ in kept),
-                           render_prompts(tokenizer, [messages for _, messages in kept], enable_thinking)):
+    for (prompt, _), ids in zip(kept, render_prompts(tokenizer, [messages for _, messages in kept], enable_thinking)):
         if len(ids) > max_prompt_tokens:
             dropped["too_long"] += 1
             continue

@@ -153,14 +153,13 @@ def check_workers(client: Client, config: Config) -> str:
     workers = client.scheduler_info(n_workers=-1)["workers"]
     fix = "start them with `python -m orchestrator workers --scheduler ...` (docs/recipe.md)"
     ranks = [train_role(rank) for rank in range(config.train.processes)]
-    needed = [GENERATE, SCORE, *ranks]
-    missing = [role for role in needed if not any(role in info.get("resources", {}) for info in workers.values())]
+    holders = {role: sorted(str(info.get("name", address)) for address, info in workers.items()
+                            if role in info.get("resources", {})) for role in (GENERATE, SCORE, *ranks)}
+    missing = [role for role, names in holders.items() if not names]
     if missing:
         raise ConfigError(f"config key 'cluster.address': no worker of {config.cluster.address} has the resource(s) "
                           f"{', '.join(missing)} (fix: {fix})")
-    holders = {role: sorted(str(info.get("name", address)) for address, info in workers.items()
-                            if role in info.get("resources", {})) for role in ranks}
-    shared = {role: names for role, names in holders.items() if len(names) > 1}
+    shared = {role: holders[role] for role in ranks if len(holders[role]) > 1}
     if shared:  # Dask would send each iteration's rank task to either: a trainer opened twice, its state split
         raise ConfigError("config key 'cluster.address': each training rank must live on one worker; "
                           + "; ".join(f"{role} is on {', '.join(names)}" for role, names in shared.items())

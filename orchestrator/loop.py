@@ -238,9 +238,8 @@ def iterate(run: Path, config: Config, iterations: int, force: bool = False) -> 
     """The start overlaps: the prompt sets render in a process of their own (the chat template over
     every prompt, after importing transformers: ~4 s of import, then 2-3 s for DAPO-Math-17k with
     Qwen3's template, docs/recipe.md), the cluster's workers open their models in theirs, and MLflow
-    opens here. So this
-    process, the one controller, never imports torch or transformers. The same loop drives both
-    modes; only the executor differs. In resident mode the cluster opens first: the run's shard count
+    opens here. So this process, the one controller, never imports torch or transformers. The same
+    loop drives both modes; only the executor differs. In resident mode the cluster opens first: the run's shard count
     follows its generation workers (resolve_shards)."""
     if config.orchestrator.mode == "resident":
         from orchestrator.cluster import generation_workers, open_cluster
